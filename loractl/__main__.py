@@ -1,0 +1,3 @@
+from loractl.cli.app import main
+
+main()

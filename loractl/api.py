@@ -1,0 +1,876 @@
+"""The operations users call, composed from ``formats`` (names), ``ops`` (math) and ``io`` (files).
+
+Every function returns a small result dataclass and never prints; the CLI renders the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapter import Adapter, LoraModule
+from .errors import InputError, OutputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
+from .formats import load_adapter as _load_adapter
+from .formats.names import NameResolver
+from .io.atomic import atomic_output
+from .io.base import RECEIPT_NAME, BaseModel, open_base
+from .io.safetensors import FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter, dtype_name, torch_dtype, write_file
+from .ops import merge as merge_ops
+from .ops import residual
+
+Progress = Callable[[int, int], None]
+DTYPES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+RECEIPT_VERSION = "1"
+
+
+# --------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------
+def load_adapter(path: str | Path, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter in any supported layout and check that its tensors are finite.
+
+    Args:
+        path: a PEFT folder or a weights file.
+        format: force a format instead of detecting it.
+        allow_pickle: accept pickle files (read with ``torch.load(weights_only=True)``).
+
+    Raises:
+        InputError: missing, unreadable, corrupt or non-finite adapter.
+    """
+    adapter = _load_adapter(path, format=format, allow_pickle=allow_pickle)
+    source = adapter.files[0] if adapter.files else adapter.path
+    for m in adapter.modules.values():
+        for label, t in (("lora_A", m.down), ("lora_B", m.up), ("lora_B.bias", m.bias), ("magnitude", m.magnitude)):
+            if t is not None and t.is_floating_point():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise InputError(
+                        f"{source}: module {m.name!r} tensor {label} holds {bad} NaN/Inf values",
+                        hint="the adapter is broken (diverged training?); it cannot be merged",
+                    )
+    for key, t in adapter.modules_to_save.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{source}: tensor {key!r} holds NaN/Inf values", hint="the adapter is broken")
+    return adapter
+
+
+def file_sha256(paths: Sequence[Path]) -> str:
+    """sha256 over the bytes of ``paths`` in order (an adapter's weights then its config)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# planning a merge: which adapter module touches which base tensor
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Contribution:
+    """One change to one base tensor."""
+
+    adapter: int
+    kind: str  # "lora", "bias" or "replace"
+    weight: float
+    module: LoraModule | None = None
+    tensor: torch.Tensor | None = None  # the replacement for "replace"
+
+
+@dataclass
+class MergePlan:
+    changes: dict[str, list[Contribution]]
+    unmatched: list[str]
+
+
+def _tie(base: BaseModel) -> bool:
+    cfg = base.config
+    tie = cfg.get("tie_word_embeddings")
+    if tie is None and isinstance(cfg.get("text_config"), dict):
+        tie = cfg["text_config"].get("tie_word_embeddings")
+    return bool(tie)
+
+
+def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[float]) -> MergePlan:
+    """Resolve every adapter module to a base tensor and check shapes.
+
+    Raises:
+        ShapeMismatchError: an update does not fit the weight it resolves to.
+        UnsupportedAdapterError: an adapter that changed the base during training (PiSSA, OLoRA...).
+    """
+    resolver = NameResolver(base.tensors, tie_word_embeddings=_tie(base))
+    changes: dict[str, list[Contribution]] = {}
+    unmatched: list[str] = []
+    for i, (ad, w) in enumerate(zip(adapters, weights)):
+        if ad.init:
+            raise UnsupportedAdapterError(
+                f"{ad.path}: trained with init_lora_weights={ad.init!r}, which changes the base weights; "
+                "merging it into the original base would be wrong",
+                hint="convert it to a plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))",
+            )
+        for name, m in ad.modules.items():
+            key = resolver.resolve(name)
+            if key is None:
+                unmatched.append(f"{name} ({ad.path})")
+                continue
+            shape = base.info(key).shape
+            if tuple(shape) != tuple(m.weight_shape):
+                raise ShapeMismatchError(
+                    f"{ad.path}: module {name!r}: adapter update is {list(m.weight_shape)} but base weight "
+                    f"{key!r} is {list(shape)}",
+                    hint="is this adapter for another base model?",
+                )
+            if m.kind == "linear" and base.info(key).dtype not in FLOAT_DTYPES:
+                raise InputError(
+                    f"{base.path}: tensor {key!r} is {base.info(key).dtype}, not a float weight",
+                    hint="quantized bases are not supported by this version",
+                )
+            changes.setdefault(key, []).append(Contribution(i, "lora", w, module=m))
+            if m.bias is not None:
+                bkey = resolver.resolve(name, "bias")
+                if bkey is None:
+                    raise ShapeMismatchError(
+                        f"{ad.path}: module {name!r} has lora_B.bias but the base layer has no bias",
+                        hint="PEFT cannot merge lora_bias into a layer without bias either",
+                    )
+                changes.setdefault(bkey, []).append(Contribution(i, "bias", w, module=m))
+        for key, t in ad.modules_to_save.items():
+            bkey = resolver.resolve_tensor(key)
+            if bkey is None:
+                unmatched.append(f"{key} ({ad.path})")
+                continue
+            if tuple(base.info(bkey).shape) != tuple(t.shape):
+                raise ShapeMismatchError(
+                    f"{ad.path}: tensor {key!r} is {list(t.shape)} but base tensor {bkey!r} is "
+                    f"{list(base.info(bkey).shape)}",
+                    hint="is this adapter for another base model?",
+                )
+            changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=t))
+    return MergePlan(changes, unmatched)
+
+
+def merged_tensor(w0: torch.Tensor, contributions: Sequence[Contribution], out_dtype: torch.dtype) -> torch.Tensor:
+    """Apply the contributions to a copy of ``w0``, in order, exactly as PEFT merges them in turn."""
+    compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
+    w = w0.to(compute, copy=True)
+    base_c = w0.to(compute) if compute != w0.dtype else w0
+    for c in contributions:
+        if c.kind == "replace":
+            assert c.tensor is not None
+            w = c.tensor.to(compute, copy=True)
+        elif c.kind == "bias":
+            assert c.module is not None
+            w += merge_ops.bias_delta(c.module, c.weight)
+        else:
+            assert c.module is not None
+            delta = merge_ops.delta_weight(c.module, c.weight)
+            factor = merge_ops.dora_factor(c.module, base_c, delta) if c.module.is_dora else None
+            w = merge_ops.apply_delta(w, c.module, delta, factor)
+    return w.to(out_dtype) if w.dtype != out_dtype else w
+
+
+def unmerged_tensor(
+    m: torch.Tensor,
+    contributions: Sequence[Contribution],
+    orig_dtype: torch.dtype,
+    factors: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Remove the contributions from a merged tensor, last first (exact up to rounding).
+
+    Args:
+        m: the merged tensor.
+        contributions: as merged.
+        orig_dtype: the base tensor's dtype.
+        factors: DoRA factors by contribution position (from a receipt).
+    """
+    compute = m.dtype if _wider(m.dtype, orig_dtype) else orig_dtype
+    w = m.to(compute, copy=True)
+    for pos in range(len(contributions) - 1, -1, -1):
+        c = contributions[pos]
+        assert c.module is not None or c.kind == "replace"
+        if c.kind == "replace":
+            continue  # only a receipt can restore a replaced tensor
+        if c.kind == "bias":
+            w -= merge_ops.bias_delta(c.module, c.weight)  # type: ignore[arg-type]
+            continue
+        delta = merge_ops.delta_weight(c.module, c.weight)  # type: ignore[arg-type]
+        factor = None
+        if c.module.is_dora:  # type: ignore[union-attr]
+            if factors is None or pos not in factors:
+                raise UnsupportedAdapterError(
+                    f"module {c.module.name!r} is DoRA: its merge divides by norms of the original weight, "  # type: ignore[union-attr]
+                    "which cannot be recovered by subtraction",
+                    hint="unmerge with the receipt that merge wrote",
+                )
+            factor = factors[pos]
+        w = merge_ops.unapply_delta(w, c.module, delta, factor)  # type: ignore[arg-type]
+    return w.to(orig_dtype) if w.dtype != orig_dtype else w
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> bool:
+    return a.is_floating_point and b.is_floating_point and torch.finfo(a).bits > torch.finfo(b).bits
+
+
+# --------------------------------------------------------------------------------------------
+# writing a model in the base's layout, tensor by tensor
+# --------------------------------------------------------------------------------------------
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` (decimal, as transformers), ``2GiB``, ``500MB`` or a byte count."""
+    m = SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"cannot read size {text!r}", hint="use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    num, unit = float(m[1]), m[2].upper()
+    power = "BKMGT".index(unit[0]) if unit and unit[0] in "KMGT" else 0
+    base = 1024 if "I" in unit else 1000
+    size = int(num * base**power)
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size
+
+
+@dataclass
+class OutTensor:
+    name: str
+    src: int  # shard number in the source
+    dtype: str  # dtype name written
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        from .io.safetensors import DTYPE_INFO
+
+        return math.prod(self.shape) * DTYPE_INFO[self.dtype][0]
+
+
+def _shard_name(stem: str, i: int, n: int) -> str:
+    return f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None) -> list[tuple[str, list[OutTensor]]]:
+    """Output file names and their tensors: the base's own layout, or re-sharded to ``shard_size``."""
+    files: list[tuple[str, list[OutTensor]]] = []
+    for i, s in enumerate(base.shards):
+        items = []
+        for info in s.tensors.values():  # in file order
+            dt = out_dtype if (out_dtype and info.dtype in FLOAT_DTYPES) else info.dtype
+            items.append(OutTensor(info.name, i, dt, info.shape))
+        files.append((s.path.name, items))
+    if shard_size is None:
+        return files
+    if not base.is_dir:
+        raise UsageError("--shard-size needs a base folder (a single-file base is written as one file)")
+    stem = "diffusion_pytorch_model" if base.shards[0].path.name.startswith("diffusion_pytorch_model") else "model"
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for _, items in files:
+        for t in items:
+            if groups[-1] and size + t.nbytes > shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+    if len(groups) == 1:
+        return [(f"{stem}.safetensors", groups[0])]
+    return [(_shard_name(stem, i, len(groups)), g) for i, g in enumerate(groups)]
+
+
+def _write_index(folder: Path, base: BaseModel, files: list[tuple[str, list[OutTensor]]], extra: dict[str, Any]) -> None:
+    if len(files) == 1 and base.index_name is None:
+        return
+    name = base.index_name or ("model.safetensors.index.json")
+    meta = dict(base.index_metadata)
+    meta["total_size"] = sum(t.nbytes for _, items in files for t in items)
+    meta.update(extra)
+    weight_map = {t.name: fname for fname, items in files for t in items}
+    (folder / name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _copy_other_files(base: BaseModel, folder: Path) -> None:
+    for rel in base.other_files:
+        dst = folder / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base.path / rel, dst)
+
+
+@dataclass
+class _Job:
+    """One output tensor: copied raw, or computed."""
+
+    out: OutTensor
+    compute: Callable[[torch.Tensor], torch.Tensor] | None  # None: raw byte copy
+
+
+def _stream(
+    base: BaseModel,
+    folder_or_file: Path,
+    files: list[tuple[str, list[OutTensor]]],
+    jobs: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    metadata_for: Callable[[int, dict[str, str]], dict[str, str]],  # (file number, source metadata)
+    progress: Progress | None,
+    single_file: bool,
+) -> int:
+    """Write ``files``: each tensor raw-copied from the base, or read, computed and written.
+
+    Reading the next tensor, computing this one and writing the previous overlap (two threads
+    beside the main one); at most three tensors are in memory at once.
+    """
+    total = sum(t.nbytes for _, items in files for t in items)
+    done = 0
+    written = 0
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loractl-io") as pool:
+        for fi, (fname, items) in enumerate(files):
+            path = folder_or_file if single_file else folder_or_file / fname
+            src_meta = dict(base.shards[items[0].src].metadata) if items else {}
+            entries = [(t.name, t.dtype, t.shape) for t in items]
+            writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta))
+            try:
+
+                def read(t: OutTensor) -> torch.Tensor | None:
+                    return base.read(t.name) if t.name in jobs else None
+
+                pending_write: Future[None] | None = None
+                nxt: Future[torch.Tensor | None] | None = pool.submit(read, items[0]) if items else None
+                for k, t in enumerate(items):
+                    assert nxt is not None
+                    data = nxt.result()
+                    nxt = pool.submit(read, items[k + 1]) if k + 1 < len(items) else None
+                    if data is None:
+                        result = None
+                    else:
+                        result = jobs[t.name](data)
+                        del data
+                        if result.dtype != torch_dtype(t.dtype):
+                            result = result.to(torch_dtype(t.dtype))
+                    if pending_write is not None:
+                        pending_write.result()
+
+                    def write(t: OutTensor = t, result: torch.Tensor | None = result) -> None:
+                        if result is None:
+                            src = base.file_of(t.name)
+                            writer.copy_from(t.name, src, src.tensors[t.name])
+                        else:
+                            writer.write(t.name, result)
+
+                    pending_write = pool.submit(write)
+                    del result
+                    done += t.nbytes
+                    if progress is not None:
+                        progress(done, total)
+                if pending_write is not None:
+                    pending_write.result()
+                writer.close(sync=True)
+                written += path.stat().st_size
+            finally:
+                writer.close()
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# merge
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AdapterRef:
+    path: str
+    sha256: str
+    weight: float
+    format: str
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` did."""
+
+    output: Path
+    adapters: list[AdapterRef]
+    tensors_changed: int
+    tensors_copied: int
+    modules: int
+    unmatched: list[str]
+    receipt: Path | None
+    receipt_bytes: int
+    bytes_written: int
+    seconds: float
+    dtype: str
+
+
+def receipt_path(merged: Path) -> Path:
+    """Where the receipt of a merged model lies: ``MERGED/loractl.receipt`` or ``MERGED.loractl.receipt``.
+
+    Never a ``*.safetensors`` at the top of the folder, so no model loader picks it up as weights.
+    """
+    return merged / RECEIPT_NAME if merged.is_dir() else merged.with_name(merged.name + ".loractl.receipt")
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if not weights:
+        return [1.0] * n
+    if len(weights) != n:
+        raise UsageError(f"{len(weights)} --weight values for {n} adapters", hint="give one --weight per adapter")
+    for w in weights:
+        if not math.isfinite(w):
+            raise UsageError(f"--weight {w} is not a finite number")
+    return [float(w) for w in weights]
+
+
+def _load_all(adapters: Sequence[str | Path | Adapter], format: str | None, allow_pickle: bool) -> list[Adapter]:
+    return [a if isinstance(a, Adapter) else load_adapter(a, format=format, allow_pickle=allow_pickle) for a in adapters]
+
+
+def _refs(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[AdapterRef]:
+    return [AdapterRef(str(a.path), file_sha256(a.files), w, a.format) for a, w in zip(adapters, weights)]
+
+
+def _loractl_metadata(op: str, refs: Sequence[AdapterRef], src: dict[str, str]) -> dict[str, str]:
+    meta = {k: v for k, v in src.items() if not k.startswith("loractl.")}
+    meta["loractl.version"] = __version__
+    meta["loractl.operation"] = op
+    meta["loractl.adapters"] = json.dumps(
+        [{"path": r.path, "sha256": r.sha256, "weight": r.weight} for r in refs], separators=(",", ":")
+    )
+    return meta
+
+
+def merge(
+    base: str | Path,
+    adapters: Sequence[str | Path | Adapter],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str = "auto",
+    shard_size: str | int | None = None,
+    receipt: bool = True,
+    allow_partial: bool = False,
+    force: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Write ``base + Σ wᵢ·ΔWᵢ`` to ``output`` in the base's own layout, one tensor at a time.
+
+    Each adapter is merged in turn exactly as PEFT's ``merge_and_unload`` does (bit for bit).
+
+    Args:
+        base: a base model folder or file.
+        adapters: adapters (paths or loaded), merged in this order.
+        output: the folder (or file, for a single-file base) to create.
+        weights: one merge weight per adapter (multiplies its scale); default 1.
+        dtype: ``auto`` (the base's dtypes) or ``bf16``/``fp16``/``fp32`` for float tensors.
+        shard_size: re-shard the output (e.g. ``"5GB"``); default: the base's own shards.
+        receipt: write the receipt that lets ``unmerge`` restore the base bit for bit.
+        allow_partial: do not fail when an adapter module matches no base weight.
+        force: replace an existing output.
+        format: force the adapters' format.
+        allow_pickle: accept pickle adapters.
+        progress: called with (bytes done, bytes total).
+
+    Raises:
+        InputError: bad base or adapter, adapter that does not fit, unmatched modules.
+        OutputError: output exists, is an input, or the disk is full.
+    """
+    t0 = time.perf_counter()
+    if not adapters:
+        raise UsageError("no adapter given")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    ws = _weights(weights, len(adapters))
+    size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
+    loaded = _load_all(adapters, format, allow_pickle)
+    output = Path(output)
+    with open_base(base) as b:
+        plan = plan_merge(b, loaded, ws)
+        if plan.unmatched and not allow_partial:
+            shown = ", ".join(plan.unmatched[:3]) + (f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else "")
+            raise InputError(
+                f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
+                hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
+            )
+        files = layout(b, DTYPES[dtype], size)
+        refs = _refs(loaded, ws)
+        inputs = [b.path, *(a.path for a in loaded)]
+        corrections: dict[str, dict[str, torch.Tensor]] = {}
+        changed_dtypes: dict[str, str] = {}
+        need_receipt = receipt
+
+        def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+            contribs = plan.changes.get(key, [])
+
+            def job(w0: torch.Tensor) -> torch.Tensor:
+                merged = merged_tensor(w0, contribs, out_dtype) if contribs else w0.to(out_dtype)
+                if need_receipt:
+                    parts: dict[str, torch.Tensor] = {}
+                    if any(c.kind == "replace" for c in contribs):
+                        parts["full"] = w0
+                    else:
+                        factors = _dora_factors(w0, contribs)
+                        rec = unmerged_tensor(merged, contribs, w0.dtype, factors)
+                        parts = residual.encode(w0, rec)
+                        for pos, f in factors.items():
+                            parts[f"dora{pos}"] = f.contiguous()
+                    for k, v in parts.items():
+                        corrections[f"{key}::{k}"] = v  # type: ignore[index]
+                return merged
+
+            return job
+
+        jobs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        for _, items in files:
+            for t in items:
+                src_dtype = b.info(t.name).dtype
+                if t.name in plan.changes or t.dtype != src_dtype:
+                    jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
+                    if t.dtype != src_dtype:
+                        changed_dtypes[t.name] = src_dtype
+
+        def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
+            return _loractl_metadata("merge", refs, src)
+
+        with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
+            written = _stream(b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir)
+            receipt_file: Path | None = None
+            receipt_bytes = 0
+            if b.is_dir:
+                _write_index(tmp, b, files, {"loractl.operation": "merge"})
+                _copy_other_files(b, tmp)
+                if need_receipt:
+                    receipt_file = tmp / RECEIPT_NAME
+                    receipt_bytes = _write_receipt(receipt_file, corrections, refs, plan, b, changed_dtypes)
+        if need_receipt and not b.is_dir:
+            receipt_file = receipt_path(output)
+            with atomic_output(receipt_file, is_dir=False, inputs=inputs, force=True) as rtmp:
+                receipt_bytes = _write_receipt(rtmp, corrections, refs, plan, b, changed_dtypes)
+        elif receipt_file is not None:
+            receipt_file = output / RECEIPT_NAME
+        n_modules = sum(len(a.modules) for a in loaded)
+        return MergeResult(
+            output=output,
+            adapters=refs,
+            tensors_changed=len(plan.changes),
+            tensors_copied=sum(len(items) for _, items in files) - len(jobs),
+            modules=n_modules - len(plan.unmatched),
+            unmatched=plan.unmatched,
+            receipt=receipt_file,
+            receipt_bytes=receipt_bytes,
+            bytes_written=written,
+            seconds=time.perf_counter() - t0,
+            dtype=dtype,
+        )
+
+
+def _dora_factors(w0: torch.Tensor, contribs: Sequence[Contribution]) -> dict[int, torch.Tensor]:
+    out: dict[int, torch.Tensor] = {}
+    for pos, c in enumerate(contribs):
+        if c.kind == "lora" and c.module is not None and c.module.is_dora:
+            delta = merge_ops.delta_weight(c.module, c.weight)
+            out[pos] = merge_ops.dora_factor(c.module, w0, delta)
+    return out
+
+
+def _write_receipt(
+    path: Path,
+    corrections: dict[str, torch.Tensor],
+    refs: Sequence[AdapterRef],
+    plan: MergePlan,
+    base: BaseModel,
+    changed_dtypes: dict[str, str],
+) -> int:
+    meta = {
+        "loractl.receipt": RECEIPT_VERSION,
+        "loractl.version": __version__,
+        "adapters": json.dumps([r.__dict__ for r in refs]),
+        "changed": json.dumps(sorted(plan.changes)),
+        "dtypes": json.dumps(changed_dtypes),
+        "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
+    }
+    write_file(path, dict(sorted(corrections.items())), meta)
+    return path.stat().st_size
+
+
+# --------------------------------------------------------------------------------------------
+# unmerge
+# --------------------------------------------------------------------------------------------
+@dataclass
+class UnmergeResult:
+    output: Path
+    adapters: list[AdapterRef]
+    exact: bool
+    receipt: Path | None
+    tensors_changed: int
+    bytes_written: int
+    seconds: float
+
+
+def _read_receipt(path: Path) -> tuple[dict[str, str], SafetensorsFile]:
+    f = SafetensorsFile(path)
+    if f.metadata.get("loractl.receipt") != RECEIPT_VERSION:
+        f.close()
+        raise InputError(f"{path}: not a loractl receipt (or from an incompatible version)")
+    return f.metadata, f
+
+
+def unmerge(
+    merged: str | Path,
+    adapters: Sequence[str | Path | Adapter],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    receipt: str | Path | None = None,
+    use_receipt: bool = True,
+    force: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> UnmergeResult:
+    """Remove adapters from a merged model.
+
+    With the receipt ``merge`` wrote (found beside the merged model, or given), the result equals
+    the original base bit for bit; without it, the updates are subtracted (close, not exact) and
+    DoRA adapters and ``modules_to_save`` are refused.
+
+    Raises:
+        InputError: the receipt belongs to other adapters, or an adapter cannot be unmerged.
+    """
+    t0 = time.perf_counter()
+    if not adapters:
+        raise UsageError("no adapter given")
+    ws = _weights(weights, len(adapters))
+    loaded = _load_all(adapters, format, allow_pickle)
+    merged = Path(merged)
+    output = Path(output)
+    rpath = Path(receipt) if receipt is not None else receipt_path(merged)
+    if receipt is not None and not rpath.exists():
+        raise InputError(f"{rpath}: no such receipt")
+    rfile: SafetensorsFile | None = None
+    rmeta: dict[str, str] = {}
+    if use_receipt and rpath.exists():
+        rmeta, rfile = _read_receipt(rpath)
+    try:
+        with open_base(merged) as b:
+            plan = plan_merge(b, loaded, ws)
+            refs = _refs(loaded, ws)
+            dtypes: dict[str, str] = {}
+            if rfile is not None:
+                recorded = json.loads(rmeta.get("adapters", "[]"))
+                got = [(r.sha256, r.weight) for r in refs]
+                want = [(r["sha256"], float(r["weight"])) for r in recorded]
+                if got != want:
+                    raise InputError(
+                        f"{rpath}: this receipt was written for other adapters or weights "
+                        f"({', '.join(Path(r['path']).name + ' ×' + str(r['weight']) for r in recorded)})",
+                        hint="give the same adapters and --weight values, in the same order, as the merge",
+                    )
+                dtypes = json.loads(rmeta.get("dtypes", "{}"))
+            else:
+                for key, contribs in plan.changes.items():
+                    for c in contribs:
+                        if c.kind == "replace":
+                            raise UnsupportedAdapterError(
+                                f"{loaded[c.adapter].path}: replaces {key!r} (modules_to_save); the original is "
+                                "gone from the merged model",
+                                hint="unmerge with the receipt that merge wrote",
+                            )
+                        if c.module is not None and c.module.is_dora:
+                            raise UnsupportedAdapterError(
+                                f"{loaded[c.adapter].path}: module {c.module.name!r} is DoRA: its merge scaled the "
+                                "weight by norms of the original, which subtraction cannot undo",
+                                hint="unmerge with the receipt that merge wrote (loractl merge writes one by default)",
+                            )
+            files = layout(b, None, None)
+            for _, items in files:
+                for t in items:
+                    if t.name in dtypes:
+                        t.dtype = dtypes[t.name]
+            shard_meta = json.loads(rmeta.get("shard_metadata", "{}"))
+
+            def make_job(key: str, orig: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+                contribs = plan.changes.get(key, [])
+
+                def job(m: torch.Tensor) -> torch.Tensor:
+                    parts: dict[str, torch.Tensor] = {}
+                    if rfile is not None:
+                        prefix = key + "::"
+                        parts = {k[len(prefix) :]: rfile.read(k) for k in rfile.keys() if k.startswith(prefix)}
+                    if "full" in parts:
+                        return parts["full"]
+                    factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
+                    rec = unmerged_tensor(m, contribs, orig, factors)
+                    return residual.decode(rec, parts)
+
+                return job
+
+            jobs = {}
+            for _, items in files:
+                for t in items:
+                    if t.name in plan.changes or t.name in dtypes:
+                        jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
+
+            names = [s.path.name for s in b.shards]
+
+            def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
+                if rfile is not None and names[i] in shard_meta:
+                    return dict(shard_meta[names[i]])
+                return _loractl_metadata("unmerge", refs, src)
+
+            inputs = [b.path, *(a.path for a in loaded)] + ([rpath] if rfile is not None else [])
+            with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
+                written = _stream(b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir)
+                if b.is_dir:
+                    meta = {k: v for k, v in b.index_metadata.items() if not k.startswith("loractl.")}
+                    b.index_metadata = meta
+                    _write_index(tmp, b, files, {})
+                    _copy_other_files(b, tmp)
+            return UnmergeResult(
+                output=output,
+                adapters=refs,
+                exact=rfile is not None,
+                receipt=rpath if rfile is not None else None,
+                tensors_changed=len(plan.changes),
+                bytes_written=written,
+                seconds=time.perf_counter() - t0,
+            )
+    finally:
+        if rfile is not None:
+            rfile.close()
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModuleInfo:
+    name: str
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+    shape: list[int]
+    dtype: str
+    dora: bool
+
+
+@dataclass
+class AdapterInfo:
+    path: str
+    format: str
+    kind: str
+    rslora: bool
+    modules: int
+    rank: dict[str, int]
+    parameters: int
+    bytes: int
+    dtypes: list[str]
+    module_list: list[ModuleInfo]
+    modules_to_save: list[str]
+    init: str | None
+    base: dict[str, Any] | None = None
+
+
+@dataclass
+class InspectResult:
+    adapters: list[AdapterInfo] = field(default_factory=list)
+
+
+def _dtype_short(t: torch.Tensor) -> str:
+    return dtype_name(t.dtype)
+
+
+def inspect(
+    adapters: Sequence[str | Path],
+    *,
+    base: str | Path | None = None,
+    count: int = 100,
+    format: str | None = None,
+    allow_pickle: bool = False,
+) -> InspectResult:
+    """Describe adapters: format, kind, per-module rank/alpha/scale, sizes; with a base, coverage and storage.
+
+    Args:
+        adapters: adapter paths.
+        base: a base model to check coverage against and to size storage with.
+        count: N in "one base + N adapters vs N merged copies".
+    """
+    if count < 1:
+        raise UsageError("--count must be at least 1")
+    result = InspectResult()
+    b = open_base(base) if base is not None else None
+    try:
+        for path in adapters:
+            a = _load_adapter(path, format=format, allow_pickle=allow_pickle)
+            mods = [
+                ModuleInfo(
+                    name=m.name,
+                    kind=m.kind,
+                    rank=m.rank,
+                    alpha=m.alpha,
+                    scale=m.scale,
+                    shape=list(m.weight_shape),
+                    dtype=_dtype_short(m.up),
+                    dora=m.is_dora,
+                )
+                for m in a.modules.values()
+            ]
+            ranks = [m.rank for m in mods] or [0]
+            dtypes = sorted({_dtype_short(m.up) for m in a.modules.values()} | {_dtype_short(m.down) for m in a.modules.values()})
+            info = AdapterInfo(
+                path=str(path),
+                format=a.format,
+                kind=a.kind,
+                rslora=a.rslora,
+                modules=len(mods),
+                rank={"min": min(ranks), "max": max(ranks)},
+                parameters=a.parameters,
+                bytes=a.nbytes,
+                dtypes=dtypes,
+                module_list=mods,
+                modules_to_save=sorted(a.modules_to_save),
+                init=a.init,
+            )
+            if b is not None:
+                info.base = _coverage(b, a, count)
+            result.adapters.append(info)
+    finally:
+        if b is not None:
+            b.close()
+    return result
+
+
+def _coverage(b: BaseModel, a: Adapter, count: int) -> dict[str, Any]:
+    resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
+    matched, unmatched, mismatch = 0, [], []
+    for name, m in a.modules.items():
+        key = resolver.resolve(name)
+        if key is None:
+            unmatched.append(name)
+        elif tuple(b.info(key).shape) != tuple(m.weight_shape):
+            mismatch.append({"module": name, "adapter": list(m.weight_shape), "base": list(b.info(key).shape)})
+        else:
+            matched += 1
+    base_bytes = b.nbytes
+    return {
+        "path": str(b.path),
+        "parameters": b.parameters,
+        "bytes": base_bytes,
+        "coverage": {"matched": matched, "unmatched": unmatched, "shape_mismatch": mismatch},
+        "ratio": a.nbytes / base_bytes if base_bytes else None,
+        "storage": {
+            "count": count,
+            "base_plus_adapters": base_bytes + count * a.nbytes,
+            "merged_copies": count * base_bytes,
+            "saving": 1 - (base_bytes + count * a.nbytes) / (count * base_bytes) if base_bytes else None,
+        },
+    }

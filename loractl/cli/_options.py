@@ -1,0 +1,13 @@
+"""Options shared by every command."""
+
+from __future__ import annotations
+
+import typer
+
+JSON = typer.Option(False, "--json", help="Print one JSON document (schema_version 1) on stdout and nothing else.")
+QUIET = typer.Option(False, "-q", "--quiet", help="Print nothing but errors.")
+FORCE = typer.Option(False, "--force", help="Replace the output if it exists (never an input).")
+FORMAT = typer.Option(None, "--format", help="Adapter format instead of detecting it (peft).")
+ALLOW_PICKLE = typer.Option(
+    False, "--allow-pickle", help="Accept .bin/.pt/.ckpt pickles (read with torch.load(weights_only=True))."
+)

@@ -1,0 +1,53 @@
+"""The ``loractl`` command: a thin typer app over :mod:`loractl.api`.
+
+Command modules import torch and the library only inside their bodies, so ``loractl --help`` and
+shell completion stay fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from . import inspect as inspect_cmd
+from . import merge as merge_cmd
+from . import pending
+from . import unmerge as unmerge_cmd
+
+app = typer.Typer(
+    name="loractl",
+    help="Merge, unmerge, inspect, combine, truncate, convert and check LoRA adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"loractl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Merge, unmerge, inspect, combine, truncate, convert and check LoRA adapters.
+
+    Exit codes: 0 success, 1 a check failed, 2 usage or input error, 3 internal error.
+    """
+
+
+inspect_cmd.register(app)
+merge_cmd.register(app)
+unmerge_cmd.register(app)
+pending.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="loractl")

@@ -1,0 +1,105 @@
+"""``loractl inspect``: what an adapter is, and how it fits a base."""
+
+from __future__ import annotations
+
+import typer
+
+from . import _options as opt
+from ._errors import handled
+from ._output import console, human_bytes, render
+
+EPILOG = """Examples:
+
+  loractl inspect examples/tiny-llama-lora
+
+  loractl inspect examples/tiny-llama-lora --base examples/tiny-llama --count 1000
+
+  loractl inspect a/ b/ --json | jq '.adapters[].rank'
+"""
+
+
+def _fmt_float(x: float) -> str:
+    return f"{x:.6g}"
+
+
+@handled
+def inspect(
+    adapters: list[str] = typer.Argument(..., help="One or more adapters (several: one comparison table)."),
+    base: str = typer.Option(None, "--base", help="A base model: coverage, size ratio and storage arithmetic."),
+    count: int = typer.Option(100, "--count", help="N for 'one base + N adapters vs N merged copies'."),
+    spectrum: bool = typer.Option(False, "--spectrum", help="Singular values per module (not yet available)."),
+    format: str = opt.FORMAT,
+    allow_pickle: bool = opt.ALLOW_PICKLE,
+    json_out: bool = opt.JSON,
+    quiet: bool = opt.QUIET,
+) -> None:
+    """Describe adapters: format, kind, rank, alpha and effective scale per module, sizes, coverage of a base."""
+    from .. import api
+    from ..errors import NotYetAvailableError
+
+    if spectrum:
+        raise NotYetAvailableError("inspect --spectrum is not yet available in this version")
+    result = api.inspect(adapters, base=base, count=count, format=format, allow_pickle=allow_pickle)
+
+    def human(r: api.InspectResult) -> None:
+        from rich.table import Table
+
+        c = console()
+        if len(r.adapters) > 1:
+            t = Table(title="adapters")
+            for col in ("path", "format", "kind", "modules", "rank", "parameters", "bytes", "dtypes"):
+                t.add_column(col)
+            for a in r.adapters:
+                rank = str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}-{a.rank['max']}"
+                t.add_row(
+                    a.path, a.format, a.kind, str(a.modules), rank, f"{a.parameters:,}", human_bytes(a.bytes),
+                    ",".join(a.dtypes),
+                )
+            c.print(t)
+        for a in r.adapters:
+            rank = str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}..{a.rank['max']}"
+            c.print(
+                f"[bold]{a.path}[/bold]: {a.format} {a.kind}, {a.modules} modules, rank {rank}, "
+                f"{a.parameters:,} parameters, {human_bytes(a.bytes)} ({', '.join(a.dtypes)})"
+            )
+            if a.init:
+                c.print(f"  trained with init_lora_weights={a.init!r}: it changed the base; do not merge into the original")
+            if a.modules_to_save:
+                c.print(f"  modules_to_save (full copies): {', '.join(a.modules_to_save)}")
+            t = Table(show_edge=False)
+            for col in ("module", "kind", "rank", "alpha", "scale", "shape", "dtype"):
+                t.add_column(col, justify="right" if col in ("rank", "alpha", "scale") else "left")
+            for m in a.module_list:
+                kind = m.kind + (" DoRA" if m.dora else "")
+                t.add_row(
+                    m.name, kind, str(m.rank), _fmt_float(m.alpha), _fmt_float(m.scale),
+                    "x".join(map(str, m.shape)), m.dtype,
+                )
+            c.print(t)
+            if a.base is not None:
+                b = a.base
+                cov = b["coverage"]
+                st = b["storage"]
+                c.print(
+                    f"  base {b['path']}: {b['parameters']:,} parameters, {human_bytes(b['bytes'])}; "
+                    f"adapter/base = {b['ratio']:.4%}"
+                )
+                c.print(
+                    f"  coverage: {cov['matched']} modules match, {len(cov['unmatched'])} unmatched, "
+                    f"{len(cov['shape_mismatch'])} with the wrong shape"
+                )
+                for name in cov["unmatched"][:10]:
+                    c.print(f"    unmatched: {name}")
+                for mm in cov["shape_mismatch"][:10]:
+                    c.print(f"    shape mismatch: {mm['module']}: adapter {mm['adapter']} vs base {mm['base']}")
+                c.print(
+                    f"  storage for {st['count']}: one base + {st['count']} adapters = "
+                    f"{human_bytes(st['base_plus_adapters'])} vs {st['count']} merged copies = "
+                    f"{human_bytes(st['merged_copies'])}"
+                )
+
+    render("inspect", result, as_json=json_out, quiet=quiet, human=human)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect", epilog=EPILOG)(inspect)

@@ -1,0 +1,36 @@
+"""Commands of the contract whose implementation has not landed yet: they say so and exit 2."""
+
+from __future__ import annotations
+
+import typer
+
+from ._errors import handled
+
+PENDING = {
+    "combine": "One adapter from several (cat, svd, linear, ties, dare-*, magnitude-prune).",
+    "truncate": "Lower an adapter's rank (optimal SVD truncation, or DyLoRA nested ranks).",
+    "similarity": "Subspace similarity φ between two adapters (Hu et al., 2021), or amplification vs a base.",
+    "convert": "Rewrite an adapter in another format (peft, kohya, diffusers, loralib, gguf).",
+    "check": "A CI gate: integrity, NaN/Inf, shapes, coverage, and what a serving runtime accepts.",
+    "run": "Run a TOML recipe of the steps above (for CI).",
+}
+
+
+def _make(name: str):
+    @handled
+    def command(ctx: typer.Context) -> None:
+        from ..errors import NotYetAvailableError
+
+        raise NotYetAvailableError(f"loractl {name} is not yet available in this version")
+
+    command.__doc__ = f"{PENDING[name]} (not yet available: exits 2)"
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    for name in PENDING:
+        app.command(
+            name,
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+            epilog="Not yet available in this version.",
+        )(_make(name))

@@ -1,0 +1,351 @@
+"""Streaming safetensors reader and writer.
+
+The format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N,
+N bytes of JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the tensor bytes; offsets are relative to the end of the header.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once. The writer here takes the
+header first and then the tensors one at a time, in order, so a merge holds one tensor at a time.
+The reader validates the header against the file size before anything is read, so a truncated
+or foreign file is reported by name instead of crashing midway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import FormatError, InputError, OutputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# name -> (bytes per element, torch dtype attribute name)
+DTYPE_INFO: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPE_INFO[name][1])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, (_, attr) in DTYPE_INFO.items():
+        if str(dtype) == f"torch.{attr}":
+            return name
+    raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class SafetensorsFile:
+    """A safetensors file opened for reading one tensor at a time.
+
+    Args:
+        path: the file.
+
+    Raises:
+        InputError: the file is missing or unreadable.
+        FormatError: the header is not valid safetensors, or the file is shorter than it says.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot be read ({e.strerror})") from None
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self.metadata, self.tensors, self.data_start = self._read_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    # -- header -----------------------------------------------------------------------------
+    def _fail(self, what: str) -> FormatError:
+        return FormatError(
+            f"{self.path}: not a valid safetensors file ({what})",
+            hint="the file may be truncated or not a safetensors file; re-download or re-export it",
+        )
+
+    def _read_header(self) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
+        if self.size < 8:
+            raise self._fail(f"{self.size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        if n > MAX_HEADER or 8 + n > self.size:
+            raise self._fail(f"header length {n} does not fit in the file's {self.size} bytes")
+        raw = os.pread(self._fd, n, 8)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._fail("header is not JSON") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        data_start = 8 + n
+        data_len = self.size - data_start
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("__metadata__ is not a map of strings")
+        infos: list[TensorInfo] = []
+        for name, entry in header.items():
+            try:
+                dtype = entry["dtype"]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._fail(f"tensor {name!r} has a malformed entry") from None
+            if dtype not in DTYPE_INFO:
+                raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
+            if any(d < 0 for d in shape) or begin < 0 or end < begin:
+                raise self._fail(f"tensor {name!r} has a negative shape or offset")
+            if end - begin != math.prod(shape) * DTYPE_INFO[dtype][0]:
+                raise self._fail(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} {dtype}")
+            if end > data_len:
+                raise FormatError(
+                    f"{self.path}: truncated: tensor {name!r} ends at byte {data_start + end} "
+                    f"but the file has {self.size} bytes",
+                    hint="the file is incomplete (interrupted download or copy?); fetch it again",
+                )
+            infos.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
+        infos.sort(key=lambda t: t.begin)
+        for a, b in zip(infos, infos[1:]):
+            if b.begin < a.end:
+                raise self._fail(f"tensors {a.name!r} and {b.name!r} overlap")
+        return metadata, {t.name: t for t in infos}, data_start
+
+    # -- reading ----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def read_bytes_into(self, info: TensorInfo, buf: memoryview) -> None:
+        """Read the bytes of ``info`` into ``buf`` (exactly ``info.nbytes`` long)."""
+        pos, off = 0, info.begin
+        while pos < info.nbytes:
+            got = os.preadv(self._fd, [buf[pos:]], off + pos)
+            if got == 0:
+                raise FormatError(f"{self.path}: truncated while reading tensor {info.name!r}")
+            pos += got
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` into a new (writable, owned) torch tensor."""
+        import torch
+
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if info.nbytes:
+            self.read_bytes_into(info, memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B"))
+        return out
+
+    def copy_raw_to(self, info: TensorInfo, out_fd: int) -> None:
+        """Copy the bytes of ``info`` to the current position of ``out_fd`` without passing them through Python."""
+        copy_range(self._fd, info.begin, out_fd, info.nbytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def copy_range(in_fd: int, offset: int, out_fd: int, nbytes: int) -> None:
+    """Kernel-side copy of ``nbytes`` from ``in_fd`` at ``offset`` to ``out_fd``'s position."""
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        chunk = min(nbytes - done, 1 << 30)
+        try:
+            if use_cfr:
+                n = os.copy_file_range(in_fd, out_fd, chunk, offset + done)
+            else:
+                n = os.sendfile(out_fd, in_fd, offset + done, chunk)
+        except OSError as e:
+            if use_cfr and e.errno in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                use_cfr = False
+                continue
+            raise
+        if n == 0:
+            raise EOFError("source ended early")
+        done += n
+
+
+def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length and the JSON header for tensors written in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    off = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * DTYPE_INFO[dtype][0]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose header is known up front, one tensor at a time, in order.
+
+    Args:
+        path: the file to create (it must not exist: pass a temporary path, see ``io.atomic``).
+        entries: ``(name, dtype name, shape)`` in the order the tensors will be written.
+        metadata: the ``__metadata__`` map of strings.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._entries = entries
+        self._next = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            self._write_all(header_bytes(entries, metadata))
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                raise disk_error(self.path, e) from None
+            view = view[n:]
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        if self._next >= len(self._entries):
+            raise RuntimeError(f"{self.path}: no more tensors expected, got {name!r}")
+        ename, dtype, shape = self._entries[self._next]
+        want = math.prod(shape) * DTYPE_INFO[dtype][0]
+        if ename != name or want != nbytes:
+            raise RuntimeError(f"{self.path}: expected {ename!r} ({want} bytes), got {name!r} ({nbytes} bytes)")
+        self._next += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor (it must be the next entry, with the declared dtype and shape)."""
+        import torch
+
+        if self._next < len(self._entries):
+            _, dtype, shape = self._entries[self._next]
+            if tensor.dtype != torch_dtype(dtype) or tuple(tensor.shape) != tuple(shape):
+                raise RuntimeError(
+                    f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}"
+                )
+        t = tensor.detach().contiguous().view(-1)
+        nbytes = t.numel() * t.element_size()
+        self._expect(name, nbytes)
+        if nbytes:
+            self._write_all(memoryview(t.view(torch.uint8).numpy()))
+
+    def copy_from(self, name: str, src: SafetensorsFile, info: TensorInfo) -> None:
+        """Write the next tensor by copying its bytes unchanged from ``src``."""
+        self._expect(name, info.nbytes)
+        try:
+            src.copy_raw_to(info, self._fd)
+        except OSError as e:
+            raise disk_error(self.path, e) from None
+
+    def close(self, sync: bool = False) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if sync:
+                if self._next != len(self._entries):
+                    raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors never written")
+                try:
+                    os.fsync(self._fd)
+                except OSError as e:
+                    raise disk_error(self.path, e) from None
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def disk_error(path: Path, e: OSError) -> OutputError:
+    """An OSError while writing, turned into one clear line."""
+    if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+        return OutputError(
+            f"{path.parent}: no space left while writing {path.name} ({e.strerror})",
+            hint="free some disk space or write elsewhere; nothing was left behind",
+        )
+    return OutputError(f"{path}: cannot write ({e.strerror})")
+
+
+def write_file(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a whole (small) dict of tensors, e.g. an adapter or a receipt."""
+    entries = [(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    w = SafetensorsWriter(path, entries, metadata)
+    try:
+        for k, v in tensors.items():
+            w.write(k, v)
+        w.close(sync=True)
+    finally:
+        w.close()

@@ -1,0 +1,108 @@
+"""Merge arithmetic: ``W' = W + w · s · B · A`` per module, exactly as PEFT computes it.
+
+PEFT's ``LoraLayer.get_delta_weight`` (peft/tuners/lora/layer.py) computes the update in float32
+on CPU (half-precision factors are upcast; ``PeftModel.from_pretrained`` autocasts adapter factors
+to float32 anyway), multiplies by the scale *after* the product, and adds it into the base weight
+in place, letting torch promote: ``W += (B @ A) * s`` (one rounding to W's dtype). Embeddings cast
+the update to W's dtype before adding (two roundings). DoRA (``variants.DoraLinearVariant``):
+``W' = (m / ‖W + ΔW‖_row) · (W + ΔW)``, the norm per output row (per embedding column, per conv
+output channel). Using the same torch operations in the same order is what makes ``loractl merge``
+equal PEFT's ``merge_and_unload`` bit for bit; the tests compare against PEFT itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..adapter import LoraModule
+
+
+def _factors32(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = m.down, m.up
+    if a.dtype != torch.float64:
+        a = a.float()
+    if b.dtype != torch.float64:
+        b = b.float()
+    return a, b
+
+
+def delta_weight(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
+    """The update ``w · s · B·A`` laid out like the base weight (PEFT's ``get_delta_weight``).
+
+    Linear: ``transpose(B @ A, fan_in_fan_out) * s``. Embedding: ``(B @ A)ᵀ * s``. Conv 1×1:
+    ``(B₂ @ A₂)`` unsqueezed; conv k×k: ``conv(Aᵀ, B)ᵀ * s`` as PEFT does.
+
+    Args:
+        m: the module.
+        weight: the merge weight w (user's ratio); multiplies the scale.
+
+    Returns:
+        A float32 tensor (float64 for float64 factors) of the base weight's shape.
+    """
+    a, b = _factors32(m)
+    s = m.scale * weight if weight != 1.0 else m.scale
+    if m.kind == "embedding":
+        return (b @ a).T * s
+    if m.kind == "conv":
+        if a.shape[2:] == (1,) * (a.dim() - 2):
+            nd = a.dim() - 2
+            out = b.reshape(b.shape[0], b.shape[1]) @ a.reshape(a.shape[0], a.shape[1])
+            return out.reshape(*out.shape, *([1] * nd)) * s
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
+        return conv(a.transpose(0, 1), b).transpose(0, 1) * s
+    prod = b @ a
+    return (prod.T if m.fan_in_fan_out else prod) * s
+
+
+def dora_factor(m: LoraModule, w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``m / ‖W₀ + ΔW‖`` (PEFT ``DoraLinearLayer.get_weight_norm`` and friends), shaped to broadcast.
+
+    Args:
+        m: a module with a magnitude vector.
+        w0: the base weight before any adapter was merged into it.
+        delta: :func:`delta_weight` of ``m``.
+    """
+    assert m.magnitude is not None
+    mag = m.magnitude.float() if m.magnitude.dtype != torch.float64 else m.magnitude
+    if m.kind == "embedding":
+        weight = w0.T + 1 * delta.T
+        norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+        return (mag / norm).view(1, -1)
+    if m.kind == "conv":
+        weight = w0 + 1 * delta
+        dims = tuple(range(1, weight.dim()))
+        norm = weight.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
+        return (mag / norm).view(-1, *([1] * (w0.dim() - 1)))
+    fifo = m.fan_in_fan_out
+    wt = w0.T if fifo else w0
+    weight = wt + 1 * (delta.T if fifo else delta)
+    norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+    factor = (mag / norm).view(-1, 1)
+    return factor.T if fifo else factor
+
+
+def apply_delta(w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """Merge one module into ``w`` in place where PEFT does, and return the merged weight."""
+    if factor is not None:
+        return (factor * (w + delta)).to(w.dtype)
+    if m.kind == "embedding":
+        w += delta.to(w.dtype)
+    else:
+        w += delta
+    return w
+
+
+def unapply_delta(w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of :func:`apply_delta` up to rounding: subtract (rounding once), or divide then subtract."""
+    if factor is not None:
+        return (w / factor - delta).to(w.dtype)
+    w -= delta
+    return w
+
+
+def bias_delta(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
+    """``lora_B.bias · s`` (PEFT ``lora_bias``), added to the base bias."""
+    assert m.bias is not None
+    b = m.bias.float() if m.bias.dtype != torch.float64 else m.bias
+    return b * (m.scale * weight if weight != 1.0 else m.scale)
