@@ -121,6 +121,19 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
                 "merging it into the original base would be wrong",
                 hint="convert it to a plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))",
             )
+        # full replacements first: PEFT loads them into the model before any LoRA is merged
+        for key, t in ad.modules_to_save.items():
+            bkey = resolver.resolve_tensor(key)
+            if bkey is None:
+                unmatched.append(f"{key} ({ad.path})")
+                continue
+            if tuple(base.info(bkey).shape) != tuple(t.shape):
+                raise ShapeMismatchError(
+                    f"{ad.path}: tensor {key!r} is {list(t.shape)} but base tensor {bkey!r} is "
+                    f"{list(base.info(bkey).shape)}",
+                    hint="is this adapter for another base model?",
+                )
+            changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=t))
         for name, m in ad.modules.items():
             key = resolver.resolve(name)
             if key is None:
@@ -147,18 +160,6 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
                         hint="PEFT cannot merge lora_bias into a layer without bias either",
                     )
                 changes.setdefault(bkey, []).append(Contribution(i, "bias", w, module=m))
-        for key, t in ad.modules_to_save.items():
-            bkey = resolver.resolve_tensor(key)
-            if bkey is None:
-                unmatched.append(f"{key} ({ad.path})")
-                continue
-            if tuple(base.info(bkey).shape) != tuple(t.shape):
-                raise ShapeMismatchError(
-                    f"{ad.path}: tensor {key!r} is {list(t.shape)} but base tensor {bkey!r} is "
-                    f"{list(base.info(bkey).shape)}",
-                    hint="is this adapter for another base model?",
-                )
-            changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=t))
     return MergePlan(changes, unmatched)
 
 
