@@ -21,12 +21,19 @@ import torch
 
 from . import __version__
 from .adapter import Adapter, LoraModule
-from .errors import InputError, OutputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
+from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
 from .formats import load_adapter as _load_adapter
 from .formats.names import NameResolver
 from .io.atomic import atomic_output
 from .io.base import RECEIPT_NAME, BaseModel, open_base
-from .io.safetensors import FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter, dtype_name, torch_dtype, write_file
+from .io.safetensors import (
+    FLOAT_DTYPES,
+    SafetensorsFile,
+    SafetensorsWriter,
+    dtype_name,
+    torch_dtype,
+    write_file,
+)
 from .ops import merge as merge_ops
 from .ops import residual
 
@@ -52,7 +59,12 @@ def load_adapter(path: str | Path, format: str | None = None, allow_pickle: bool
     adapter = _load_adapter(path, format=format, allow_pickle=allow_pickle)
     source = adapter.files[0] if adapter.files else adapter.path
     for m in adapter.modules.values():
-        for label, t in (("lora_A", m.down), ("lora_B", m.up), ("lora_B.bias", m.bias), ("magnitude", m.magnitude)):
+        for label, t in (
+            ("lora_A", m.down),
+            ("lora_B", m.up),
+            ("lora_B.bias", m.bias),
+            ("magnitude", m.magnitude),
+        ):
             if t is not None and t.is_floating_point():
                 bad = int((~torch.isfinite(t)).sum())
                 if bad:
@@ -163,7 +175,9 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
     return MergePlan(changes, unmatched)
 
 
-def merged_tensor(w0: torch.Tensor, contributions: Sequence[Contribution], out_dtype: torch.dtype) -> torch.Tensor:
+def merged_tensor(
+    w0: torch.Tensor, contributions: Sequence[Contribution], out_dtype: torch.dtype
+) -> torch.Tensor:
     """Apply the contributions to a copy of ``w0``, in order, exactly as PEFT merges them in turn."""
     compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
     w = w0.to(compute, copy=True)
@@ -263,7 +277,9 @@ def _shard_name(stem: str, i: int, n: int) -> str:
     return f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None) -> list[tuple[str, list[OutTensor]]]:
+def layout(
+    base: BaseModel, out_dtype: str | None, shard_size: int | None
+) -> list[tuple[str, list[OutTensor]]]:
     """Output file names and their tensors: the base's own layout, or re-sharded to ``shard_size``."""
     files: list[tuple[str, list[OutTensor]]] = []
     for i, s in enumerate(base.shards):
@@ -276,7 +292,11 @@ def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None) -> li
         return files
     if not base.is_dir:
         raise UsageError("--shard-size needs a base folder (a single-file base is written as one file)")
-    stem = "diffusion_pytorch_model" if base.shards[0].path.name.startswith("diffusion_pytorch_model") else "model"
+    stem = (
+        "diffusion_pytorch_model"
+        if base.shards[0].path.name.startswith("diffusion_pytorch_model")
+        else "model"
+    )
     groups: list[list[OutTensor]] = [[]]
     size = 0
     for _, items in files:
@@ -291,7 +311,9 @@ def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None) -> li
     return [(_shard_name(stem, i, len(groups)), g) for i, g in enumerate(groups)]
 
 
-def _write_index(folder: Path, base: BaseModel, files: list[tuple[str, list[OutTensor]]], extra: dict[str, Any]) -> None:
+def _write_index(
+    folder: Path, base: BaseModel, files: list[tuple[str, list[OutTensor]]], extra: dict[str, Any]
+) -> None:
     if len(files) == 1 and base.index_name is None:
         return
     name = base.index_name or ("model.safetensors.index.json")
@@ -361,7 +383,11 @@ def _stream(
                     if pending_write is not None:
                         pending_write.result()
 
-                    def write(t: OutTensor = t, result: torch.Tensor | None = result) -> None:
+                    def write(
+                        t: OutTensor = t,
+                        result: torch.Tensor | None = result,
+                        writer: SafetensorsWriter = writer,
+                    ) -> None:
                         if result is None:
                             src = base.file_of(t.name)
                             writer.copy_from(t.name, src, src.tensors[t.name])
@@ -422,15 +448,22 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if not weights:
         return [1.0] * n
     if len(weights) != n:
-        raise UsageError(f"{len(weights)} --weight values for {n} adapters", hint="give one --weight per adapter")
+        raise UsageError(
+            f"{len(weights)} --weight values for {n} adapters", hint="give one --weight per adapter"
+        )
     for w in weights:
         if not math.isfinite(w):
             raise UsageError(f"--weight {w} is not a finite number")
     return [float(w) for w in weights]
 
 
-def _load_all(adapters: Sequence[str | Path | Adapter], format: str | None, allow_pickle: bool) -> list[Adapter]:
-    return [a if isinstance(a, Adapter) else load_adapter(a, format=format, allow_pickle=allow_pickle) for a in adapters]
+def _load_all(
+    adapters: Sequence[str | Path | Adapter], format: str | None, allow_pickle: bool
+) -> list[Adapter]:
+    return [
+        a if isinstance(a, Adapter) else load_adapter(a, format=format, allow_pickle=allow_pickle)
+        for a in adapters
+    ]
 
 
 def _refs(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[AdapterRef]:
@@ -496,7 +529,9 @@ def merge(
     with open_base(base) as b:
         plan = plan_merge(b, loaded, ws)
         if plan.unmatched and not allow_partial:
-            shown = ", ".join(plan.unmatched[:3]) + (f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else "")
+            shown = ", ".join(plan.unmatched[:3]) + (
+                f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else ""
+            )
             raise InputError(
                 f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
                 hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
@@ -705,7 +740,9 @@ def unmerge(
                     parts: dict[str, torch.Tensor] = {}
                     if rfile is not None:
                         prefix = key + "::"
-                        parts = {k[len(prefix) :]: rfile.read(k) for k in rfile.keys() if k.startswith(prefix)}
+                        parts = {
+                            k[len(prefix) :]: rfile.read(k) for k in rfile.keys() if k.startswith(prefix)
+                        }
                     if "full" in parts:
                         return parts["full"]
                     factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
@@ -826,7 +863,10 @@ def inspect(
                 for m in a.modules.values()
             ]
             ranks = [m.rank for m in mods] or [0]
-            dtypes = sorted({_dtype_short(m.up) for m in a.modules.values()} | {_dtype_short(m.down) for m in a.modules.values()})
+            dtypes = sorted(
+                {_dtype_short(m.up) for m in a.modules.values()}
+                | {_dtype_short(m.down) for m in a.modules.values()}
+            )
             info = AdapterInfo(
                 path=str(path),
                 format=a.format,
@@ -858,7 +898,9 @@ def _coverage(b: BaseModel, a: Adapter, count: int) -> dict[str, Any]:
         if key is None:
             unmatched.append(name)
         elif tuple(b.info(key).shape) != tuple(m.weight_shape):
-            mismatch.append({"module": name, "adapter": list(m.weight_shape), "base": list(b.info(key).shape)})
+            mismatch.append(
+                {"module": name, "adapter": list(m.weight_shape), "base": list(b.info(key).shape)}
+            )
         else:
             matched += 1
     base_bytes = b.nbytes

@@ -23,13 +23,20 @@ def _config(arch: str, **over: Any):
 
     if arch == "llama":
         kw = dict(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+            tie_word_embeddings=False,
         )
         kw.update(over)
         return tf.LlamaConfig(**kw)
     if arch == "bert":
-        kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+        kw = dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=96
+        )
         kw.update(over)
         return tf.BertConfig(**kw)
     if arch == "gpt2":

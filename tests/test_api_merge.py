@@ -17,31 +17,55 @@ LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 CASES = {
     # name: (arch, model overrides, LoraConfig kwargs)
     "llama-plain": ("llama", {}, dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL)),
-    "llama-rslora": ("llama", {}, dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj"])),
+    "llama-rslora": (
+        "llama",
+        {},
+        dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+    ),
     "llama-patterns": (
         "llama",
         {},
         dict(
-            r=4, lora_alpha=8, target_modules=LLAMA_ALL,
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_ALL,
             rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
             alpha_pattern={r"layers\.0\..*proj": 3, "up_proj": 5},
         ),
     ),
-    "llama-dora": ("llama", {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])),
+    "llama-dora": (
+        "llama",
+        {},
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]),
+    ),
     "llama-embedding": ("llama", {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    "llama-embedding-dora": ("llama", {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"])),
+    "llama-embedding-dora": (
+        "llama",
+        {},
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"]),
+    ),
     "llama-lora-bias": (
-        "llama", {"attention_bias": True}, dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"])
+        "llama",
+        {"attention_bias": True},
+        dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]),
     ),
     "llama-modules-to-save": (
-        "llama", {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+        "llama",
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
     ),
     "bert": ("bert", {}, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])),
     "bert-embeddings": ("bert", {}, dict(r=4, lora_alpha=16, target_modules=["word_embeddings", "key"])),
     "gpt2-fan-in-fan-out": (
-        "gpt2", {}, dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"])
+        "gpt2",
+        {},
+        dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
     ),
-    "gpt2-dora": ("gpt2", {}, dict(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True, target_modules=["c_attn"])),
+    "gpt2-dora": (
+        "gpt2",
+        {},
+        dict(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True, target_modules=["c_attn"]),
+    ),
 }
 
 
@@ -49,7 +73,9 @@ def _setup(tmp_path: Path, case: str, dtype: torch.dtype, n_adapters: int = 1, s
     arch, over, lora = CASES[case]
     model = build_model(arch, dtype, seed=0, **over)
     base = save_base(model, tmp_path / "base", max_shard_size="20KB")
-    adapters = [make_adapter(model, tmp_path / f"ad{i}", seed=10 + i, std=std, **lora) for i in range(n_adapters)]
+    adapters = [
+        make_adapter(model, tmp_path / f"ad{i}", seed=10 + i, std=std, **lora) for i in range(n_adapters)
+    ]
     return arch, base, adapters
 
 
@@ -57,7 +83,9 @@ def _assert_all_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
     changed = 0
     for k, t in ours.items():
         assert k in theirs, k
-        assert same_bits(t, theirs[k].contiguous()), f"{k}: max diff {(t.double() - theirs[k].double()).abs().max()}"
+        assert same_bits(t, theirs[k].contiguous()), (
+            f"{k}: max diff {(t.double() - theirs[k].double()).abs().max()}"
+        )
     return changed
 
 
@@ -108,7 +136,9 @@ def test_output_layout_matches_base(tmp_path: Path) -> None:
     assert idx_out["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
     before = read_st(base)
-    assert {k: (v.dtype, v.shape) for k, v in tensors.items()} == {k: (v.dtype, v.shape) for k, v in before.items()}
+    assert {k: (v.dtype, v.shape) for k, v in tensors.items()} == {
+        k: (v.dtype, v.shape) for k, v in before.items()
+    }
     from safetensors import safe_open
 
     with safe_open(out / shards[0], "pt") as f:
@@ -119,12 +149,18 @@ def test_output_layout_matches_base(tmp_path: Path) -> None:
     assert meta["format"] == "pt"  # the input's own metadata is kept
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", ["llama-plain", "llama-dora", "llama-embedding", "llama-modules-to-save", "gpt2-dora",
-                                  "llama-lora-bias"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize(
+    "case",
+    ["llama-plain", "llama-dora", "llama-embedding", "llama-modules-to-save", "gpt2-dora", "llama-lora-bias"],
+)
 def test_unmerge_with_receipt_is_bit_exact(tmp_path: Path, case: str, dtype: torch.dtype) -> None:
     # updates of realistic size (|ΔW| about 1% of |W|, as trained adapters): the receipt stays small
-    arch, base, adapters = _setup(tmp_path, case, dtype, n_adapters=2 if case == "llama-plain" else 1, std=0.03)
+    arch, base, adapters = _setup(
+        tmp_path, case, dtype, n_adapters=2 if case == "llama-plain" else 1, std=0.03
+    )
     weights = [1.0, -0.7] if len(adapters) == 2 else None
     merged = tmp_path / "merged"
     res = api.merge(base, adapters, merged, weights=weights)
@@ -176,7 +212,9 @@ def test_weight_scales_the_update(tmp_path: Path) -> None:
     api.merge(base, adapters, tmp_path / "mhalf", weights=[0.5])
     b, m1, mh = read_st(base), read_st(tmp_path / "m1"), read_st(tmp_path / "mhalf")
     k = "model.layers.0.self_attn.q_proj.weight"
-    torch.testing.assert_close(mh[k].double() - b[k].double(), 0.5 * (m1[k].double() - b[k].double()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        mh[k].double() - b[k].double(), 0.5 * (m1[k].double() - b[k].double()), atol=1e-5, rtol=0
+    )
 
 
 def test_dtype_and_reshard(tmp_path: Path) -> None:
@@ -250,7 +288,6 @@ def test_base_key_prefixes_are_resolved(tmp_path: Path) -> None:
 
 
 def test_tied_lm_head_merges_into_embedding(tmp_path: Path) -> None:
-    arch, base, adapters = "gpt2", None, None
     model = build_model("gpt2", torch.float32)
     base = save_base(model, tmp_path / "base")
     assert "lm_head.weight" not in read_st(base)
@@ -273,7 +310,9 @@ def test_pissa_adapter_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("case", ["llama-plain", "llama-rslora", "llama-patterns", "bert-embeddings", "gpt2-dora"])
+@pytest.mark.parametrize(
+    "case", ["llama-plain", "llama-rslora", "llama-patterns", "bert-embeddings", "gpt2-dora"]
+)
 def test_inspect_scale_equals_peft_scaling(tmp_path: Path, case: str) -> None:
     import peft
 
@@ -282,7 +321,11 @@ def test_inspect_scale_equals_peft_scaling(tmp_path: Path, case: str) -> None:
     model = build_model(arch, torch.float32, seed=0, **CASES[case][1])
     pm = peft.PeftModel.from_pretrained(model, adapters[0])
     theirs = {
-        name.removeprefix("base_model.model."): (mod.scaling["default"], mod.r["default"], mod.lora_alpha["default"])
+        name.removeprefix("base_model.model."): (
+            mod.scaling["default"],
+            mod.r["default"],
+            mod.lora_alpha["default"],
+        )
         for name, mod in pm.named_modules()
         if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling
     }

@@ -45,7 +45,9 @@ def handled(func: F) -> F:
         except Exception as e:  # a bug
             if os.environ.get("LORACTL_DEBUG") == "1":
                 traceback.print_exc()
-            _say(f"internal error (a bug in loractl): {type(e).__name__}: {e}; set LORACTL_DEBUG=1 for the traceback")
+            _say(
+                f"internal error (a bug in loractl): {type(e).__name__}: {e}; set LORACTL_DEBUG=1 for the traceback"
+            )
             raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]

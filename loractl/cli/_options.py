@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-JSON = typer.Option(False, "--json", help="Print one JSON document (schema_version 1) on stdout and nothing else.")
+JSON = typer.Option(
+    False, "--json", help="Print one JSON document (schema_version 1) on stdout and nothing else."
+)
 QUIET = typer.Option(False, "-q", "--quiet", help="Print nothing but errors.")
 FORCE = typer.Option(False, "--force", help="Replace the output if it exists (never an input).")
 FORMAT = typer.Option(None, "--format", help="Adapter format instead of detecting it (peft).")

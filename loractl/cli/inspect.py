@@ -10,10 +10,9 @@ from ._output import console, human_bytes, render
 
 EPILOG = """Examples:
 
+\b
   loractl inspect examples/tiny-llama-lora
-
   loractl inspect examples/tiny-llama-lora --base examples/tiny-llama --count 1000
-
   loractl inspect a/ b/ --json | jq '.adapters[].rank'
 """
 
@@ -25,9 +24,13 @@ def _fmt_float(x: float) -> str:
 @handled
 def inspect(
     adapters: list[str] = typer.Argument(..., help="One or more adapters (several: one comparison table)."),
-    base: str = typer.Option(None, "--base", help="A base model: coverage, size ratio and storage arithmetic."),
+    base: str = typer.Option(
+        None, "--base", help="A base model: coverage, size ratio and storage arithmetic."
+    ),
     count: int = typer.Option(100, "--count", help="N for 'one base + N adapters vs N merged copies'."),
-    spectrum: bool = typer.Option(False, "--spectrum", help="Singular values per module (not yet available)."),
+    spectrum: bool = typer.Option(
+        False, "--spectrum", help="Singular values per module (not yet available)."
+    ),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
     json_out: bool = opt.JSON,
@@ -50,20 +53,34 @@ def inspect(
             for col in ("path", "format", "kind", "modules", "rank", "parameters", "bytes", "dtypes"):
                 t.add_column(col)
             for a in r.adapters:
-                rank = str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}-{a.rank['max']}"
+                rank = (
+                    str(a.rank["min"])
+                    if a.rank["min"] == a.rank["max"]
+                    else f"{a.rank['min']}-{a.rank['max']}"
+                )
                 t.add_row(
-                    a.path, a.format, a.kind, str(a.modules), rank, f"{a.parameters:,}", human_bytes(a.bytes),
+                    a.path,
+                    a.format,
+                    a.kind,
+                    str(a.modules),
+                    rank,
+                    f"{a.parameters:,}",
+                    human_bytes(a.bytes),
                     ",".join(a.dtypes),
                 )
             c.print(t)
         for a in r.adapters:
-            rank = str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}..{a.rank['max']}"
+            rank = (
+                str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}..{a.rank['max']}"
+            )
             c.print(
                 f"[bold]{a.path}[/bold]: {a.format} {a.kind}, {a.modules} modules, rank {rank}, "
                 f"{a.parameters:,} parameters, {human_bytes(a.bytes)} ({', '.join(a.dtypes)})"
             )
             if a.init:
-                c.print(f"  trained with init_lora_weights={a.init!r}: it changed the base; do not merge into the original")
+                c.print(
+                    f"  trained with init_lora_weights={a.init!r}: it changed the base; do not merge into the original"
+                )
             if a.modules_to_save:
                 c.print(f"  modules_to_save (full copies): {', '.join(a.modules_to_save)}")
             t = Table(show_edge=False)
@@ -72,8 +89,13 @@ def inspect(
             for m in a.module_list:
                 kind = m.kind + (" DoRA" if m.dora else "")
                 t.add_row(
-                    m.name, kind, str(m.rank), _fmt_float(m.alpha), _fmt_float(m.scale),
-                    "x".join(map(str, m.shape)), m.dtype,
+                    m.name,
+                    kind,
+                    str(m.rank),
+                    _fmt_float(m.alpha),
+                    _fmt_float(m.scale),
+                    "x".join(map(str, m.shape)),
+                    m.dtype,
                 )
             c.print(t)
             if a.base is not None:
@@ -91,7 +113,9 @@ def inspect(
                 for name in cov["unmatched"][:10]:
                     c.print(f"    unmatched: {name}")
                 for mm in cov["shape_mismatch"][:10]:
-                    c.print(f"    shape mismatch: {mm['module']}: adapter {mm['adapter']} vs base {mm['base']}")
+                    c.print(
+                        f"    shape mismatch: {mm['module']}: adapter {mm['adapter']} vs base {mm['base']}"
+                    )
                 c.print(
                     f"  storage for {st['count']}: one base + {st['count']} adapters = "
                     f"{human_bytes(st['base_plus_adapters'])} vs {st['count']} merged copies = "

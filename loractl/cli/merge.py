@@ -13,10 +13,9 @@ from ._output import console, human_bytes, progress_bar, render
 
 EPILOG = """Examples:
 
+\b
   loractl merge examples/tiny-llama examples/tiny-llama-lora -o merged
-
   loractl merge base/ a/ b/ --weight 1 --weight 0.5 -o merged --dtype bf16
-
   loractl merge sd.safetensors style.safetensors -o out.safetensors --no-receipt
 """
 
@@ -35,17 +34,27 @@ class Device(str, Enum):
 
 @handled
 def merge(
-    base: str = typer.Argument(..., help="Base model: a folder (transformers/diffusers) or a .safetensors file."),
+    base: str = typer.Argument(
+        ..., help="Base model: a folder (transformers/diffusers) or a .safetensors file."
+    ),
     adapters: list[str] = typer.Argument(..., help="One or more adapters, merged in order."),
     output: Path = typer.Option(..., "-o", "--output", help="The merged model to create (folder, or file)."),
     weight: list[float] = typer.Option(None, "--weight", "-w", help="Merge weight per adapter (default 1)."),
-    dtype: DType = typer.Option(DType.auto, "--dtype", help="Output dtype of float tensors (auto: the base's)."),
-    shard_size: str = typer.Option(None, "--shard-size", help="Re-shard the output, e.g. 5GB (default: as the base)."),
+    dtype: DType = typer.Option(
+        DType.auto, "--dtype", help="Output dtype of float tensors (auto: the base's)."
+    ),
+    shard_size: str = typer.Option(
+        None, "--shard-size", help="Re-shard the output, e.g. 5GB (default: as the base)."
+    ),
     device: Device = typer.Option(Device.cpu, "--device", help="Where to compute."),
     receipt: bool = typer.Option(
-        True, "--receipt/--no-receipt", help="Write the receipt that lets unmerge restore the base bit for bit."
+        True,
+        "--receipt/--no-receipt",
+        help="Write the receipt that lets unmerge restore the base bit for bit.",
     ),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even if some modules match no weight."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Merge even if some modules match no weight."
+    ),
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
@@ -84,7 +93,9 @@ def merge(
         if r.unmatched:
             c.print(f"skipped {len(r.unmatched)} modules that match no base weight (--allow-partial)")
         if r.receipt is not None:
-            c.print(f"receipt: {r.receipt} ({human_bytes(r.receipt_bytes)}); unmerge restores the base bit for bit")
+            c.print(
+                f"receipt: {r.receipt} ({human_bytes(r.receipt_bytes)}); unmerge restores the base bit for bit"
+            )
 
     render("merge", result, as_json=json_out, quiet=quiet, human=human)
 

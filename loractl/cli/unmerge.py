@@ -12,10 +12,9 @@ from ._output import console, human_bytes, progress_bar, render
 
 EPILOG = """Examples:
 
+\b
   loractl unmerge merged examples/tiny-llama-lora -o restored
-
   loractl unmerge merged a/ b/ --weight 1 --weight 0.5 -o restored
-
   loractl unmerge merged.safetensors lora.safetensors -o base.safetensors --receipt merged.safetensors.loractl.receipt
 """
 
@@ -29,7 +28,9 @@ def unmerge(
     receipt: Path = typer.Option(
         None, "--receipt", help="The receipt merge wrote (default: found beside the merged model)."
     ),
-    no_receipt: bool = typer.Option(False, "--no-receipt", help="Ignore any receipt: subtract (close, not exact)."),
+    no_receipt: bool = typer.Option(
+        False, "--no-receipt", help="Ignore any receipt: subtract (close, not exact)."
+    ),
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
@@ -54,7 +55,9 @@ def unmerge(
         )
 
     def human(r: api.UnmergeResult) -> None:
-        how = f"exact, with receipt {r.receipt}" if r.exact else "by subtraction: close to the base, not exact"
+        how = (
+            f"exact, with receipt {r.receipt}" if r.exact else "by subtraction: close to the base, not exact"
+        )
         console().print(
             f"unmerged {len(r.adapters)} adapter(s) into {r.output} ({r.tensors_changed} tensors, "
             f"{human_bytes(r.bytes_written)} in {r.seconds:.1f}s; {how})"

@@ -33,7 +33,9 @@ def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad pickle
-            raise FormatError(f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})") from None
+            raise FormatError(
+                f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})"
+            ) from None
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise FormatError(f"{path}: the pickle does not hold a flat dict of tensors")
         return dict(obj), {}
@@ -83,7 +85,9 @@ def detect(keys: list[str], metadata: dict[str, str], source: Path) -> str:
     """The format of a weights file from its keys (and metadata)."""
     from . import peft
 
-    lycoris = [k for k in keys if any(t in k for t in (".hada_w1", ".lokr_w1", ".oft_blocks", ".diff", ".a1.weight"))]
+    lycoris = [
+        k for k in keys if any(t in k for t in (".hada_w1", ".lokr_w1", ".oft_blocks", ".diff", ".a1.weight"))
+    ]
     if lycoris:
         raise FormatError(
             f"{source}: a LyCORIS adapter that is not LoRA (tensor {lycoris[0]!r}); "

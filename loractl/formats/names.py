@@ -15,7 +15,13 @@ from collections.abc import Iterable
 from ..errors import InputError
 
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
-EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+EMBEDDINGS = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "shared.weight",
+)
 
 
 class NameResolver:

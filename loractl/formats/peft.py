@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, InputError, UnsupportedAdapterError
+from ..errors import FormatError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -135,7 +135,9 @@ def build_adapter(
         if m:
             part = m["part"]
             if part in ("lora_A", "lora_B") and m["leaf"] is None:
-                raise FormatError(f"{source}: tensor {key!r} is not a LoRA weight (expected .weight or .bias)")
+                raise FormatError(
+                    f"{source}: tensor {key!r} is not a LoRA weight (expected .weight or .bias)"
+                )
             slot = f"{part}.{m['leaf']}" if m["leaf"] else part
             parts.setdefault(m["mod"], {})[slot] = t
         elif k.endswith((".weight", ".bias")):
@@ -155,7 +157,9 @@ def build_adapter(
             kind = "conv" if a is not None and a.dim() > 2 else "linear"
         if a is None or b is None:
             missing = a_key if a is None else b_key
-            raise FormatError(f"{source}: module {name!r} has no {missing} tensor", hint="the adapter is incomplete")
+            raise FormatError(
+                f"{source}: module {name!r} has no {missing} tensor", hint="the adapter is incomplete"
+            )
         if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
             raise FormatError(
                 f"{source}: module {name!r}: {a_key} {list(a.shape)} and {b_key} {list(b.shape)} "

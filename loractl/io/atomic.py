@@ -35,7 +35,9 @@ def check_output(target: Path, inputs: Sequence[Path], force: bool) -> None:
             )
     if target.exists() or target.is_symlink():
         if not force:
-            raise OutputError(f"{target}: already exists", hint="pass --force to replace it, or choose another -o")
+            raise OutputError(
+                f"{target}: already exists", hint="pass --force to replace it, or choose another -o"
+            )
     if not target.parent.exists():
         raise OutputError(f"{target}: the folder {target.parent} does not exist")
 

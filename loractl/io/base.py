@@ -130,7 +130,9 @@ def open_base(path: str | Path) -> BaseModel:
         for name, info in s.tensors.items():
             if name in base.tensors:
                 base.close()
-                raise FormatError(f"{s.path}: tensor {name!r} is also in {shards[base.tensors[name][0]].path.name}")
+                raise FormatError(
+                    f"{s.path}: tensor {name!r} is also in {shards[base.tensors[name][0]].path.name}"
+                )
             base.tensors[name] = (i, info)
     if path.is_dir():
         cfg = path / "config.json"
@@ -141,6 +143,8 @@ def open_base(path: str | Path) -> BaseModel:
                 base.config = {}
         skip = {p.name for p in shard_paths} | {index_name, RECEIPT_NAME}
         base.other_files = sorted(
-            p.relative_to(path) for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in skip
+            p.relative_to(path)
+            for p in path.rglob("*")
+            if p.is_file() and p.relative_to(path).as_posix() not in skip
         )
     return base

@@ -229,7 +229,9 @@ def copy_range(in_fd: int, offset: int, out_fd: int, nbytes: int) -> None:
         done += n
 
 
-def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
+def header_bytes(
+    entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> bytes:
     """The 8-byte length and the JSON header for tensors written in the given order."""
     header: dict[str, object] = {}
     if metadata:
@@ -284,7 +286,9 @@ class SafetensorsWriter:
         ename, dtype, shape = self._entries[self._next]
         want = math.prod(shape) * DTYPE_INFO[dtype][0]
         if ename != name or want != nbytes:
-            raise RuntimeError(f"{self.path}: expected {ename!r} ({want} bytes), got {name!r} ({nbytes} bytes)")
+            raise RuntimeError(
+                f"{self.path}: expected {ename!r} ({want} bytes), got {name!r} ({nbytes} bytes)"
+            )
         self._next += 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -317,7 +321,9 @@ class SafetensorsWriter:
         try:
             if sync:
                 if self._next != len(self._entries):
-                    raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors never written")
+                    raise RuntimeError(
+                        f"{self.path}: {len(self._entries) - self._next} tensors never written"
+                    )
                 try:
                     os.fsync(self._fd)
                 except OSError as e:
@@ -338,7 +344,9 @@ def disk_error(path: Path, e: OSError) -> OutputError:
 
 
 def write_file(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write a whole (small) dict of tensors, e.g. an adapter or a receipt."""
     entries = [(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]

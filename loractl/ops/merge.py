@@ -82,7 +82,9 @@ def dora_factor(m: LoraModule, w0: torch.Tensor, delta: torch.Tensor) -> torch.T
     return factor.T if fifo else factor
 
 
-def apply_delta(w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+def apply_delta(
+    w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: torch.Tensor | None
+) -> torch.Tensor:
     """Merge one module into ``w`` in place where PEFT does, and return the merged weight."""
     if factor is not None:
         return (factor * (w + delta)).to(w.dtype)
@@ -93,7 +95,9 @@ def apply_delta(w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: tor
     return w
 
 
-def unapply_delta(w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+def unapply_delta(
+    w: torch.Tensor, m: LoraModule, delta: torch.Tensor, factor: torch.Tensor | None
+) -> torch.Tensor:
     """The inverse of :func:`apply_delta` up to rounding: subtract (rounding once), or divide then subtract."""
     if factor is not None:
         return (w / factor - delta).to(w.dtype)
