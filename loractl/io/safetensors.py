@@ -93,6 +93,9 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._fd = -1
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, expected a .safetensors file")
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:

@@ -1,0 +1,143 @@
+"""The streaming reader and writer against the safetensors library itself."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from loractl.errors import FormatError, InputError
+from loractl.io.safetensors import SafetensorsFile, SafetensorsWriter, dtype_name, write_file
+
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3), min_size=1, max_size=5),
+    dtype_idx=st.lists(st.integers(0, len(DTYPES) - 1), min_size=5, max_size=5),
+)
+def test_writer_output_reads_back_with_safetensors(tmp_path_factory, shapes, dtype_idx) -> None:
+    tmp = tmp_path_factory.mktemp("st")
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, shape in enumerate(shapes):
+        dt = DTYPES[dtype_idx[i]]
+        t = (torch.randn(shape, generator=g) * 10).to(dt)
+        tensors[f"t{i}.weight"] = t
+    write_file(tmp / "a.safetensors", tensors, {"k": "v"})
+    back = load_file(tmp / "a.safetensors")
+    assert back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+    with SafetensorsFile(tmp / "a.safetensors") as f:
+        assert f.metadata == {"k": "v"}
+        for k in tensors:
+            assert torch.equal(f.read(k), tensors[k])
+
+
+def test_reader_reads_files_written_by_safetensors(tmp_path: Path) -> None:
+    t = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)}
+    save_file(t, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert f.metadata == {"format": "pt"}
+        assert torch.equal(f.read("a"), t["a"]) and torch.equal(f.read("b"), t["b"])
+        # the reader gives an owned, writable tensor
+        x = f.read("a")
+        x += 1
+        assert torch.equal(f.read("a"), t["a"])
+
+
+def test_raw_copy_is_byte_exact(tmp_path: Path) -> None:
+    t = {"a": torch.randn(100, 7), "b": torch.randn(3).to(torch.bfloat16)}
+    save_file(t, tmp_path / "src.safetensors")
+    src = SafetensorsFile(tmp_path / "src.safetensors")
+    entries = [(k, src.tensors[k].dtype, src.tensors[k].shape) for k in src.keys()]
+    w = SafetensorsWriter(tmp_path / "dst.safetensors", entries)
+    for k in src.keys():
+        w.copy_from(k, src, src.tensors[k])
+    w.close(sync=True)
+    back = load_file(tmp_path / "dst.safetensors")
+    assert all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_writer_refuses_out_of_order_or_wrong_shape(tmp_path: Path) -> None:
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [("a", "F32", (2,)), ("b", "F32", (3,))])
+    with pytest.raises(RuntimeError, match="expected 'a'|header says"):
+        w.write("b", torch.zeros(3))
+    with pytest.raises(RuntimeError):
+        w.write("a", torch.zeros(3))
+    w.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="never written"):
+        w.close(sync=True)
+
+
+def test_writer_never_overwrites(tmp_path: Path) -> None:
+    (tmp_path / "o.safetensors").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        SafetensorsWriter(tmp_path / "o.safetensors", [])
+    assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
+
+
+def _header(obj: dict) -> bytes:
+    raw = json.dumps(obj).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "too short"),
+        (b"\x01\x02\x03", "too short"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "does not fit"),
+        (struct.pack("<Q", 4) + b"nope", "not JSON"),
+        (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}) + b"\0" * 4, "truncated"),
+        (_header({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}) + b"\0" * 8, "unknown dtype"),
+        (
+            _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}) + b"\0" * 8,
+            "bytes for shape",
+        ),
+        (
+            _header(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                }
+            )
+            + b"\0" * 12,
+            "overlap",
+        ),
+    ],
+)
+def test_corrupt_headers_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(content)
+    with pytest.raises(FormatError, match=message) as e:
+        SafetensorsFile(p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        SafetensorsFile(tmp_path / "nope.safetensors")
+    with pytest.raises(InputError, match="directory"):
+        SafetensorsFile(tmp_path)
+
+
+def test_dtype_names() -> None:
+    assert dtype_name(torch.bfloat16) == "BF16" and dtype_name(torch.float32) == "F32"
