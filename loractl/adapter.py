@@ -92,7 +92,8 @@ class Adapter:
         path: where it was read from.
         format: ``peft``, ``kohya``, ...
         modules: LoRA modules by PEFT module name.
-        modules_to_save: full replacement tensors by base tensor name (PEFT ``modules_to_save``).
+        modules_to_save: full replacement tensors by base tensor name (PEFT ``modules_to_save``; a
+            ``.base_layer.`` key is a saved embedding layer, replacing the tensor without it).
         config: the format's configuration (PEFT's adapter_config.json as a dict).
         metadata: the safetensors header metadata of the weights file.
         files: the files that hold it (hashed for receipts).

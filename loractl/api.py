@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, LoraModule
 from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
+from .formats import ReadOptions, WriteOptions, format_module
 from .formats import load_adapter as _load_adapter
 from .formats.names import NameResolver
 from .io.atomic import atomic_output
@@ -45,18 +46,27 @@ RECEIPT_VERSION = "1"
 # --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
-def load_adapter(path: str | Path, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+def load_adapter(
+    path: str | Path,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    options: ReadOptions | None = None,
+) -> Adapter:
     """Read an adapter in any supported layout and check that its tensors are finite.
 
     Args:
         path: a PEFT folder or a weights file.
         format: force a format instead of detecting it.
         allow_pickle: accept pickle files (read with ``torch.load(weights_only=True)``).
+        options: reader options (base names for kohya, rank/alpha for loralib...); ``allow_pickle``
+            is added to them.
 
     Raises:
         InputError: missing, unreadable, corrupt or non-finite adapter.
     """
-    adapter = _load_adapter(path, format=format, allow_pickle=allow_pickle)
+    options = options or ReadOptions()
+    options.allow_pickle = options.allow_pickle or allow_pickle
+    adapter = _load_adapter(path, format=format, options=options)
     source = adapter.files[0] if adapter.files else adapter.path
     for m in adapter.modules.values():
         for label, t in (
@@ -135,7 +145,7 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
             )
         # full replacements first: PEFT loads them into the model before any LoRA is merged
         for key, t in ad.modules_to_save.items():
-            bkey = resolver.resolve_tensor(key)
+            bkey = resolver.resolve_tensor(key.replace(".base_layer.", "."))
             if bkey is None:
                 unmatched.append(f"{key} ({ad.path})")
                 continue
@@ -458,12 +468,16 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 def _load_all(
-    adapters: Sequence[str | Path | Adapter], format: str | None, allow_pickle: bool
+    adapters: Sequence[str | Path | Adapter],
+    format: str | None,
+    allow_pickle: bool,
+    base: BaseModel | None = None,
 ) -> list[Adapter]:
-    return [
-        a if isinstance(a, Adapter) else load_adapter(a, format=format, allow_pickle=allow_pickle)
-        for a in adapters
-    ]
+    opts = ReadOptions(allow_pickle=allow_pickle)
+    if base is not None:
+        opts.base_keys = list(base.tensors)
+        opts.base_config = base.config
+    return [a if isinstance(a, Adapter) else load_adapter(a, format=format, options=opts) for a in adapters]
 
 
 def _refs(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[AdapterRef]:
@@ -478,6 +492,38 @@ def _loractl_metadata(op: str, refs: Sequence[AdapterRef], src: dict[str, str]) 
         [{"path": r.path, "sha256": r.sha256, "weight": r.weight} for r in refs], separators=(",", ":")
     )
     return meta
+
+
+def save_adapter(
+    adapter: Adapter,
+    output: str | Path,
+    *,
+    to: str = "peft",
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    operation: str = "save",
+    sources: Sequence[AdapterRef] = (),
+    options: WriteOptions | None = None,
+) -> Path:
+    """Write ``adapter`` in format ``to`` at ``output``, atomically, with loractl's provenance metadata.
+
+    Args:
+        adapter: what to write.
+        output: a folder (PEFT) or a file path.
+        to: the format name.
+        force: replace an existing output.
+        inputs: paths the output must not be.
+        operation: recorded in the metadata (``truncate``, ``combine``, ``convert``...).
+        sources: the adapters it was made from, recorded with their sha256 and weight.
+        options: writer options (base names and config for kohya/GGUF).
+    """
+    mod = format_module(to)
+    output = Path(output)
+    options = options or WriteOptions()
+    options.metadata = {**_loractl_metadata(operation, sources, {}), **options.metadata}
+    with atomic_output(output, is_dir=False, inputs=inputs, force=force) as tmp:
+        mod.write(adapter, tmp, options)
+    return output
 
 
 def merge(
@@ -848,7 +894,7 @@ def inspect(
     b = open_base(base) if base is not None else None
     try:
         for path in adapters:
-            a = _load_adapter(path, format=format, allow_pickle=allow_pickle)
+            a = _load_adapter(path, format=format, options=ReadOptions(allow_pickle=allow_pickle))
             mods = [
                 ModuleInfo(
                     name=m.name,

@@ -1,9 +1,24 @@
-"""On-disk adapter formats and their detection. Key names and metadata only: no math here."""
+"""On-disk adapter formats, their detection, reading and writing. Key names and metadata only: no math.
+
+Each format is a module of this package with the same three functions:
+
+- ``detect(keys: list[str], metadata: dict[str, str]) -> bool``: do these safetensors keys look like it?
+- ``read(path: Path, weights: Path, tensors: dict[str, Tensor], metadata: dict[str, str],
+  options: ReadOptions) -> Adapter``: build the in-memory adapter (module names as PEFT's, without
+  ``base_model.model.``; alpha and scale rule exactly as the format defines them).
+- ``write(adapter: Adapter, out: Path, options: WriteOptions) -> None``: write it at ``out`` (a path
+  that does not exist yet; the caller makes it atomic), so that every module's update s·B·A is unchanged.
+
+GGUF files are not safetensors: ``gguf.read_file(path, options)`` reads them whole.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError, UsageError
 
@@ -12,8 +27,75 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..adapter import Adapter
 
-FORMATS = ("peft",)
+#: every format name, in the order detection tries them (most specific first)
+FORMATS = ("peft", "kohya", "diffusers", "loralib", "gguf")
+DETECT_ORDER = ("kohya", "diffusers", "peft", "loralib")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+#: LyCORIS algorithms that are not LoRA, by a key fragment that identifies them
+LYCORIS_NOT_LORA = {
+    ".hada_w1_a": "LoHa",
+    ".hada_w2_a": "LoHa",
+    ".lokr_w1": "LoKr",
+    ".lokr_w2": "LoKr",
+    ".oft_blocks": "OFT",
+    ".oft_diag": "OFT",
+    ".oft_R": "BOFT",
+    ".a1.weight": "GLoRA",
+    ".b1.weight": "GLoRA",
+    ".diff": "full (diff)",
+    ".diff_b": "full (diff)",
+    ".weight_ia3": "IA3",
+    ".on_input": "IA3",
+    ".dora_scale": "DoRA (LyCORIS dora_scale)",
+}
+
+
+@dataclass
+class ReadOptions:
+    """What a reader may need beyond the file.
+
+    Attributes:
+        allow_pickle: accept pickle files (read with ``torch.load(weights_only=True)``).
+        base_keys: every tensor name of the base model, to resolve ambiguous module names
+            (kohya's underscores) and to know the architecture's layout; None without ``--base``.
+        base_config: the base's ``config.json`` (architecture, layer count) when known.
+        rank: r for formats that do not store it (loralib); None: from the shapes.
+        alpha: alpha for formats that do not store it (loralib); None: alpha = r.
+    """
+
+    allow_pickle: bool = False
+    base_keys: Collection[str] | None = None
+    base_config: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None
+    alpha: float | None = None
+
+
+@dataclass
+class WriteOptions:
+    """What a writer may need beyond the adapter.
+
+    Attributes:
+        base_keys: the base's tensor names (GGUF needs the architecture; kohya names from the base).
+        base_config: the base's ``config.json``.
+        metadata: extra ``__metadata__`` entries (loractl's provenance) to add to what the adapter had.
+    """
+
+    base_keys: Collection[str] | None = None
+    base_config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def format_module(name: str):
+    """The module implementing format ``name``."""
+    if name not in FORMATS:
+        raise UsageError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise UsageError(f"format {name!r} is not yet available in this version") from None
+        raise
 
 
 def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -33,9 +115,9 @@ def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad pickle
-            raise FormatError(
-                f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})"
-            ) from None
+            raise FormatError(f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise FormatError(f"{path}: the pickle does not hold a flat dict of tensors")
         return dict(obj), {}
@@ -45,63 +127,68 @@ def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
 
 
-def load_adapter(path: str | Path, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+def refuse_lycoris(keys: list[str], source: Path) -> None:
+    """LyCORIS algorithms that are not LoRA are recognised and refused by name, never skipped."""
+    for k in keys:
+        for frag, algo in LYCORIS_NOT_LORA.items():
+            if k.endswith(frag) or f"{frag}." in k:
+                raise FormatError(
+                    f"{source}: a LyCORIS {algo} adapter (tensor {k!r}), not LoRA; loractl handles LoRA/LoCon only",
+                    hint="merge it with LyCORIS itself",
+                )
+
+
+def detect(keys: list[str], metadata: dict[str, str], source: Path) -> str:
+    """The format of a weights file from its keys and metadata."""
+    refuse_lycoris(keys, source)
+    for name in DETECT_ORDER:
+        try:
+            mod = format_module(name)
+        except UsageError:
+            continue
+        if mod.detect(keys, metadata):
+            return name
+    shown = ", ".join(repr(k) for k in keys[:3])
+    raise FormatError(
+        f"{source}: unknown adapter layout (keys such as {shown})",
+        hint=f"pass --format ({', '.join(FORMATS)}) if you know the format",
+    )
+
+
+def weights_file(path: Path) -> Path:
+    """The weights file of an adapter given as a folder or a file."""
+    from . import peft
+
+    return peft.find_files(path)[1]
+
+
+def load_adapter(path: str | Path, format: str | None = None, options: ReadOptions | None = None) -> Adapter:
     """Read an adapter in any supported layout.
 
     Args:
-        path: a PEFT folder, or a single weights file.
+        path: a PEFT folder, or a single weights file (``.safetensors``, ``.gguf``, a pickle).
         format: force a format instead of detecting it.
-        allow_pickle: accept ``.bin``/``.pt``/``.ckpt`` files (read weights-only).
+        options: see :class:`ReadOptions`.
 
     Returns:
         The adapter, with module names as PEFT's (no ``base_model.model.`` prefix).
 
     Raises:
         InputError: missing or unreadable path, pickle without ``allow_pickle``.
-        FormatError: corrupt file, unknown layout.
+        FormatError: corrupt file, unknown layout, a LyCORIS algorithm that is not LoRA.
     """
-    from . import peft
-
+    options = options or ReadOptions()
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder", hint="check the adapter path")
-    if format is not None and format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
-    cfg_path, weights = peft.find_files(path)
-    if weights.suffix not in PICKLE_SUFFIXES and weights.suffix != ".safetensors" and format is None:
-        # a file with another suffix: still try safetensors, the header check names the problem
-        pass
-    tensors, metadata = read_tensors(weights, allow_pickle)
+    if format is not None:
+        format_module(format)  # a clear error for an unknown name
+    if format == "gguf" or (format is None and path.suffix == ".gguf"):
+        return format_module("gguf").read_file(path, options)
+    weights = weights_file(path)
+    tensors, metadata = read_tensors(weights, options.allow_pickle)
     keys = list(tensors)
     if not keys:
         raise FormatError(f"{weights}: holds no tensors")
     fmt = format or detect(keys, metadata, weights)
-    config = peft.read_config(cfg_path, metadata)
-    files = [weights] + ([cfg_path] if cfg_path else [])
-    return peft.build_adapter(path, tensors, config, metadata, files, weights, fmt)
-
-
-def detect(keys: list[str], metadata: dict[str, str], source: Path) -> str:
-    """The format of a weights file from its keys (and metadata)."""
-    from . import peft
-
-    lycoris = [
-        k for k in keys if any(t in k for t in (".hada_w1", ".lokr_w1", ".oft_blocks", ".diff", ".a1.weight"))
-    ]
-    if lycoris:
-        raise FormatError(
-            f"{source}: a LyCORIS adapter that is not LoRA (tensor {lycoris[0]!r}); "
-            "LoHa, LoKr, OFT, GLoRA and full-diff adapters are not LoRA and cannot be handled",
-        )
-    if any(".lora_down." in k or k.endswith(".alpha") for k in keys):
-        raise FormatError(
-            f"{source}: a kohya/sd-scripts layout (e.g. {keys[0]!r}); this version reads PEFT adapters only",
-            hint="kohya, diffusers, loralib and GGUF support comes in a later release",
-        )
-    if peft.looks_like_peft(keys):
-        return "peft"
-    shown = ", ".join(repr(k) for k in keys[:3])
-    raise FormatError(
-        f"{source}: unknown adapter layout (keys such as {shown})",
-        hint="pass --format if you know the format",
-    )
+    return format_module(fmt).read(path, weights, tensors, metadata, options)

@@ -14,6 +14,7 @@ Scale rules (PEFT's ``LoraModel._create_and_replace`` and ``LoraLayer.update_lay
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from ..errors import FormatError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from . import ReadOptions, WriteOptions
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -49,8 +52,23 @@ def strip_prefix(key: str) -> str:
     return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
-def looks_like_peft(keys: list[str]) -> bool:
+def detect(keys: list[str], metadata: dict[str, str]) -> bool:
+    """PEFT keys: ``<module>.lora_A.weight`` and friends, with or without ``base_model.model.``."""
     return any(_PART.match(strip_prefix(k)) for k in keys)
+
+
+def read(
+    path: Path,
+    weights: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    options: ReadOptions,
+) -> Adapter:
+    """A PEFT adapter; its config from ``adapter_config.json`` beside the weights, or from the header."""
+    cfg_path, _ = find_files(path)
+    config = read_config(cfg_path, metadata)
+    files = [weights] + ([cfg_path] if cfg_path else [])
+    return build_adapter(path, tensors, config, metadata, files, weights)
 
 
 def base_changing_init(config: dict[str, Any]) -> str | None:
@@ -141,7 +159,7 @@ def build_adapter(
             slot = f"{part}.{m['leaf']}" if m["leaf"] else part
             parts.setdefault(m["mod"], {})[slot] = t
         elif k.endswith((".weight", ".bias")):
-            extra[k.replace(".base_layer.", ".")] = t
+            extra[k] = t  # ".base_layer." keys are saved embedding layers
         else:
             raise FormatError(f"{source}: tensor {key!r} is not a key of a PEFT LoRA adapter")
     rslora = bool(config.get("use_rslora", False))
@@ -194,3 +212,95 @@ def build_adapter(
         files=files,
         init=init,
     )
+
+
+def _most_common(values: list[Any]) -> Any:
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def peft_config(adapter: Adapter) -> dict[str, Any]:
+    """An ``adapter_config.json`` under which PEFT gives every module the scale it has here.
+
+    ``r`` and ``lora_alpha`` are the most common values; other modules get exact-name entries in
+    ``rank_pattern`` / ``alpha_pattern`` (``re.escape`` of the full module name, which PEFT's
+    ``get_pattern_key`` matches only for that module). Modules whose rsLoRA flag differs from the
+    adapter's get the alpha that gives the same scale under it.
+    """
+    mods = list(adapter.modules.values())
+    if any(m.fan_in_fan_out for m in mods) and not all(m.fan_in_fan_out for m in mods if m.kind == "linear"):
+        raise FormatError(
+            f"{adapter.path}: mixes fan_in_fan_out and ordinary linear modules; a PEFT config has one flag"
+        )
+    rslora = bool(mods) and _most_common([m.rslora for m in mods])
+    alphas: dict[str, float] = {}
+    for m in mods:
+        if m.rslora == rslora:
+            alphas[m.name] = m.alpha
+        else:  # same scale under the adapter-wide rule
+            alphas[m.name] = m.scale * (math.sqrt(m.rank) if rslora else m.rank)
+    r = _most_common([m.rank for m in mods]) if mods else 8
+    alpha = _most_common(list(alphas.values())) if mods else 8
+    cfg: dict[str, Any] = {k: v for k, v in adapter.config.items()} if adapter.format == "peft" else {}
+    cfg.update(
+        {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": {re.escape(m.name): m.rank for m in mods if m.rank != r},
+            "alpha_pattern": {re.escape(m.name): alphas[m.name] for m in mods if alphas[m.name] != alpha},
+            "target_modules": sorted(adapter.modules),
+            "use_rslora": rslora,
+            "use_dora": any(m.is_dora for m in mods),
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
+            "lora_bias": any(m.bias is not None for m in mods),
+            "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in adapter.modules_to_save if ".base_layer." not in k})
+            or None,
+        }
+    )
+    cfg.setdefault("bias", "none")
+    cfg.setdefault("inference_mode", True)
+    cfg.setdefault("init_lora_weights", True)
+    cfg.setdefault("task_type", None)
+    cfg.setdefault("base_model_name_or_path", None)
+    return cfg
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in sorted(adapter.modules.items()):
+        p = PREFIX + name
+        if m.kind == "embedding":
+            out[f"{p}.lora_embedding_A"] = m.down
+            out[f"{p}.lora_embedding_B"] = m.up
+        else:
+            out[f"{p}.lora_A.weight"] = m.down
+            out[f"{p}.lora_B.weight"] = m.up
+        if m.bias is not None:
+            out[f"{p}.lora_B.bias"] = m.bias
+        if m.magnitude is not None:
+            out[f"{p}.lora_magnitude_vector"] = m.magnitude
+    for key, t in sorted(adapter.modules_to_save.items()):
+        out[PREFIX + key] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
+    """A PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) at ``out``; or, when
+    ``out`` ends in ``.safetensors``, one file with the config in its header (``lora_adapter_metadata``)."""
+    from ..io.safetensors import write_file
+
+    cfg = peft_config(adapter)
+    meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loractl.")}
+    meta.update(options.metadata)
+    meta.setdefault("format", "pt")
+    if out.suffix == ".safetensors":
+        meta["lora_adapter_metadata"] = json.dumps(cfg)
+        write_file(out, peft_tensors(adapter), meta)
+        return
+    out.mkdir()
+    write_file(out / WEIGHTS[0], peft_tensors(adapter), meta)
+    (out / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -73,7 +73,7 @@ def atomic_output(
 
     Args:
         target: the final output (a file or a folder).
-        is_dir: create the temporary path as an empty folder.
+        is_dir: create the temporary path as an empty folder (else the block creates a file or a folder there).
         inputs: paths the output must not be, nor contain, nor lie inside.
         force: replace an existing target.
     """
@@ -84,10 +84,14 @@ def atomic_output(
         tmp.mkdir()
     try:
         yield tmp
-        if is_dir:
+        if tmp.is_dir():
             for f in tmp.rglob("*"):
                 if f.is_file():
                     _fsync_file(f)
+        elif tmp.is_file():
+            _fsync_file(tmp)
+        else:
+            raise OutputError(f"{target}: nothing was written")
         old = None
         if target.exists() or target.is_symlink():
             old = target.parent / f".{target.name}.loractl-old-{secrets.token_hex(4)}"

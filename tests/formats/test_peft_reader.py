@@ -158,3 +158,40 @@ def test_diffusers_model_folder_base(tmp_path: Path) -> None:
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), ad).merge_and_unload().state_dict()
     ours = read_st(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
     assert all(same_bits(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={r"layers\.1\..*": 3},
+        ),
+        dict(r=4, lora_alpha=6, use_rslora=True, use_dora=True, target_modules=["q_proj", "embed_tokens"]),
+    ],
+    ids=["plain", "patterns", "rslora-dora-embedding"],
+)
+def test_peft_writer_round_trip_loads_in_peft(tmp_path: Path, lora) -> None:
+    """loractl's PEFT writer: PEFT loads the re-written adapter and merges it to the same bits."""
+    from conftest import peft_merged
+
+    model = build_model("llama", torch.float32)
+    base = save_base(model, tmp_path / "base")
+    ad = make_adapter(model, tmp_path / "ad", **lora)
+    a = api.load_adapter(ad)
+    api.save_adapter(a, tmp_path / "re", to="peft", operation="test")
+    b = api.load_adapter(tmp_path / "re")
+    assert {n: (m.rank, m.scale) for n, m in a.modules.items()} == {
+        n: (m.rank, m.scale) for n, m in b.modules.items()
+    }
+    ref = peft_merged(base, [ad], torch.float32, "llama").state_dict()
+    again = peft_merged(base, [tmp_path / "re"], torch.float32, "llama").state_dict()
+    assert all(same_bits(ref[k], again[k]) for k in ref)
+    # single-file output with the config in the header
+    api.save_adapter(a, tmp_path / "one.safetensors", to="peft")
+    c = api.load_adapter(tmp_path / "one.safetensors")
+    assert {n: m.scale for n, m in c.modules.items()} == {n: m.scale for n, m in a.modules.items()}
