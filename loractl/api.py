@@ -570,9 +570,9 @@ def merge(
         raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     ws = _weights(weights, len(adapters))
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
-    loaded = _load_all(adapters, format, allow_pickle)
     output = Path(output)
     with open_base(base) as b:
+        loaded = _load_all(adapters, format, allow_pickle, base=b)
         plan = plan_merge(b, loaded, ws)
         if plan.unmatched and not allow_partial:
             shown = ", ".join(plan.unmatched[:3]) + (
@@ -731,7 +731,6 @@ def unmerge(
     if not adapters:
         raise UsageError("no adapter given")
     ws = _weights(weights, len(adapters))
-    loaded = _load_all(adapters, format, allow_pickle)
     merged = Path(merged)
     output = Path(output)
     rpath = Path(receipt) if receipt is not None else receipt_path(merged)
@@ -743,6 +742,7 @@ def unmerge(
         rmeta, rfile = _read_receipt(rpath)
     try:
         with open_base(merged) as b:
+            loaded = _load_all(adapters, format, allow_pickle, base=b)
             plan = plan_merge(b, loaded, ws)
             refs = _refs(loaded, ws)
             dtypes: dict[str, str] = {}
