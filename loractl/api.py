@@ -963,3 +963,557 @@ def _coverage(b: BaseModel, a: Adapter, count: int) -> dict[str, Any]:
             "saving": 1 - (base_bytes + count * a.nbytes) / (count * base_bytes) if base_bytes else None,
         },
     }
+
+
+# --------------------------------------------------------------------------------------------
+# adapter algebra: truncate, combine, similarity, spectra (all from the factors)
+# --------------------------------------------------------------------------------------------
+DYLORA_CONVENTIONS = ("original", "kohya", "lycoris")
+COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare-linear", "dare-ties", "magnitude-prune")
+
+
+def matrices(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """B [out, r] and A [r, n] of a module as 2-D matrices whose product (times the scale) is the
+    update in PEFT's [out, in] orientation (conv kernels flattened; embeddings as PEFT stores them)."""
+    r = m.rank
+    return m.up.reshape(m.up.shape[0], r), m.down.reshape(r, -1)
+
+
+def with_factors(
+    m: LoraModule, b: torch.Tensor, a: torch.Tensor, alpha: float, rslora: bool = False
+) -> LoraModule:
+    """A copy of ``m`` with new 2-D factors (reshaped back to conv kernels) in ``m``'s dtypes."""
+    k = int(a.shape[0])
+    down = a.reshape(k, *m.down.shape[1:]).to(m.down.dtype).contiguous()
+    up = b.reshape(m.up.shape[0], k, *m.up.shape[2:]).to(m.up.dtype).contiguous()
+    return LoraModule(
+        name=m.name,
+        kind=m.kind,
+        down=down,
+        up=up,
+        alpha=alpha,
+        rslora=rslora,
+        fan_in_fan_out=m.fan_in_fan_out,
+        bias=m.bias,
+        magnitude=m.magnitude,
+    )
+
+
+def _derived(adapter: Adapter, modules: dict[str, LoraModule]) -> Adapter:
+    return Adapter(
+        path=adapter.path,
+        format=adapter.format,
+        modules=modules,
+        modules_to_save=dict(adapter.modules_to_save),
+        config=dict(adapter.config),
+        metadata={k: v for k, v in adapter.metadata.items() if not k.startswith(("sshs_", "loractl."))},
+        files=list(adapter.files),
+        init=adapter.init,
+    )
+
+
+def _writable(fmt: str) -> str:
+    try:
+        mod = format_module(fmt)
+    except UsageError:
+        return "peft"
+    return fmt if hasattr(mod, "write") else "peft"
+
+
+@dataclass
+class TruncatedModule:
+    name: str
+    rank_before: int
+    rank_after: int
+    energy_kept: float
+    fro_kept: float
+
+
+@dataclass
+class TruncateResult:
+    output: Path
+    format: str
+    method: str
+    modules: list[TruncatedModule]
+    seconds: float
+
+
+def _check_fraction(flag: str, value: float | None) -> None:
+    if value is not None and not (0 < value <= 1):
+        raise UsageError(f"{flag} {value} is outside (0, 1]", hint="give a fraction such as 0.9")
+
+
+def dylora_unit(adapter: Adapter) -> int | None:
+    """The DyLoRA unit of a kohya ``networks.dylora`` file (``unit`` in ``ss_network_args``), or None."""
+    if not adapter.metadata.get("ss_network_module", "").endswith("dylora"):
+        return None
+    try:
+        args = json.loads(adapter.metadata.get("ss_network_args", "{}") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    for key in ("unit", "block_size"):
+        if key in args:
+            return int(args[key])
+    return 1
+
+
+def truncate(
+    adapter: str | Path | Adapter,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
+    nested: bool = False,
+    dylora_convention: str | None = None,
+    to: str | None = None,
+    force: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+) -> TruncateResult:
+    """Lower an adapter's rank.
+
+    Default: for each module the best rank-k approximation of its update (Eckart–Young), computed
+    from the factors (QR of B and Aᵀ, SVD of the r×r core); k is ``rank``, or the smallest rank
+    meeting the dynamic rule (``energy``: Σσ²ₖ/Σσ² ≥ F; ``sv_ratio`` P: σᵢ ≥ σ₁/P; ``sv_cumulative``:
+    Σσₖ/Σσ ≥ F; ``sv_fro``: √(Σσ²ₖ/Σσ²) ≥ F) with ``rank`` as a cap. Modules already at or below
+    the rank are kept as they are; truncated ones are written with alpha = new rank (scale 1, the
+    singular values split as √σ between B and A).
+
+    ``nested`` (DyLoRA): keep the first ``rank`` components exactly, A[:R] and B[:, :R]; the new
+    alpha follows ``dylora_convention``: ``original`` (Valipour et al.: s = alpha/R, alpha kept),
+    ``kohya`` (sd-scripts' extract_lora_from_dylora.py keeps alpha; R a multiple of the unit),
+    ``lycoris`` (LyCORIS scales by alpha/blocks used: alpha' = alpha·block, R a multiple of the block).
+
+    Raises:
+        UsageError: no rule, rank < 1, a fraction outside (0, 1], a rank above the adapter's,
+            nested truncation of an adapter that is not DyLoRA (unless ``force``), a rank that is not
+            a multiple of the DyLoRA unit.
+    """
+    from .ops.factored import choose_rank, energy_kept, factored_svd, truncate_factors
+
+    t0 = time.perf_counter()
+    rules = {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro}
+    given = {k: v for k, v in rules.items() if v is not None}
+    if rank is None and not given:
+        raise UsageError("say how far to truncate: --rank, --energy, --sv-ratio, --sv-cumulative or --sv-fro")
+    if len(given) > 1:
+        raise UsageError(f"give one dynamic rule, not {len(given)} ({', '.join(given)})")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank} must be at least 1")
+    for flag in ("energy", "sv_cumulative", "sv_fro"):
+        _check_fraction("--" + flag.replace("_", "-"), rules[flag])
+    if sv_ratio is not None and sv_ratio < 1:
+        raise UsageError(f"--sv-ratio {sv_ratio} must be at least 1 (keep σᵢ ≥ σ₁/P)")
+    a = (
+        adapter
+        if isinstance(adapter, Adapter)
+        else load_adapter(adapter, format=format, allow_pickle=allow_pickle)
+    )
+    max_rank = max((m.rank for m in a.modules.values()), default=0)
+    if rank is not None and rank > max_rank and not given:
+        raise UsageError(
+            f"{a.path}: --rank {rank} is larger than the adapter's largest rank {max_rank}",
+            hint="truncation lowers the rank; use convert --pad-rank to raise it",
+        )
+    out_modules: dict[str, LoraModule] = {}
+    report: list[TruncatedModule] = []
+    if nested:
+        if given or rank is None:
+            raise UsageError("--nested keeps the first R components: give --rank R (no dynamic rule)")
+        unit = dylora_unit(a)
+        convention = dylora_convention or ("kohya" if unit is not None else "original")
+        if convention not in DYLORA_CONVENTIONS:
+            raise UsageError(
+                f"unknown --dylora-convention {convention!r}; one of {', '.join(DYLORA_CONVENTIONS)}"
+            )
+        if unit is None and not force:
+            raise UsageError(
+                f"{a.path}: not a DyLoRA adapter (no networks.dylora metadata): its first components are "
+                "not trained to stand alone, so a nested truncation would not be a valid adapter",
+                hint="use the default SVD truncation, or --force if you know it was trained nested",
+            )
+        block = unit or 1
+        if convention == "lycoris":
+            block = unit or 4
+        if convention in ("kohya", "lycoris") and rank % block:
+            raise UsageError(f"{a.path}: --rank {rank} is not a multiple of the DyLoRA unit {block}")
+        for name, m in a.modules.items():
+            k = min(rank, m.rank)
+            b2, a2 = matrices(m)
+            alpha = m.alpha * block if convention == "lycoris" and k < m.rank else m.alpha
+            nm = with_factors(m, b2[:, :k], a2[:k], alpha, rslora=m.rslora)
+            e = _energy_of_prefix(m, k)
+            out_modules[name] = nm if k < m.rank else m
+            report.append(TruncatedModule(name, m.rank, k, e, math.sqrt(e)))
+        method = f"nested-{convention}"
+    else:
+        for name, m in a.modules.items():
+            b2, a2 = matrices(m)
+            _, s_vals, _ = factored_svd(b2, a2, m.scale)
+            k = choose_rank(s_vals, rank=rank, **given)
+            if k >= m.rank:
+                out_modules[name] = m
+                k = m.rank
+            else:
+                nb, na = truncate_factors(b2, a2, m.scale, k)
+                out_modules[name] = with_factors(m, nb, na, alpha=float(k))
+            e = energy_kept(s_vals, k)
+            report.append(TruncatedModule(name, m.rank, k, e, math.sqrt(e)))
+        method = "svd"
+    result_adapter = _derived(a, out_modules)
+    fmt = to or _writable(a.format)
+    refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
+    save_adapter(
+        result_adapter, output, to=fmt, force=force, inputs=[a.path], operation="truncate", sources=refs
+    )
+    return TruncateResult(Path(output), fmt, method, report, time.perf_counter() - t0)
+
+
+def _energy_of_prefix(m: LoraModule, k: int) -> float:
+    """‖s·B[:, :k]·A[:k]‖²_F / ‖s·B·A‖²_F, from the factors."""
+    if k >= m.rank:
+        return 1.0
+    b2, a2 = matrices(m)
+    b2, a2 = b2.double(), a2.double()
+
+    def fro2(b: torch.Tensor, a: torch.Tensor) -> float:
+        return float(torch.trace((b.T @ b) @ (a @ a.T)))
+
+    total = fro2(b2, a2)
+    return fro2(b2[:, :k], a2[:k]) / total if total > 0 else 1.0
+
+
+@dataclass
+class CombineResult:
+    output: Path
+    format: str
+    method: str
+    modules: int
+    rank: dict[str, int]
+    adapters: list[AdapterRef]
+    seconds: float
+
+
+def combine(
+    adapters: Sequence[str | Path | Adapter],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "cat",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int | None = None,
+    to: str | None = None,
+    force: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+) -> CombineResult:
+    """One adapter from several, module by module over the union of their modules.
+
+    ``cat`` is exact: B = [w₁s₁B₁ | w₂s₂B₂ | …], A = [A₁; A₂; …], rank Σrᵢ, scale 1. ``svd`` is the
+    exact weighted sum Σwᵢsᵢ BᵢAᵢ truncated optimally to ``rank`` (from factors). ``linear``, ``ties``,
+    ``dare-linear``, ``dare-ties``, ``magnitude-prune`` reproduce PEFT's ``add_weighted_adapter``
+    (``linear``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``) module
+    by module, ``seed`` seeding DARE's draws. A module missing from an adapter counts as zero.
+
+    Raises:
+        UsageError: unknown method, weights not matching adapters, a method's missing option.
+        ShapeMismatchError: adapters whose modules disagree in shape (adapters for different bases).
+        UnsupportedAdapterError: DoRA adapters (their magnitude vectors do not combine linearly).
+    """
+    from .ops import combine as comb
+
+    t0 = time.perf_counter()
+    if method not in COMBINE_METHODS:
+        raise UsageError(f"unknown --method {method!r}; one of {', '.join(COMBINE_METHODS)}")
+    if len(adapters) < 2:
+        raise UsageError("combine needs at least two adapters")
+    ws = _weights(weights, len(adapters))
+    if method in ("ties", "dare-linear", "dare-ties", "magnitude-prune"):
+        if density is None:
+            raise UsageError(f"--method {method} needs --density (the fraction of entries kept)")
+        _check_fraction("--density", density)
+    if majority_sign not in ("total", "frequency"):
+        raise UsageError(f"--majority-sign must be total or frequency, not {majority_sign!r}")
+    if method == "svd" and rank is None:
+        raise UsageError("--method svd needs --rank")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank} must be at least 1")
+    loaded = _load_all(adapters, format, allow_pickle)
+    for a in loaded:
+        dora = [m.name for m in a.modules.values() if m.is_dora]
+        if dora:
+            raise UnsupportedAdapterError(
+                f"{a.path}: module {dora[0]!r} is DoRA; magnitude vectors do not combine linearly",
+                hint="merge DoRA adapters into the base instead",
+            )
+    names = sorted({n for a in loaded for n in a.modules})
+    out: dict[str, LoraModule] = {}
+    for name in names:
+        present = [(i, a.modules[name]) for i, a in enumerate(loaded) if name in a.modules]
+        ref = present[0][1]
+        for i, m in present[1:]:
+            if (m.kind, tuple(m.weight_shape), m.fan_in_fan_out) != (
+                ref.kind,
+                tuple(ref.weight_shape),
+                ref.fan_in_fan_out,
+            ):
+                raise ShapeMismatchError(
+                    f"module {name!r}: {loaded[present[0][0]].path} has {ref.kind} {list(ref.weight_shape)} but "
+                    f"{loaded[i].path} has {m.kind} {list(m.weight_shape)}",
+                    hint="the adapters are for different base models",
+                )
+        b_ref, a_ref = matrices(ref)
+        mods = []
+        for i, a in enumerate(loaded):
+            if name in a.modules:
+                b2, a2 = matrices(a.modules[name])
+                mods.append((b2, a2, a.modules[name].scale, ws[i]))
+            else:
+                mods.append(
+                    (b_ref.new_zeros(b_ref.shape[0], 0), a_ref.new_zeros(0, a_ref.shape[1]), 1.0, ws[i])
+                )
+        try:
+            if method == "cat":
+                nb, na = comb.combine_cat([m for m in mods if m[1].shape[0] > 0])
+            elif method == "svd":
+                nb, na = comb.combine_svd([m for m in mods if m[1].shape[0] > 0], rank)  # type: ignore[arg-type]
+            else:
+                nb, na = comb.combine_peft(
+                    mods,
+                    method,
+                    density=density,
+                    majority_sign=majority_sign,  # type: ignore[arg-type]
+                    rank=rank or max(a.modules[n].rank for a in loaded for n in a.modules),
+                    generator_seed=seed,
+                )
+        except ValueError as e:
+            hint = (
+                "use --method cat, which is exact for any ranks"
+                if "rank" in str(e) and method == "linear"
+                else None
+            )
+            raise UsageError(f"module {name!r}: {e}", hint=hint) from None
+        out[name] = with_factors(ref, nb, na, alpha=float(nb.shape[1]))
+        out[name].bias = None
+        out[name].magnitude = None
+    base_adapter = _derived(loaded[0], out)
+    base_adapter.modules_to_save = {}
+    fmt = to or _writable(loaded[0].format)
+    refs = _refs(loaded, ws)
+    save_adapter(
+        base_adapter,
+        output,
+        to=fmt,
+        force=force,
+        inputs=[a.path for a in loaded],
+        operation="combine",
+        sources=refs,
+    )
+    ranks = [m.rank for m in out.values()] or [0]
+    return CombineResult(
+        Path(output),
+        fmt,
+        method,
+        len(out),
+        {"min": min(ranks), "max": max(ranks)},
+        refs,
+        time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class ModuleSimilarity:
+    name: str
+    phi: float
+    grid: list[list[float]] | None = None
+
+
+@dataclass
+class SimilarityResult:
+    adapters: list[str]
+    factor: str
+    i: int | None
+    j: int | None
+    mean_phi: float
+    modules: list[ModuleSimilarity]
+    grid: list[list[float]] | None = None
+
+
+def similarity(
+    first: str | Path | Adapter,
+    second: str | Path | Adapter,
+    *,
+    i: int | None = None,
+    j: int | None = None,
+    grid: bool = False,
+    factor: str = "A",
+    module: str | None = None,
+    format: str | None = None,
+    allow_pickle: bool = False,
+) -> SimilarityResult:
+    """The LoRA paper's normalized subspace similarity per module (Hu et al. 2021, Sec. 7.2):
+    φ(A₁, A₂, i, j) = ‖U₁ᵢᵀ U₂ⱼ‖²_F / min(i, j), Uₓ the right-singular vectors of the A factors
+    (``factor="B"``: the left-singular vectors of B). ``i``/``j`` default to each module's rank.
+    ``grid``: the whole i×j matrix per module and its mean over modules (modules of the same ranks).
+
+    Raises:
+        UsageError: i or j out of range, an unknown factor, no module in common (or matching ``module``).
+    """
+    import fnmatch
+
+    from .ops.similarity import similarity_grid, subspace_similarity
+
+    if factor not in ("A", "B"):
+        raise UsageError(f"--factor must be A or B, not {factor!r}")
+    a1, a2 = _load_all([first, second], format, allow_pickle)
+    common = [n for n in a1.modules if n in a2.modules and (module is None or fnmatch.fnmatchcase(n, module))]
+    if not common:
+        what = f" matching {module!r}" if module else ""
+        raise UsageError(f"{a1.path} and {a2.path} have no module in common{what}")
+    mods: list[ModuleSimilarity] = []
+    grids: list[torch.Tensor] = []
+    for n in common:
+        m1, m2 = a1.modules[n], a2.modules[n]
+        b1, f1 = matrices(m1)
+        b2, f2 = matrices(m2)
+        x1, x2 = (f1, f2) if factor == "A" else (b1, b2)
+        if (factor == "A" and x1.shape[1] != x2.shape[1]) or (factor == "B" and x1.shape[0] != x2.shape[0]):
+            raise ShapeMismatchError(
+                f"module {n!r}: the two adapters' {factor} factors have different dimensions"
+            )
+        ii = m1.rank if i is None else i
+        jj = m2.rank if j is None else j
+        if not (1 <= ii <= m1.rank and 1 <= jj <= m2.rank):
+            raise UsageError(f"module {n!r}: i={ii}, j={jj} must be within the ranks {m1.rank} and {m2.rank}")
+        phi = subspace_similarity(x1, x2, ii, jj, factor=factor)
+        g = None
+        if grid:
+            gt = similarity_grid(x1, x2, factor=factor)
+            grids.append(gt)
+            g = gt.tolist()
+        mods.append(ModuleSimilarity(n, phi, g))
+    mean_grid = None
+    if grids and all(g.shape == grids[0].shape for g in grids):
+        mean_grid = torch.stack(grids).mean(0).tolist()
+    return SimilarityResult(
+        adapters=[str(a1.path), str(a2.path)],
+        factor=factor,
+        i=i,
+        j=j,
+        mean_phi=sum(m.phi for m in mods) / len(mods),
+        modules=mods,
+        grid=mean_grid,
+    )
+
+
+@dataclass
+class AmplificationModule:
+    name: str
+    rank: int
+    delta_norm: float
+    w_norm: float
+    proj_delta: float
+    proj_top: float
+    proj_random: float
+    amplification: float
+
+
+@dataclass
+class AmplificationResult:
+    adapter: str
+    base: str
+    modules: list[AmplificationModule]
+
+
+def amplification(
+    adapter: str | Path | Adapter,
+    base: str | Path,
+    *,
+    module: str | None = None,
+    seed: int = 0,
+    format: str | None = None,
+    allow_pickle: bool = False,
+) -> AmplificationResult:
+    """The LoRA paper's Section 7.3 per module: how strongly ΔW amplifies directions of W.
+
+    With U, V the top-r singular vectors of ΔW: ‖UᵀWV‖_F (W on ΔW's subspace), the same for W's own
+    top-r directions and for a random subspace, ‖ΔW‖_F, and the amplification ‖ΔW‖_F / ‖UᵀWV‖_F.
+    Base tensors are read one at a time.
+    """
+    import fnmatch
+
+    from .ops.similarity import amplification as amp
+
+    out: list[AmplificationModule] = []
+    with open_base(base) as b:
+        (a,) = _load_all([adapter], format, allow_pickle, base=b)
+        resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
+        g = torch.Generator().manual_seed(seed)
+        for name, m in a.modules.items():
+            if module is not None and not fnmatch.fnmatchcase(name, module):
+                continue
+            key = resolver.resolve(name)
+            if key is None:
+                raise InputError(f"{b.path}: module {name!r} of {a.path} matches no base weight")
+            w = b.read(key).double()
+            if tuple(w.shape) != tuple(m.weight_shape):
+                raise ShapeMismatchError(
+                    f"{a.path}: module {name!r}: adapter update is {list(m.weight_shape)} but base weight "
+                    f"{key!r} is {list(w.shape)}",
+                    hint="is this adapter for another base model?",
+                )
+            if m.kind == "embedding" or m.fan_in_fan_out:
+                w = w.T
+            w = w.reshape(w.shape[0], -1)
+            b2, a2 = matrices(m)
+            r = amp(w, b2, a2, m.scale, generator=g)
+            out.append(AmplificationModule(name=name, rank=m.rank, **r))
+    if not out:
+        raise UsageError(f"no module of {adapter} matches {module!r}")
+    return AmplificationResult(str(adapter), str(base), out)
+
+
+@dataclass
+class ModuleSpectrum:
+    name: str
+    rank: int
+    singular_values: list[float]
+    effective_rank: float
+    energy: dict[str, float]  # rank -> energy kept
+
+
+@dataclass
+class SpectrumResult:
+    adapters: list[dict[str, Any]]
+
+
+def spectrum(
+    adapters: Sequence[str | Path | Adapter], *, format: str | None = None, allow_pickle: bool = False
+) -> SpectrumResult:
+    """Singular values of each module's update (from factors), entropy effective rank, energy kept
+    at ranks 1, 2, 4, … r."""
+    from .ops.factored import effective_rank, energy_kept, factored_svd
+
+    result = []
+    for a in _load_all(adapters, format, allow_pickle):
+        mods = []
+        for name, m in a.modules.items():
+            b2, a2 = matrices(m)
+            _, s_vals, _ = factored_svd(b2, a2, m.scale)
+            ks = sorted({min(2**p, m.rank) for p in range(m.rank.bit_length() + 1)})
+            mods.append(
+                ModuleSpectrum(
+                    name=name,
+                    rank=m.rank,
+                    singular_values=[float(x) for x in s_vals],
+                    effective_rank=effective_rank(s_vals),
+                    energy={str(k): energy_kept(s_vals, k) for k in ks},
+                )
+            )
+        result.append({"path": str(a.path), "modules": mods})
+    return SpectrumResult(result)

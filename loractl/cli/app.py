@@ -9,9 +9,12 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from . import combine as combine_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import pending
+from . import similarity as similarity_cmd
+from . import truncate as truncate_cmd
 from . import unmerge as unmerge_cmd
 
 app = typer.Typer(
@@ -45,6 +48,9 @@ def root(
 inspect_cmd.register(app)
 merge_cmd.register(app)
 unmerge_cmd.register(app)
+combine_cmd.register(app)
+truncate_cmd.register(app)
+similarity_cmd.register(app)
 pending.register(app)
 
 

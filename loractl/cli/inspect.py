@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from . import _options as opt
@@ -29,8 +31,9 @@ def inspect(
     ),
     count: int = typer.Option(100, "--count", help="N for 'one base + N adapters vs N merged copies'."),
     spectrum: bool = typer.Option(
-        False, "--spectrum", help="Singular values per module (not yet available)."
+        False, "--spectrum", help="Singular values per module, effective rank, energy kept at ranks 1, 2, 4, … r."
     ),
+    plot: Path = typer.Option(None, "--plot", help="With --spectrum: draw energy-vs-rank curves to a PNG."),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
     json_out: bool = opt.JSON,
@@ -38,10 +41,20 @@ def inspect(
 ) -> None:
     """Describe adapters: format, kind, rank, alpha and effective scale per module, sizes, coverage of a base."""
     from .. import api
-    from ..errors import NotYetAvailableError
+    from ..errors import UsageError
 
     if spectrum:
-        raise NotYetAvailableError("inspect --spectrum is not yet available in this version")
+        if base is not None:
+            raise UsageError("--spectrum and --base are separate views; run them one at a time")
+        spec = api.spectrum(adapters, format=format, allow_pickle=allow_pickle)
+        if plot is not None:
+            from ._plot import spectrum_curves
+
+            spectrum_curves(spec, plot)
+        render("inspect", spec, as_json=json_out, quiet=quiet, human=_human_spectrum)
+        return
+    if plot is not None:
+        raise UsageError("--plot goes with --spectrum")
     result = api.inspect(adapters, base=base, count=count, format=format, allow_pickle=allow_pickle)
 
     def human(r: api.InspectResult) -> None:
@@ -123,6 +136,22 @@ def inspect(
                 )
 
     render("inspect", result, as_json=json_out, quiet=quiet, human=human)
+
+
+def _human_spectrum(r) -> None:  # r: api.SpectrumResult
+    from rich.table import Table
+
+    c = console()
+    for a in r.adapters:
+        c.print(f"[bold]{a['path']}[/bold]: singular values of each module's update s·B·A")
+        t = Table(show_edge=False)
+        for col in ("module", "rank", "eff. rank", "σ₁", "σ_r", "energy kept at rank k"):
+            t.add_column(col, justify="left" if col in ("module", "energy kept at rank k") else "right")
+        for m in a["modules"]:
+            sv = m.singular_values
+            energy = "  ".join(f"{k}:{v:.3f}" for k, v in m.energy.items())
+            t.add_row(m.name, str(m.rank), f"{m.effective_rank:.2f}", f"{sv[0]:.4g}", f"{sv[-1]:.4g}", energy)
+        c.print(t)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,9 +7,6 @@ import typer
 from ._errors import handled
 
 PENDING = {
-    "combine": "One adapter from several (cat, svd, linear, ties, dare-*, magnitude-prune).",
-    "truncate": "Lower an adapter's rank (optimal SVD truncation, or DyLoRA nested ranks).",
-    "similarity": "Subspace similarity φ between two adapters (Hu et al., 2021), or amplification vs a base.",
     "convert": "Rewrite an adapter in another format (peft, kohya, diffusers, loralib, gguf).",
     "check": "A CI gate: integrity, NaN/Inf, shapes, coverage, and what a serving runtime accepts.",
     "run": "Run a TOML recipe of the steps above (for CI).",

@@ -1,0 +1,68 @@
+"""Optional plots (``pip install loractl[plot]``): matplotlib is imported only here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib", hint="pip install 'loractl[plot]'") from None
+    return plt
+
+
+def heatmap(result: Any, path: Path) -> None:
+    """The mean φ grid (the LoRA paper's Figure 3 style) as a PNG."""
+    plt = _pyplot()
+    grid = result.grid
+    if grid is None:
+        raise UsageError(
+            "the modules have different ranks: no mean grid to plot", hint="filter with --module"
+        )
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(
+        grid,
+        origin="lower",
+        vmin=0,
+        vmax=1,
+        cmap="viridis",
+        aspect="auto",
+        extent=(0.5, len(grid[0]) + 0.5, 0.5, len(grid) + 0.5),
+    )
+    ax.set_xlabel("j (second adapter)")
+    ax.set_ylabel("i (first adapter)")
+    ax.set_title(f"φ(i, j), mean over {len(result.modules)} modules")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def spectrum_curves(result: Any, path: Path) -> None:
+    """Energy kept against rank, one curve per module, as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for a in result.adapters:
+        for m in a["modules"]:
+            s2 = [x * x for x in m.singular_values]
+            total = sum(s2) or 1.0
+            acc, ys = 0.0, []
+            for x in s2:
+                acc += x
+                ys.append(acc / total)
+            ax.plot(range(1, len(ys) + 1), ys, alpha=0.5, lw=1)
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("energy kept Σσ²ₖ / Σσ²")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
