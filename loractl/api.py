@@ -622,22 +622,31 @@ def merge(
         def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
             return _loractl_metadata("merge", refs, src)
 
-        with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-            written = _stream(b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir)
-            receipt_file: Path | None = None
-            receipt_bytes = 0
-            if b.is_dir:
-                _write_index(tmp, b, files, {"loractl.operation": "merge"})
-                _copy_other_files(b, tmp)
-                if need_receipt:
-                    receipt_file = tmp / RECEIPT_NAME
-                    receipt_bytes = _write_receipt(receipt_file, corrections, refs, plan, b, changed_dtypes)
-        if need_receipt and not b.is_dir:
-            receipt_file = receipt_path(output)
-            with atomic_output(receipt_file, is_dir=False, inputs=inputs, force=True) as rtmp:
-                receipt_bytes = _write_receipt(rtmp, corrections, refs, plan, b, changed_dtypes)
-        elif receipt_file is not None:
-            receipt_file = output / RECEIPT_NAME
+        receipt_file: Path | None = None
+        receipt_bytes = 0
+        placed_receipt: Path | None = None
+        try:
+            with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
+                written = _stream(b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir)
+                if b.is_dir:
+                    _write_index(tmp, b, files, {"loractl.operation": "merge"})
+                    _copy_other_files(b, tmp)
+                    if need_receipt:
+                        receipt_bytes = _write_receipt(
+                            tmp / RECEIPT_NAME, corrections, refs, plan, b, changed_dtypes
+                        )
+                        receipt_file = output / RECEIPT_NAME
+                elif need_receipt:
+                    # a single-file output's receipt lies beside it: placed just before the output itself,
+                    # and removed again if the output does not make it into place
+                    receipt_file = receipt_path(output)
+                    with atomic_output(receipt_file, is_dir=False, inputs=inputs, force=True) as rtmp:
+                        receipt_bytes = _write_receipt(rtmp, corrections, refs, plan, b, changed_dtypes)
+                    placed_receipt = receipt_file
+        except BaseException:
+            if placed_receipt is not None:
+                placed_receipt.unlink(missing_ok=True)
+            raise
         n_modules = sum(len(a.modules) for a in loaded)
         return MergeResult(
             output=output,

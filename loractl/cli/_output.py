@@ -39,7 +39,10 @@ def emit_json(command: str, data: dict[str, Any]) -> None:
 def console(stderr: bool = False):  # -> rich.console.Console
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # in a pipe, never cut names to 80 columns: a table is as wide as its content
+    width = None if stream.isatty() else 10_000
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def render(command: str, result: Any, *, as_json: bool, quiet: bool, human: Callable[[Any], None]) -> None:

@@ -31,7 +31,9 @@ def inspect(
     ),
     count: int = typer.Option(100, "--count", help="N for 'one base + N adapters vs N merged copies'."),
     spectrum: bool = typer.Option(
-        False, "--spectrum", help="Singular values per module, effective rank, energy kept at ranks 1, 2, 4, … r."
+        False,
+        "--spectrum",
+        help="Singular values per module, effective rank, energy kept at ranks 1, 2, 4, … r.",
     ),
     plot: Path = typer.Option(None, "--plot", help="With --spectrum: draw energy-vs-rank curves to a PNG."),
     format: str = opt.FORMAT,

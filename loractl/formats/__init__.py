@@ -115,7 +115,9 @@ def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad pickle
-            raise FormatError(f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})") from None
+            raise FormatError(
+                f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})"
+            ) from None
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -121,18 +121,39 @@ def read_config(cfg_path: Path | None, metadata: dict[str, str]) -> dict[str, An
     return {}
 
 
-def module_alpha_rank(config: dict[str, Any], module: str, rank: int) -> tuple[float, int]:
+def _number(value: Any, what: str, source: Path | str, integer: bool = False) -> float:
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        return int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise FormatError(
+            f"{source}: {what} is {value!r}, not a number", hint="fix the adapter config"
+        ) from None
+
+
+def module_alpha_rank(
+    config: dict[str, Any], module: str, rank: int, source: Path | str = "adapter_config.json"
+) -> tuple[float, int]:
     """(alpha, r) of a module under the config's patterns; r defaults to the tensors' rank."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rk = pattern_key(list(rank_pattern), module)
-    r = int(rank_pattern[rk]) if rk is not None else int(config.get("r", rank) or rank)
-    ak = pattern_key(list(alpha_pattern), module)
-    if ak is not None:
-        alpha = alpha_pattern[ak]
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise FormatError(f"{source}: rank_pattern and alpha_pattern must be JSON objects")
+    try:
+        rk = pattern_key(list(rank_pattern), module)
+        ak = pattern_key(list(alpha_pattern), module)
+    except re.error as e:
+        raise FormatError(f"{source}: a rank_pattern/alpha_pattern key is not a valid regex ({e})") from None
+    if rk is not None:
+        r = int(_number(rank_pattern[rk], f"rank_pattern[{rk!r}]", source, integer=True))
     else:
-        alpha = config.get("lora_alpha", r if config else rank)
-    return float(alpha), r
+        r = int(_number(config.get("r", rank), "r", source, integer=True)) if config else rank
+    if ak is not None:
+        alpha = _number(alpha_pattern[ak], f"alpha_pattern[{ak!r}]", source)
+    else:
+        alpha = _number(config.get("lora_alpha", 8), "lora_alpha", source) if config else float(rank)
+    return alpha, r
 
 
 def build_adapter(
@@ -184,7 +205,7 @@ def build_adapter(
                 "do not have the same rank"
             )
         rank = int(a.shape[0])
-        alpha, r_cfg = module_alpha_rank(config, name, rank)
+        alpha, r_cfg = module_alpha_rank(config, name, rank, files[-1] if len(files) > 1 else source)
         if config and r_cfg != rank:
             raise FormatError(
                 f"{source}: module {name!r} has rank {rank} but the config says r={r_cfg}",
@@ -256,7 +277,9 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
             "use_dora": any(m.is_dora for m in mods),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
             "lora_bias": any(m.bias is not None for m in mods),
-            "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in adapter.modules_to_save if ".base_layer." not in k})
+            "modules_to_save": sorted(
+                {k.rsplit(".", 1)[0] for k in adapter.modules_to_save if ".base_layer." not in k}
+            )
             or None,
         }
     )

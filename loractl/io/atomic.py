@@ -100,6 +100,20 @@ def atomic_output(
         if old is not None:
             _remove(old)
         _fsync_dir(target.parent)
+    except OutputError as e:
+        _remove(tmp)
+        # name the output the user asked for, not the temporary path
+        e.message = e.message.replace(str(tmp), str(target))
+        e.args = (e.message,)
+        raise
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT anywhere in the block (index, config copies...)
+            raise OutputError(
+                f"{target}: no space left on the device while writing it ({e.strerror})",
+                hint="free some disk space or write elsewhere; nothing was left behind",
+            ) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise

@@ -340,7 +340,7 @@ def disk_error(path: Path, e: OSError) -> OutputError:
     """An OSError while writing, turned into one clear line."""
     if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
         return OutputError(
-            f"{path.parent}: no space left while writing {path.name} ({e.strerror})",
+            f"{path}: no space left on the device ({e.strerror})",
             hint="free some disk space or write elsewhere; nothing was left behind",
         )
     return OutputError(f"{path}: cannot write ({e.strerror})")

@@ -1,0 +1,661 @@
+"""Bad inputs (Section 5 of the issue): every one is refused with exit 2 (3 for a bug, 130 for
+Ctrl-C), a short message on stderr naming the file (and the module or tensor), no traceback,
+no output and no temporary file left behind, and the inputs untouched.
+
+Every test works on copies of examples/ in tmp_path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+SHARD1 = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _truncate_half(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def _cut_off_tensors(path: Path, size: int) -> set[str]:
+    """Names of the tensors of a safetensors file that lie (partly) beyond ``size`` bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {name for name, e in header.items() if 8 + n + e["data_offsets"][1] > size}
+
+
+def _random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _resave_with(path: Path, key: str, index: tuple[int, int], value: float) -> None:
+    """Rewrite a safetensors file with one element of one tensor changed (metadata kept)."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors[key][index] = value
+    save_file(tensors, str(path), metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. missing paths
+# --------------------------------------------------------------------------------------------
+def test_missing_base_path(cli, inputs, tools, bad_input):
+    snap = tools.Snapshot([inputs.root])
+    missing = inputs.root / "no-such-base"
+    out = inputs.work / "merged"
+    r = cli("merge", missing, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[missing])
+
+
+def test_missing_adapter_path(cli, inputs, tools, bad_input):
+    snap = tools.Snapshot([inputs.root])
+    missing = inputs.root / "no-such-adapter"
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, missing, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[missing])
+
+
+# --------------------------------------------------------------------------------------------
+# 2. truncated safetensors
+# --------------------------------------------------------------------------------------------
+def test_truncated_adapter(cli, inputs, tools, bad_input):
+    weights = inputs.adapter / ADAPTER_FILE
+    _truncate_half(weights)
+    cut = _cut_off_tensors(weights, weights.stat().st_size)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+    assert any(name in r.stderr for name in cut), f"no cut-off tensor named in {r.stderr!r}"
+
+
+@pytest.mark.parametrize("shard", [SHARD1, SHARD2])
+def test_truncated_base_shard(cli, inputs, tools, bad_input, shard):
+    weights = inputs.base / shard
+    _truncate_half(weights)
+    cut = _cut_off_tensors(weights, weights.stat().st_size)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+    assert any(name in r.stderr for name in cut), f"no cut-off tensor named in {r.stderr!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# 3. random bytes named .safetensors
+# --------------------------------------------------------------------------------------------
+def _garbage(kind: str) -> bytes:
+    if kind == "random":
+        return _random_bytes(70_000, seed=3)
+    # a plausible header length followed by bytes that are not JSON
+    return struct.pack("<Q", 1000) + _random_bytes(70_000, seed=4)
+
+
+@pytest.mark.parametrize("kind", ["random", "small-header-length"])
+def test_random_bytes_as_adapter_file(cli, inputs, tools, bad_input, kind):
+    fake = inputs.root / "lora.safetensors"
+    fake.write_bytes(_garbage(kind))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, fake, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[fake])
+
+
+def test_random_bytes_in_adapter_folder(cli, inputs, tools, bad_input):
+    weights = inputs.adapter / ADAPTER_FILE
+    weights.write_bytes(_garbage("random"))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+
+
+@pytest.mark.parametrize("kind", ["random", "small-header-length"])
+def test_random_bytes_as_base_file(cli, inputs, tools, bad_input, kind):
+    fake = inputs.root / "model.safetensors"
+    fake.write_bytes(_garbage(kind))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged.safetensors"
+    r = cli("merge", fake, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[fake])
+
+
+def test_random_bytes_as_base_shard(cli, inputs, tools, bad_input):
+    shard = inputs.base / SHARD1
+    shard.write_bytes(_garbage("random"))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[shard])
+
+
+# --------------------------------------------------------------------------------------------
+# 4. an adapter for another model
+# --------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_adapter_for_another_model(cli, inputs, tools, bad_input):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=86,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=512,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    other = inputs.root / "other-lora"
+    model.save_pretrained(str(other))
+    assert (other / ADAPTER_FILE).exists()
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, other, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[other])
+    assert re.search(r"model\.layers\.[01]\.self_attn\.q_proj", r.stderr), r.stderr
+    assert re.search(r"32\D{1,3}32", r.stderr), f"adapter shape [32, 32] not named: {r.stderr!r}"
+    assert re.search(r"64\D{1,3}64", r.stderr), f"base shape [64, 64] not named: {r.stderr!r}"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("lora_alpha", "x"), ("r", "eight"), ("lora_alpha", None)],
+    ids=["alpha-not-a-number", "r-not-a-number", "alpha-null"],
+)
+def test_adapter_config_with_bad_values(cli, inputs, tools, bad_input, field, value):
+    """adapter_config.json that parses as JSON but holds nonsense is an input error naming it, not a bug."""
+    cfg_path = inputs.adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[field] = value
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
+    assert "adapter_config.json" in r.stderr or field in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 5. a pickle-only adapter
+# --------------------------------------------------------------------------------------------
+def _pickle_adapter(inputs) -> Path:
+    pk = inputs.root / "pickle-lora"
+    pk.mkdir()
+    shutil.copyfile(inputs.adapter / "adapter_config.json", pk / "adapter_config.json")
+    torch.save(load_file(str(inputs.adapter / ADAPTER_FILE)), pk / "adapter_model.bin")
+    return pk
+
+
+def test_pickle_adapter_refused_without_allow_pickle(cli, inputs, tools, bad_input):
+    pk = _pickle_adapter(inputs)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, pk, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[pk / "adapter_model.bin"])
+    assert "--allow-pickle" in r.stderr
+
+
+def test_pickle_adapter_merged_with_allow_pickle(cli, inputs, tools):
+    pk = _pickle_adapter(inputs)
+    snap = tools.Snapshot([inputs.root])
+    out_pk = inputs.work / "merged-pickle"
+    out_st = inputs.work / "merged-safetensors"
+    r = cli("merge", inputs.base, pk, "-o", out_pk, "--allow-pickle")
+    assert r.code == 0, r.stderr
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out_st)
+    assert r.code == 0, r.stderr
+    snap.assert_unchanged()
+    for shard in (SHARD1, SHARD2):
+        a, b = load_file(str(out_pk / shard)), load_file(str(out_st / shard))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    # and the adapter really changed something
+    base = load_file(str(inputs.base / SHARD1))
+    merged = load_file(str(out_pk / SHARD1))
+    assert not torch.equal(
+        base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert tools.leftovers(inputs.work) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 6. NaN / Inf in an adapter
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_adapter(cli, inputs, tools, bad_input, value):
+    weights = inputs.adapter / ADAPTER_FILE
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    _resave_with(weights, key, (3, 5), value)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights, "model.layers.1.self_attn.v_proj"])
+
+
+# --------------------------------------------------------------------------------------------
+# 7. output that exists
+# --------------------------------------------------------------------------------------------
+def _existing_output(inputs) -> tuple[Path, dict[str, bytes]]:
+    out = inputs.work / "merged"
+    out.mkdir()
+    contents = {"marker.txt": b"do not delete me\n", SHARD1: b"not really a shard"}
+    for name, data in contents.items():
+        (out / name).write_bytes(data)
+    return out, contents
+
+
+def test_existing_output_refused_without_force(cli, inputs, tools, bad_input):
+    out, contents = _existing_output(inputs)
+    snap = tools.Snapshot([inputs.root])
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[out], output_existed=True)
+    assert "--force" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(contents)
+    for name, data in contents.items():
+        assert (out / name).read_bytes() == data
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["merged"]
+
+
+def test_existing_output_replaced_with_force(cli, inputs, tools):
+    out, _ = _existing_output(inputs)
+    snap = tools.Snapshot([inputs.root])
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--force")
+    assert r.code == 0, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    snap.assert_unchanged()
+    assert not (out / "marker.txt").exists()
+    with safe_open(str(out / SHARD1), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.weight" in f.keys()
+    assert (out / "config.json").read_bytes() == (inputs.base / "config.json").read_bytes()
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["merged"]
+    assert tools.leftovers(inputs.work) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 8. output that is one of the inputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
+@pytest.mark.parametrize("which", ["base", "adapter", "inside-base", "base-via-symlink"])
+def test_output_is_an_input(cli, inputs, tools, bad_input, which, force):
+    if which == "base":
+        out = inputs.base
+    elif which == "adapter":
+        out = inputs.adapter
+    elif which == "inside-base":
+        out = inputs.base / "merged"
+    else:
+        out = inputs.work / "link"
+        out.symlink_to(inputs.base, target_is_directory=True)
+    before = sorted(p.name for p in out.parent.iterdir())
+    snap = tools.Snapshot([inputs.root])
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, *(["--force"] if force else []))
+    bad_input(r, output=out, snapshot=snap, names=[out], output_existed=which != "inside-base")
+    assert sorted(p.name for p in out.parent.iterdir()) == before
+    assert tools.leftovers(inputs.root.parent) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 9. full disk
+# --------------------------------------------------------------------------------------------
+def test_disk_full_in_subprocess(inputs, tools, bad_input):
+    """RLIMIT_FSIZE below the smallest shard: writes fail with EFBIG (Python ignores SIGXFSZ)."""
+    limit = 16 * 1024
+    assert limit < min((inputs.base / s).stat().st_size for s in (SHARD1, SHARD2))
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = tools.run_module(["merge", inputs.base, inputs.adapter, "-o", out], preexec_fn=small_files)
+    bad_input(r, output=out, snapshot=snap, names=[out])
+    errors = [line for line in r.stderr_lines if line.startswith("error:")]
+    assert len(errors) == 1 and "no space" in errors[0], r.stderr
+    assert list(inputs.work.iterdir()) == []
+
+
+class _OsWithFailingWrite:
+    """Stands for the ``os`` module inside loractl.io.safetensors; ``write`` fails with ENOSPC from call N on."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def write(self, fd: int, data) -> int:
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+
+def test_disk_full_via_api(inputs, tools, monkeypatch):
+    import loractl.api
+    import loractl.io.safetensors as st
+    from loractl.errors import OutputError
+
+    snap = tools.Snapshot([inputs.root])
+    counter = _OsWithFailingWrite(None)
+    with monkeypatch.context() as m:
+        m.setattr(st, "os", counter)
+        loractl.api.merge(inputs.base, [inputs.adapter], inputs.work / "counted")
+    total = counter.calls
+    assert total >= 3, "expected several os.write calls in a merge"
+    shutil.rmtree(inputs.work / "counted")
+
+    for n in sorted({1, 2, total // 2, total}):
+        failing = _OsWithFailingWrite(n)
+        out = inputs.work / f"merged-{n}"
+        with monkeypatch.context() as m:
+            m.setattr(st, "os", failing)
+            with pytest.raises(OutputError) as exc:
+                loractl.api.merge(inputs.base, [inputs.adapter], out)
+        assert failing.calls >= n
+        assert "no space" in str(exc.value), str(exc.value)
+        assert not os.path.lexists(out)
+        assert list(inputs.work.iterdir()) == [], f"left behind after ENOSPC at write {n}"
+    snap.assert_unchanged()
+
+
+def test_disk_full_while_writing_receipt_of_single_file_base(inputs, tools, monkeypatch):
+    """A single-file base: the receipt is written after the merged file; a full disk then must not
+    leave the merged file behind either (no partial output)."""
+    import loractl.api
+    import loractl.io.safetensors as st
+    from loractl.errors import OutputError
+
+    single = inputs.root / "tiny-llama.safetensors"
+    tensors = {}
+    for shard in (SHARD1, SHARD2):
+        tensors.update(load_file(str(inputs.base / shard)))
+    save_file(tensors, str(single), metadata={"format": "pt"})
+    snap = tools.Snapshot([inputs.root])
+
+    counter = _OsWithFailingWrite(None)
+    with monkeypatch.context() as m:
+        m.setattr(st, "os", counter)
+        loractl.api.merge(single, [inputs.adapter], inputs.work / "counted.safetensors")
+    for p in list(inputs.work.iterdir()):
+        p.unlink()
+
+    failing = _OsWithFailingWrite(counter.calls)  # the last write: the receipt's
+    out = inputs.work / "merged.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(st, "os", failing)
+        with pytest.raises(OutputError) as exc:
+            loractl.api.merge(single, [inputs.adapter], out)
+    assert "no space" in str(exc.value)
+    assert sorted(p.name for p in inputs.work.iterdir()) == [], "a failed merge left files behind"
+    snap.assert_unchanged()
+
+
+class _ShutilWithFullDisk:
+    """Stands for ``shutil`` inside loractl.api: copying a file fails with ENOSPC."""
+
+    def __getattr__(self, name: str):
+        return getattr(shutil, name)
+
+    def copyfile(self, src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+
+def test_disk_full_while_copying_config_files(cli, inputs, tools, bad_input, monkeypatch):
+    """A full disk while config.json / tokenizer files are copied is an output error (exit 2), not a bug."""
+    import loractl.api
+
+    monkeypatch.setattr(loractl.api, "shutil", _ShutilWithFullDisk())
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[out])
+    assert "no space" in r.stderr_lines[0], r.stderr
+    assert list(inputs.work.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Ctrl-C midway through a ~1.1B-parameter merge
+# --------------------------------------------------------------------------------------------
+BIG = {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000, "kv": 256}
+
+
+def _big_shapes() -> dict[str, tuple[int, ...]]:
+    h, i, kv, v = BIG["hidden"], BIG["intermediate"], BIG["kv"], BIG["vocab"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(BIG["layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _write_big_base(folder: Path) -> int:
+    """A Llama-shaped bf16 base of ~1.1B parameters in two shards, from one reused random block."""
+    from loractl.io.safetensors import SafetensorsWriter
+
+    folder.mkdir()
+    shapes = _big_shapes()
+    g = torch.Generator().manual_seed(0)
+    block = (torch.randn(1 << 20, generator=g) * 0.02).to(torch.bfloat16)
+    largest = max(math.prod(s) for s in shapes.values())
+    buf = block.repeat(math.ceil(largest / block.numel()))
+    names = list(shapes)
+    half = len(names) // 2
+    weight_map: dict[str, str] = {}
+    for k, chunk in enumerate((names[:half], names[half:])):
+        fname = f"model-{k + 1:05d}-of-00002.safetensors"
+        w = SafetensorsWriter(folder / fname, [(n, "BF16", shapes[n]) for n in chunk], {"format": "pt"})
+        try:
+            for n in chunk:
+                w.write(n, buf[: math.prod(shapes[n])].view(shapes[n]))
+                weight_map[n] = fname
+            w.close()
+        finally:
+            w.close()
+    total = sum(math.prod(s) for s in shapes.values())
+    index = {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": BIG["hidden"],
+        "intermediate_size": BIG["intermediate"],
+        "num_hidden_layers": BIG["layers"],
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": BIG["vocab"],
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return total
+
+
+def _write_big_adapter(folder: Path) -> None:
+    folder.mkdir()
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for layer in range(BIG["layers"]):
+        for module, out_features in (("q_proj", BIG["hidden"]), ("v_proj", BIG["kv"])):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{module}."
+            tensors[p + "lora_A.weight"] = torch.randn(8, BIG["hidden"], generator=g) * 0.01
+            tensors[p + "lora_B.weight"] = torch.randn(out_features, 8, generator=g) * 0.01
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for f in folder.rglob("*"):
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def test_ctrl_c_midway_through_big_merge(tmp_path, tools):
+    big = tmp_path / "big"
+    big.mkdir()
+    try:
+        base, adapter = big / "base", big / "lora"
+        params = _write_big_base(base)
+        assert 1.0e9 < params < 1.2e9
+        assert len(list(base.glob("*.safetensors"))) == 2
+        _write_big_adapter(adapter)
+        snap = tools.Snapshot([base, adapter])
+        work = big / "work"
+        work.mkdir()
+        out = work / "merged"
+
+        env = dict(os.environ)
+        env.pop("LORACTL_DEBUG", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loractl", "merge", str(base), str(adapter), "-o", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            written = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                tmps = [p for p in work.iterdir() if "loractl-tmp" in p.name]
+                if tmps:
+                    written = _bytes_under(tmps[0])
+                    if written > 50_000_000:
+                        break
+                time.sleep(0.005)
+            assert proc.poll() is None, f"the merge ended before it was interrupted: {proc.communicate()}"
+            assert written > 50_000_000, "the temporary output never reached 50 MB"
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        msg = f"exit {proc.returncode}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+        assert proc.returncode == 130, msg
+        assert "Traceback" not in stdout + stderr, msg
+        assert len(stderr.strip().splitlines()) == 1, msg
+        assert not os.path.lexists(out), msg
+        assert list(work.iterdir()) == [], msg
+        assert tools.leftovers(big) == []
+        snap.assert_unchanged()
+    finally:
+        shutil.rmtree(big, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 11. internal error
+# --------------------------------------------------------------------------------------------
+def _broken_delta_weight(*args, **kwargs):
+    raise RuntimeError("boom from the test")
+
+
+def test_internal_error_is_one_line(cli, inputs, tools, monkeypatch):
+    import loractl.ops.merge
+
+    monkeypatch.setattr(loractl.ops.merge, "delta_weight", _broken_delta_weight)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    msg = f"exit {r.code}\n--- stdout ---\n{r.stdout}\n--- stderr ---\n{r.stderr}"
+    assert r.code == 3, msg
+    assert "Traceback" not in r.stdout + r.stderr, msg
+    assert len(r.stderr_lines) == 1, msg
+    assert "internal error" in r.stderr_lines[0], msg
+    assert "LORACTL_DEBUG" in r.stderr, msg
+    assert not os.path.lexists(out)
+    assert list(inputs.work.iterdir()) == []
+    snap.assert_unchanged()
+
+
+def test_internal_error_traceback_with_debug(cli, inputs, tools, monkeypatch):
+    import loractl.ops.merge
+
+    monkeypatch.setattr(loractl.ops.merge, "delta_weight", _broken_delta_weight)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, env={"LORACTL_DEBUG": "1"})
+    assert r.code == 3, r.stderr
+    assert "Traceback" in r.stderr
+    assert "boom from the test" in r.stderr
+    assert "internal error" in r.stderr
+    assert not os.path.lexists(out)
+    assert list(inputs.work.iterdir()) == []
+    snap.assert_unchanged()
+
+
+# --------------------------------------------------------------------------------------------
+# 12. usage errors
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", [["1", "0.5"], ["1", "1", "1"]], ids=["two-for-one", "three-for-one"])
+def test_weight_count_not_matching_adapters(cli, inputs, tools, bad_input, weights):
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    args = [a for w in weights for a in ("--weight", w)]
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, *args)
+    bad_input(r, output=out, snapshot=snap, names=["--weight"])
+
+
+def test_weight_count_two_adapters_one_weight(cli, inputs, tools, bad_input):
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, inputs.adapter, "-o", out, "--weight", "1")
+    bad_input(r, output=out, snapshot=snap, names=["--weight"])
+
+
+def test_unknown_dtype(cli, inputs, tools, bad_input):
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp8")
+    bad_input(r, output=out, snapshot=snap, names=["--dtype"], loractl_error=False)
