@@ -1526,3 +1526,121 @@ def spectrum(
             )
         result.append({"path": str(a.path), "modules": mods})
     return SpectrumResult(result)
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ConvertResult:
+    output: Path
+    source_format: str
+    format: str
+    modules: int
+    normalize: bool
+    pad_rank: int | None
+    dtype: str | None
+    seconds: float
+
+
+def normalized(m: LoraModule) -> LoraModule:
+    """The same update with alpha = r (scale 1): the scale folded into B, computed in float64."""
+    up = (m.up.double() * m.scale).to(m.up.dtype)
+    bias = (m.bias.double() * m.scale).to(m.bias.dtype) if m.bias is not None else None
+    return LoraModule(m.name, m.kind, m.down, up, float(m.rank), False, m.fan_in_fan_out, bias, m.magnitude)
+
+
+def padded(m: LoraModule, rank: int) -> LoraModule:
+    """Zero-pad to ``rank`` keeping B·A; alpha' = alpha·r'/r (rsLoRA: alpha·√(r'/r)) keeps the scale."""
+    r = m.rank
+    if rank == r:
+        return m
+    down = torch.cat([m.down, m.down.new_zeros(rank - r, *m.down.shape[1:])], 0)
+    up = torch.cat([m.up, m.up.new_zeros(m.up.shape[0], rank - r, *m.up.shape[2:])], 1)
+    alpha = m.alpha * (math.sqrt(rank / r) if m.rslora else rank / r)
+    return LoraModule(m.name, m.kind, down, up, alpha, m.rslora, m.fan_in_fan_out, m.bias, m.magnitude)
+
+
+def convert(
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    to: str,
+    base: str | Path | None = None,
+    dtype: str | None = None,
+    normalize: bool = False,
+    pad_rank: int | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    force: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+) -> ConvertResult:
+    """Rewrite an adapter in another format; every module's update s·B·A is unchanged.
+
+    Args:
+        adapter: the adapter to read.
+        output: the file or folder to write.
+        to: ``peft``, ``kohya``, ``diffusers``, ``loralib`` or ``gguf``.
+        base: a base model, for formats that need its names or architecture (kohya names, GGUF).
+        dtype: ``bf16``/``fp16``/``fp32`` for the factors (default: kept).
+        normalize: one alpha convention for all modules: alpha = r, the scale folded into B.
+        pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
+        rank, alpha: r and alpha for formats that do not store them (loralib).
+
+    Raises:
+        UsageError: unknown format or dtype, a pad rank below a module's rank.
+    """
+    from .formats import FORMATS
+
+    t0 = time.perf_counter()
+    if to not in FORMATS:
+        raise UsageError(f"unknown --to {to!r}; one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise UsageError(f"unknown --dtype {dtype!r}; one of bf16, fp16, fp32")
+    if pad_rank is not None and pad_rank < 1:
+        raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
+    b = open_base(base) if base is not None else None
+    try:
+        opts = ReadOptions(allow_pickle=allow_pickle, rank=rank, alpha=alpha)
+        wopts = WriteOptions()
+        if b is not None:
+            opts.base_keys = wopts.base_keys = list(b.tensors)
+            opts.base_config = wopts.base_config = b.config
+        a = load_adapter(adapter, format=format, options=opts)
+    finally:
+        if b is not None:
+            b.close()
+    mods: dict[str, LoraModule] = {}
+    for name, m in a.modules.items():
+        if pad_rank is not None and m.rank > pad_rank:
+            raise UsageError(
+                f"{a.path}: module {name!r} has rank {m.rank}, above --pad-rank {pad_rank}",
+                hint=f"truncate it first: loractl truncate {a.path} -o smaller --rank {pad_rank}",
+            )
+        if dtype is not None:
+            dt = torch_dtype(DTYPES[dtype])  # type: ignore[arg-type]
+            m = LoraModule(
+                m.name,
+                m.kind,
+                m.down.to(dt),
+                m.up.to(dt),
+                m.alpha,
+                m.rslora,
+                m.fan_in_fan_out,
+                m.bias.to(dt) if m.bias is not None else None,
+                m.magnitude.to(dt) if m.magnitude is not None else None,
+            )
+        if normalize:
+            m = normalized(m)
+        if pad_rank is not None:
+            m = padded(m, pad_rank)
+        mods[name] = m
+    out = _derived(a, mods)
+    refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
+    save_adapter(
+        out, output, to=to, force=force, inputs=[a.path], operation="convert", sources=refs, options=wopts
+    )
+    return ConvertResult(
+        Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0
+    )

@@ -10,6 +10,7 @@ import typer
 
 from .. import __version__
 from . import combine as combine_cmd
+from . import convert as convert_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import pending
@@ -51,6 +52,7 @@ unmerge_cmd.register(app)
 combine_cmd.register(app)
 truncate_cmd.register(app)
 similarity_cmd.register(app)
+convert_cmd.register(app)
 pending.register(app)
 
 

@@ -7,7 +7,6 @@ import typer
 from ._errors import handled
 
 PENDING = {
-    "convert": "Rewrite an adapter in another format (peft, kohya, diffusers, loralib, gguf).",
     "check": "A CI gate: integrity, NaN/Inf, shapes, coverage, and what a serving runtime accepts.",
     "run": "Run a TOML recipe of the steps above (for CI).",
 }

@@ -83,7 +83,9 @@ _TRANSFORMER_TOP = {
 }
 
 # attention-processor layout: ``<attn>.processor.to_q_lora.down.weight``
-_ATTN_PROC = re.compile(r"^(?P<attn>.+?)\.(?:processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ud>down|up)\.weight$")
+_ATTN_PROC = re.compile(
+    r"^(?P<attn>.+?)\.(?:processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ud>down|up)\.weight$"
+)
 # LoRACompatibleLinear / LoRALinearLayer layouts: ``<module>.lora.down.weight``, ``<module>.lora_linear_layer.up.weight``
 _OLD_LINEAR = re.compile(r"^(?P<mod>.+?)\.(?:lora|lora_linear_layer)\.(?P<ud>down|up)\.weight$")
 _UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -141,7 +143,9 @@ def detect(keys: list[str], metadata: dict[str, str]) -> bool:
     return seen
 
 
-def component_configs(metadata: dict[str, str], components: set[str | None], source: Path) -> dict[str | None, dict[str, Any]]:
+def component_configs(
+    metadata: dict[str, str], components: set[str | None], source: Path
+) -> dict[str | None, dict[str, Any]]:
     """The PEFT config of each component from the header's ``lora_adapter_metadata``.
 
     diffusers' pipeline writer prefixes each config key with the component (``unet.r``); its loaders
@@ -212,7 +216,9 @@ def read(
         values: dict[str, float] = {}
         for rel, t in alphas.get(comp, {}).items():
             if rel not in part.modules:
-                raise FormatError(f"{weights}: tensor {_full(comp, rel + '.alpha')!r} belongs to no LoRA module")
+                raise FormatError(
+                    f"{weights}: tensor {_full(comp, rel + '.alpha')!r} belongs to no LoRA module"
+                )
             if t.numel() != 1:
                 raise FormatError(
                     f"{weights}: tensor {_full(comp, rel + '.alpha')!r} has shape {list(t.shape)}, not a scalar"
@@ -344,9 +350,7 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
             config[f"{comp}.{key}"] = value
         for key, t in peft.peft_tensors(sub).items():
             tensors[f"{comp}.{key[len(peft.PREFIX) :]}"] = t
-    meta = {
-        k: v for k, v in adapter.metadata.items() if not k.startswith("loractl.") and k != METADATA_KEY
-    }
+    meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loractl.") and k != METADATA_KEY}
     meta.update(options.metadata)
     meta["format"] = "pt"
     meta[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)

@@ -34,7 +34,7 @@ COMPONENTS: dict[str, str] = {
 #: ``hf``: transformers' own names (CLIPTextModel, T5EncoderModel); ``openclip``: OpenCLIP (SD 2.x, SDXL te2);
 #: ``ldm``: the original UNet; ``native``: the model's own names (Flux/SD3 in ComfyUI files).
 SINGLE_FILE_ROOTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "unet": (("model.diffusion_model.", "ldm"),),
+    "unet": (("model.diffusion_model.", "ldm"), ("model.diffusion_model.", "native")),
     "transformer": (("model.diffusion_model.", "native"),),
     "text_encoder": (
         ("cond_stage_model.transformer.", "hf"),
@@ -125,7 +125,8 @@ class FlatIndex:
 
     Args:
         modules: dotted module names (the base's, perhaps under a root).
-        aliases: extra spellings: ``{alias dotted name: real module}`` (diffusers names of LDM modules).
+        aliases: extra spellings: ``{alias dotted name: real module}`` (e.g. the LDM names of a
+            diffusers UNet's modules); an alias resolves to the real module's name.
 
     A flat path matches a module when it is the flattening of the module's name or of one of its
     trailing parts (``text_model_encoder...`` matches ``cond_stage_model.transformer.text_model.encoder...``).
@@ -139,10 +140,10 @@ class FlatIndex:
                 suffix = ".".join(parts[i:])
                 self._by_flat.setdefault(flatten(suffix), set()).add((suffix, m))
         for alias, real in (aliases or {}).items():
-            self._by_flat.setdefault(flatten(alias), set()).add((alias, real))
+            self._by_flat.setdefault(flatten(alias), set()).add((real, real))
 
     def candidates(self, flat: str) -> list[tuple[str, str]]:
-        """Every ``(dotted spelling, real module)`` whose spelling flattens to ``flat``, sorted."""
+        """Every ``(dotted name, real module)`` whose name (or alias) flattens to ``flat``, sorted."""
         return sorted(self._by_flat.get(flat, ()))
 
 

@@ -163,7 +163,9 @@ def _read_state(base: BaseModel, key: str) -> dict[str, Any]:
     """The JSON object packed in a ``quant_state.bitsandbytes__*`` uint8 tensor."""
     info = base.info(key)
     if info.dtype != "U8" or len(info.shape) != 1:
-        raise _bad(base, key, f"expected a 1-D uint8 tensor of JSON bytes, found {info.dtype} {list(info.shape)}")
+        raise _bad(
+            base, key, f"expected a 1-D uint8 tensor of JSON bytes, found {info.dtype} {list(info.shape)}"
+        )
     raw = base.read(key).numpy().tobytes()
     try:
         state = json.loads(raw.decode("utf-8"))
