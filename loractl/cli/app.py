@@ -14,6 +14,7 @@ from . import convert as convert_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import pending
+from . import run as run_cmd
 from . import similarity as similarity_cmd
 from . import truncate as truncate_cmd
 from . import unmerge as unmerge_cmd
@@ -53,9 +54,23 @@ combine_cmd.register(app)
 truncate_cmd.register(app)
 similarity_cmd.register(app)
 convert_cmd.register(app)
+run_cmd.register(app)
 pending.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="loractl")
+    """Console-script entry point: defaults from [tool.loractl] / loractl.toml, then the command line."""
+    import sys
+
+    from ..errors import LoractlError
+    from ._config import default_map, read_defaults
+
+    try:
+        table, _ = read_defaults()
+        cmd = typer.main.get_command(app)
+        params = {name: {p.name for p in sub.params if p.name} for name, sub in cmd.commands.items()}  # type: ignore[attr-defined]
+        dmap = default_map(table, params) if table else {}
+    except LoractlError as e:
+        sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
+        raise SystemExit(e.exit_code) from None
+    cmd(prog_name="loractl", default_map=dmap)

@@ -8,7 +8,6 @@ from ._errors import handled
 
 PENDING = {
     "check": "A CI gate: integrity, NaN/Inf, shapes, coverage, and what a serving runtime accepts.",
-    "run": "Run a TOML recipe of the steps above (for CI).",
 }
 
 

@@ -1,0 +1,76 @@
+"""``loractl run``: a pipeline of steps from a TOML recipe (for CI)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from . import _options as opt
+from ._errors import handled
+from ._output import console, render
+
+EPILOG = """Examples:
+
+\b
+  loractl run examples/recipe.toml
+  loractl run recipe.toml --dry-run
+  loractl run recipe.toml --set base=/models/llama --json
+"""
+
+
+@handled
+def run(
+    recipe: Path = typer.Argument(..., help="The TOML recipe."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; run nothing."),
+    set_: list[str] = typer.Option(None, "--set", help="Set a recipe variable: name=value (repeatable)."),
+    json_out: bool = opt.JSON,
+    quiet: bool = opt.QUIET,
+) -> None:
+    """Run a recipe of check, truncate, combine, convert, merge and inspect steps, validated before anything runs."""
+    from .. import recipe as rec
+    from ..errors import UsageError
+    from ._config import read_defaults
+
+    overrides = {}
+    for item in set_ or []:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected name=value")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    table, _ = read_defaults()
+    defaults = {k: v for k, v in table.items() if isinstance(v, dict)}
+    globals_ = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    for kind in rec.STEP_KINDS:
+        defaults[kind] = {**globals_, **defaults.get(kind, {})}
+    plan = rec.load(recipe, overrides=overrides, defaults=defaults)
+    c = console(stderr=True)
+
+    def on_step(r: rec.StepReport) -> None:
+        if not (json_out or quiet) and sys.stderr.isatty():
+            c.print(f"{r.status:>7}  {r.name} ({r.kind}) {r.seconds:.1f}s")
+
+    result = rec.run(plan, dry_run=dry_run, on_step=on_step)
+
+    def human(r: rec.RunResult) -> None:
+        from rich.table import Table
+
+        t = Table(show_edge=False, title=f"{r.recipe}{' (dry run)' if r.dry_run else ''}")
+        for col in ("step", "run", "status", "output", "seconds"):
+            t.add_column(col, justify="right" if col == "seconds" else "left")
+        for s in r.steps:
+            status = s.status + (f": {s.message}" if s.message else "")
+            t.add_row(s.name, s.kind, status, s.output or "-", f"{s.seconds:.1f}")
+        console().print(t)
+
+    render("run", result, as_json=json_out, quiet=quiet, human=human)
+    failed = [s for s in result.steps if s.status == "failed"]
+    if failed:
+        if not json_out:
+            sys.stderr.write(f"error: step {failed[0].name!r} failed: {failed[0].message}\n")
+        raise typer.Exit(failed[0].exit_code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run", epilog=EPILOG)(run)
