@@ -27,6 +27,7 @@ from .formats import load_adapter as _load_adapter
 from .formats.names import NameResolver
 from .io.atomic import atomic_output
 from .io.base import RECEIPT_NAME, BaseModel, open_base
+from .io.quant import QuantizedWeight
 from .io.safetensors import (
     FLOAT_DTYPES,
     SafetensorsFile,
@@ -126,14 +127,24 @@ def _tie(base: BaseModel) -> bool:
     return bool(tie)
 
 
-def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[float]) -> MergePlan:
-    """Resolve every adapter module to a base tensor and check shapes.
+def plan_merge(
+    base: BaseModel,
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    quantized: dict[str, QuantizedWeight] | None = None,
+) -> MergePlan:
+    """Resolve every adapter module to a base tensor and check shapes (4-bit weights: their real shape).
 
     Raises:
         ShapeMismatchError: an update does not fit the weight it resolves to.
         UnsupportedAdapterError: an adapter that changed the base during training (PiSSA, OLoRA...).
     """
     resolver = NameResolver(base.tensors, tie_word_embeddings=_tie(base))
+    quantized = quantized or {}
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        return tuple(quantized[key].shape) if key in quantized else tuple(base.info(key).shape)
+
     changes: dict[str, list[Contribution]] = {}
     unmatched: list[str] = []
     for i, (ad, w) in enumerate(zip(adapters, weights)):
@@ -149,10 +160,10 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
             if bkey is None:
                 unmatched.append(f"{key} ({ad.path})")
                 continue
-            if tuple(base.info(bkey).shape) != tuple(t.shape):
+            if shape_of(bkey) != tuple(t.shape):
                 raise ShapeMismatchError(
                     f"{ad.path}: tensor {key!r} is {list(t.shape)} but base tensor {bkey!r} is "
-                    f"{list(base.info(bkey).shape)}",
+                    f"{list(shape_of(bkey))}",
                     hint="is this adapter for another base model?",
                 )
             changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=t))
@@ -161,17 +172,17 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
             if key is None:
                 unmatched.append(f"{name} ({ad.path})")
                 continue
-            shape = base.info(key).shape
+            shape = shape_of(key)
             if tuple(shape) != tuple(m.weight_shape):
                 raise ShapeMismatchError(
                     f"{ad.path}: module {name!r}: adapter update is {list(m.weight_shape)} but base weight "
                     f"{key!r} is {list(shape)}",
                     hint="is this adapter for another base model?",
                 )
-            if m.kind == "linear" and base.info(key).dtype not in FLOAT_DTYPES:
+            if key not in quantized and base.info(key).dtype not in FLOAT_DTYPES:
                 raise InputError(
                     f"{base.path}: tensor {key!r} is {base.info(key).dtype}, not a float weight",
-                    hint="quantized bases are not supported by this version",
+                    hint="only bitsandbytes 4-bit (NF4/FP4) quantized bases are supported",
                 )
             changes.setdefault(key, []).append(Contribution(i, "lora", w, module=m))
             if m.bias is not None:
@@ -288,13 +299,29 @@ def _shard_name(stem: str, i: int, n: int) -> str:
 
 
 def layout(
-    base: BaseModel, out_dtype: str | None, shard_size: int | None
+    base: BaseModel,
+    out_dtype: str | None,
+    shard_size: int | None,
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> list[tuple[str, list[OutTensor]]]:
-    """Output file names and their tensors: the base's own layout, or re-sharded to ``shard_size``."""
+    """Output file names and their tensors: the base's own layout, or re-sharded to ``shard_size``.
+
+    4-bit weights are written dequantized (``out_dtype``, default bf16) with their real shape, and
+    their quantization statistics are left out.
+    """
+    from .io.quant import aux_keys
+
+    quantized = quantized or {}
+    aux = aux_keys(quantized)
     files: list[tuple[str, list[OutTensor]]] = []
     for i, s in enumerate(base.shards):
         items = []
         for info in s.tensors.values():  # in file order
+            if info.name in aux:
+                continue
+            if info.name in quantized:
+                items.append(OutTensor(info.name, i, out_dtype or "BF16", tuple(quantized[info.name].shape)))
+                continue
             dt = out_dtype if (out_dtype and info.dtype in FLOAT_DTYPES) else info.dtype
             items.append(OutTensor(info.name, i, dt, info.shape))
         files.append((s.path.name, items))
@@ -334,19 +361,18 @@ def _write_index(
     (folder / name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def _copy_other_files(base: BaseModel, folder: Path) -> None:
+def _copy_other_files(base: BaseModel, folder: Path, dequantized: bool = False) -> None:
+    """Copy the non-weight files; a dequantized copy's config.json loses its quantization_config
+    (transformers would otherwise load the bf16 weights as 4-bit layers)."""
+    from .io.quant import dequantized_config
+
     for rel in base.other_files:
         dst = folder / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(base.path / rel, dst)
-
-
-@dataclass
-class _Job:
-    """One output tensor: copied raw, or computed."""
-
-    out: OutTensor
-    compute: Callable[[torch.Tensor], torch.Tensor] | None  # None: raw byte copy
+        if dequantized and rel.as_posix() == "config.json":
+            dst.write_text(json.dumps(dequantized_config(base.config), indent=2) + "\n")
+        else:
+            shutil.copyfile(base.path / rel, dst)
 
 
 def _stream(
@@ -357,8 +383,10 @@ def _stream(
     metadata_for: Callable[[int, dict[str, str]], dict[str, str]],  # (file number, source metadata)
     progress: Progress | None,
     single_file: bool,
+    loaders: dict[str, Callable[[], torch.Tensor]] | None = None,
 ) -> int:
-    """Write ``files``: each tensor raw-copied from the base, or read, computed and written.
+    """Write ``files``: each tensor raw-copied from the base, or read (``loaders`` for tensors that
+    are not stored as such, e.g. 4-bit weights), computed and written.
 
     Reading the next tensor, computing this one and writing the previous overlap (two threads
     beside the main one); at most three tensors are in memory at once.
@@ -375,6 +403,8 @@ def _stream(
             try:
 
                 def read(t: OutTensor) -> torch.Tensor | None:
+                    if loaders and t.name in loaders:
+                        return loaders[t.name]()
                     return base.read(t.name) if t.name in jobs else None
 
                 pending_write: Future[None] | None = None
@@ -444,6 +474,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     dtype: str
+    notes: list[str] = field(default_factory=list)
 
 
 def receipt_path(merged: Path) -> Path:
@@ -572,8 +603,11 @@ def merge(
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     output = Path(output)
     with open_base(base) as b:
+        from .io import quant
+
+        quantized = quant.find_quantized(b)
         loaded = _load_all(adapters, format, allow_pickle, base=b)
-        plan = plan_merge(b, loaded, ws)
+        plan = plan_merge(b, loaded, ws, quantized)
         if plan.unmatched and not allow_partial:
             shown = ", ".join(plan.unmatched[:3]) + (
                 f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else ""
@@ -582,12 +616,19 @@ def merge(
                 f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
                 hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
             )
-        files = layout(b, DTYPES[dtype], size)
+        files = layout(b, DTYPES[dtype], size, quantized)
         refs = _refs(loaded, ws)
         inputs = [b.path, *(a.path for a in loaded)]
         corrections: dict[str, dict[str, torch.Tensor]] = {}
         changed_dtypes: dict[str, str] = {}
+        notes: list[str] = []
         need_receipt = receipt
+        if quantized:
+            need_receipt = False
+            notes.append(
+                f"the base is 4-bit ({len(quantized)} bitsandbytes weights): they are written dequantized; "
+                "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
+            )
 
         def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
             contribs = plan.changes.get(key, [])
@@ -611,8 +652,14 @@ def merge(
             return job
 
         jobs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        loaders: dict[str, Callable[[], torch.Tensor]] = {}
         for _, items in files:
             for t in items:
+                q = quantized.get(t.name)
+                if q is not None:  # read dequantized, exactly as bitsandbytes' dequantize_4bit gives it
+                    loaders[t.name] = lambda q=q: quant.dequantize(b, q).to(torch_dtype(q.st_dtype))
+                    jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
+                    continue
                 src_dtype = b.info(t.name).dtype
                 if t.name in plan.changes or t.dtype != src_dtype:
                     jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
@@ -627,10 +674,12 @@ def merge(
         placed_receipt: Path | None = None
         try:
             with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-                written = _stream(b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir)
+                written = _stream(
+                    b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir, loaders=loaders
+                )
                 if b.is_dir:
                     _write_index(tmp, b, files, {"loractl.operation": "merge"})
-                    _copy_other_files(b, tmp)
+                    _copy_other_files(b, tmp, dequantized=bool(quantized))
                     if need_receipt:
                         receipt_bytes = _write_receipt(
                             tmp / RECEIPT_NAME, corrections, refs, plan, b, changed_dtypes
@@ -660,6 +709,7 @@ def merge(
             bytes_written=written,
             seconds=time.perf_counter() - t0,
             dtype=dtype,
+            notes=notes,
         )
 
 
@@ -946,32 +996,52 @@ def inspect(
 
 
 def _coverage(b: BaseModel, a: Adapter, count: int) -> dict[str, Any]:
+    from .io import quant
+
+    quantized = quant.find_quantized(b)
     resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
     matched, unmatched, mismatch = 0, [], []
     for name, m in a.modules.items():
         key = resolver.resolve(name)
         if key is None:
             unmatched.append(name)
-        elif tuple(b.info(key).shape) != tuple(m.weight_shape):
-            mismatch.append(
-                {"module": name, "adapter": list(m.weight_shape), "base": list(b.info(key).shape)}
-            )
+            continue
+        shape = tuple(quantized[key].shape) if key in quantized else tuple(b.info(key).shape)
+        if shape != tuple(m.weight_shape):
+            mismatch.append({"module": name, "adapter": list(m.weight_shape), "base": list(shape)})
         else:
             matched += 1
     base_bytes = b.nbytes
-    return {
+    # a merged copy of a 4-bit base is written dequantized (bf16)
+    merged_bytes = quant.dequantized_nbytes(b, 2, quantized) if quantized else base_bytes
+    out: dict[str, Any] = {
         "path": str(b.path),
-        "parameters": b.parameters,
+        "parameters": sum(q.numel for q in quantized.values())
+        + sum(
+            info.numel
+            for n, (_, info) in b.tensors.items()
+            if n not in quant.aux_keys(quantized) and n not in quantized
+        ),
         "bytes": base_bytes,
         "coverage": {"matched": matched, "unmatched": unmatched, "shape_mismatch": mismatch},
         "ratio": a.nbytes / base_bytes if base_bytes else None,
         "storage": {
             "count": count,
             "base_plus_adapters": base_bytes + count * a.nbytes,
-            "merged_copies": count * base_bytes,
-            "saving": 1 - (base_bytes + count * a.nbytes) / (count * base_bytes) if base_bytes else None,
+            "merged_copies": count * merged_bytes,
+            "saving": 1 - (base_bytes + count * a.nbytes) / (count * merged_bytes) if merged_bytes else None,
         },
+        "quantized": None,
     }
+    if quantized:
+        out["quantized"] = {
+            "method": "bitsandbytes-4bit",
+            "quant_types": sorted({q.quant_type for q in quantized.values()}),
+            "double_quant": any(q.double_quant for q in quantized.values()),
+            "weights": len(quantized),
+            "merged_bytes": merged_bytes,
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------------

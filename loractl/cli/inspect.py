@@ -121,6 +121,13 @@ def inspect(
                     f"  base {b['path']}: {b['parameters']:,} parameters, {human_bytes(b['bytes'])}; "
                     f"adapter/base = {b['ratio']:.4%}"
                 )
+                if b.get("quantized"):
+                    qz = b["quantized"]
+                    c.print(
+                        f"  4-bit base ({qz['method']}, {'/'.join(qz['quant_types'])}"
+                        f"{', double-quantized' if qz['double_quant'] else ''}): {qz['weights']} weights; "
+                        f"a merged copy weighs {human_bytes(qz['merged_bytes'])} (bf16)"
+                    )
                 c.print(
                     f"  coverage: {cov['matched']} modules match, {len(cov['unmatched'])} unmatched, "
                     f"{len(cov['shape_mismatch'])} with the wrong shape"

@@ -92,6 +92,8 @@ def merge(
         )
         if r.unmatched:
             c.print(f"skipped {len(r.unmatched)} modules that match no base weight (--allow-partial)")
+        for note in r.notes:
+            c.print(f"note: {note}")
         if r.receipt is not None:
             c.print(
                 f"receipt: {r.receipt} ({human_bytes(r.receipt_bytes)}); unmerge restores the base bit for bit"

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError
-from .safetensors import FLOAT_DTYPES
+from .safetensors import DTYPE_INFO, FLOAT_DTYPES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -79,6 +79,8 @@ NF4_TABLE = (
 #: by 12 (its largest value) in float32. Code 8 is +0.0 here and in the stored ``quant_map`` (the
 #: CUDA and scalar CPU kernels give -0.0: equal as numbers, they differ only in the sign bit).
 FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+#: a quant state is a JSON object of a few hundred bytes
+MAX_STATE_BYTES = 1 << 20
 #: the float dtypes bitsandbytes quantizes from (``quantize_4bit``) and dequantizes to
 COMPUTE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -162,9 +164,11 @@ def _pos_int(v: Any) -> bool:
 def _read_state(base: BaseModel, key: str) -> dict[str, Any]:
     """The JSON object packed in a ``quant_state.bitsandbytes__*`` uint8 tensor."""
     info = base.info(key)
-    if info.dtype != "U8" or len(info.shape) != 1:
+    if info.dtype != "U8" or len(info.shape) != 1 or info.numel > MAX_STATE_BYTES:
         raise _bad(
-            base, key, f"expected a 1-D uint8 tensor of JSON bytes, found {info.dtype} {list(info.shape)}"
+            base,
+            key,
+            f"expected a 1-D uint8 tensor of JSON bytes (at most {MAX_STATE_BYTES}), found {info.dtype} {list(info.shape)}",
         )
     raw = base.read(key).numpy().tobytes()
     try:
@@ -407,7 +411,7 @@ def aux_keys(quantized: dict[str, QuantizedWeight]) -> set[str]:
 
 
 def dequantized_nbytes(
-    base: BaseModel, dtype_bytes: int = 2, quantized: dict[str, QuantizedWeight] | None = None
+    base: BaseModel, dtype_bytes: int | None = 2, quantized: dict[str, QuantizedWeight] | None = None
 ) -> int:
     """Tensor bytes of a copy of ``base`` whose 4-bit weights are written dequantized.
 
@@ -416,7 +420,8 @@ def dequantized_nbytes(
 
     Args:
         base: the open base model.
-        dtype_bytes: bytes per element of the dequantized weights.
+        dtype_bytes: bytes per element of the dequantized weights; ``None``: each weight's own
+            :attr:`QuantizedWeight.dtype` (what bitsandbytes dequantizes to).
         quantized: the result of :func:`find_quantized`, if already at hand.
 
     Raises:
@@ -427,7 +432,8 @@ def dequantized_nbytes(
     total = 0
     for name, (_, info) in base.tensors.items():
         if name in quantized:
-            total += quantized[name].numel * dtype_bytes
+            q = quantized[name]
+            total += q.numel * (DTYPE_INFO[q.st_dtype][0] if dtype_bytes is None else dtype_bytes)
         elif name not in skip:
             total += info.nbytes
     return total
