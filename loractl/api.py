@@ -525,6 +525,21 @@ def _loractl_metadata(op: str, refs: Sequence[AdapterRef], src: dict[str, str]) 
     return meta
 
 
+def _single_component(adapter: Adapter) -> Adapter:
+    """A diffusers adapter for one pipeline component, its module names relative to that component
+    (what PEFT loads into the bare model)."""
+    from .formats.diffusers import component_adapters
+
+    parts = component_adapters(adapter)
+    if len(parts) != 1:
+        raise UsageError(
+            f"{adapter.path}: holds LoRAs for {len(parts)} components ({', '.join(sorted(parts))}); "
+            "a PEFT adapter is for one model",
+            hint="write --to diffusers to keep them together",
+        )
+    return next(iter(parts.values()))
+
+
 def save_adapter(
     adapter: Adapter,
     output: str | Path,
@@ -552,6 +567,9 @@ def save_adapter(
     output = Path(output)
     options = options or WriteOptions()
     options.metadata = {**_loractl_metadata(operation, sources, {}), **options.metadata}
+    options.target = output
+    if to == "peft" and adapter.format == "diffusers":
+        adapter = _single_component(adapter)
     with atomic_output(output, is_dir=False, inputs=inputs, force=force) as tmp:
         mod.write(adapter, tmp, options)
     return output

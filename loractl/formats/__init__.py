@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: every format name, in the order detection tries them (most specific first)
 FORMATS = ("peft", "kohya", "diffusers", "loralib", "gguf")
-DETECT_ORDER = ("kohya", "diffusers", "peft", "loralib")
+DETECT_ORDER = ("kohya", "diffusers", "loralib", "peft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 #: LyCORIS algorithms that are not LoRA, by a key fragment that identifies them
@@ -62,6 +62,8 @@ class ReadOptions:
         base_config: the base's ``config.json`` (architecture, layer count) when known.
         rank: r for formats that do not store it (loralib); None: from the shapes.
         alpha: alpha for formats that do not store it (loralib); None: alpha = r.
+        enable_lora: loralib ``MergedLinear``'s enabled slices, for all packed modules or by module.
+        fan_in_fan_out: force loralib's layout flag instead of guessing it from module names.
     """
 
     allow_pickle: bool = False
@@ -69,6 +71,8 @@ class ReadOptions:
     base_config: dict[str, Any] = field(default_factory=dict)
     rank: int | None = None
     alpha: float | None = None
+    enable_lora: list[bool] | dict[str, list[bool]] | None = None
+    fan_in_fan_out: bool | None = None
 
 
 @dataclass
@@ -79,11 +83,13 @@ class WriteOptions:
         base_keys: the base's tensor names (GGUF needs the architecture; kohya names from the base).
         base_config: the base's ``config.json``.
         metadata: extra ``__metadata__`` entries (loractl's provenance) to add to what the adapter had.
+        target: the final output path (writers are handed a temporary path; its name tells nothing).
     """
 
     base_keys: Collection[str] | None = None
     base_config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    target: Path | None = None
 
 
 def format_module(name: str):

@@ -314,6 +314,25 @@ def component_adapters(adapter: Adapter, options: WriteOptions | None = None) ->
     }
 
 
+def _config_names(comp: str, sub: Adapter) -> Adapter:
+    """``sub`` with the names its config should use: a text encoder's leading ``text_model.`` dropped.
+
+    transformers 5 flattened ``CLIPTextModel`` (no ``text_model``); diffusers then strips ``text_model.``
+    from the tensor keys but not from the config, so exact names with it match nothing. Without it they
+    match both layouts (PEFT: a target matches a module name that ends with ``.<target>``; patterns are
+    ``(.*\\.)?(k)$``), while the tensor keys keep the names the adapter had.
+    """
+    if not comp.startswith("text_encoder"):
+        return sub
+    mods = {
+        n.removeprefix("text_model."): replace(m, name=n.removeprefix("text_model."))
+        for n, m in sub.modules.items()
+    }
+    if len(mods) != len(sub.modules):
+        return sub
+    return replace(sub, modules=mods)
+
+
 def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
     """One ``pytorch_lora_weights.safetensors``-style file at ``out``, as diffusers' ``save_lora_weights``
     writes it: ``<component>.<module>.lora_A.weight`` ... and, in the header, ``lora_adapter_metadata``
@@ -345,7 +364,7 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = {}
     for comp, sub in component_adapters(adapter, options).items():
-        cfg = peft.peft_config(sub)
+        cfg = peft.peft_config(_config_names(comp, sub))
         for key, value in cfg.items():
             config[f"{comp}.{key}"] = value
         for key, t in peft.peft_tensors(sub).items():

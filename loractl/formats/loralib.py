@@ -139,7 +139,9 @@ def read(
         elif key.endswith(".bias"):
             biases[key] = t
         else:
-            raise FormatError(f"{weights}: tensor {key!r} is not a key of a loralib state dict (lora_A, lora_B, bias)")
+            raise FormatError(
+                f"{weights}: tensor {key!r} is not a key of a loralib state dict (lora_A, lora_B, bias)"
+            )
     base_keys = set(options.base_keys or ())
     modules: dict[str, LoraModule] = {}
     enables: dict[str, list[bool]] = {}
@@ -148,7 +150,9 @@ def read(
     for name, p in sorted(parts.items()):
         for part in ("lora_A", "lora_B"):
             if part not in p:
-                raise FormatError(f"{weights}: module {name!r} has no {part} tensor", hint="the state dict is incomplete")
+                raise FormatError(
+                    f"{weights}: module {name!r} has no {part} tensor", hint="the state dict is incomplete"
+                )
         a, b = p["lora_A"], p["lora_B"]
         if a.dim() != 2 or b.dim() != 2:
             raise FormatError(
@@ -192,7 +196,9 @@ def read(
         if assumed:
             assumed_enable.append(name)
         up = _merged_up(b, enable, r)
-        modules[name] = LoraModule(name=name, kind="linear", down=a, up=up, alpha=alpha * k, fan_in_fan_out=ff)
+        modules[name] = LoraModule(
+            name=name, kind="linear", down=a, up=up, alpha=alpha * k, fan_in_fan_out=ff
+        )
     config: dict[str, Any] = {
         "rank": options.rank,
         "alpha": options.alpha,
@@ -245,7 +251,11 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
             )
         up = m.up
         if m.scale != 1.0:
-            up = (up.float() * m.scale).to(up.dtype) if up.dtype in (torch.float16, torch.bfloat16) else up * m.scale
+            up = (
+                (up.float() * m.scale).to(up.dtype)
+                if up.dtype in (torch.float16, torch.bfloat16)
+                else up * m.scale
+            )
         out_t[f"{name}.lora_A"] = m.down.contiguous()
         out_t[f"{name}.lora_B"] = up.contiguous()
     for key, t in sorted(adapter.modules_to_save.items()):

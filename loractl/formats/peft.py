@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors")
 # init_lora_weights values that change the base weights during training: merging such an adapter
 # into the original base is wrong (PEFT's docs: convert with path_initial_model_for_weight_conversion).
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -320,7 +320,7 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loractl.")}
     meta.update(options.metadata)
     meta.setdefault("format", "pt")
-    if out.suffix == ".safetensors":
+    if (options.target or out).suffix == ".safetensors":
         meta["lora_adapter_metadata"] = json.dumps(cfg)
         write_file(out, peft_tensors(adapter), meta)
         return
