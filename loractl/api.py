@@ -971,7 +971,10 @@ def inspect(
     b = open_base(base) if base is not None else None
     try:
         for path in adapters:
-            a = _load_adapter(path, format=format, options=ReadOptions(allow_pickle=allow_pickle))
+            opts = ReadOptions(allow_pickle=allow_pickle)
+            if b is not None:
+                opts.base_keys, opts.base_config = list(b.tensors), b.config
+            a = _load_adapter(path, format=format, options=opts)
             mods = [
                 ModuleInfo(
                     name=m.name,
@@ -1590,14 +1593,23 @@ class SpectrumResult:
 
 
 def spectrum(
-    adapters: Sequence[str | Path | Adapter], *, format: str | None = None, allow_pickle: bool = False
+    adapters: Sequence[str | Path | Adapter],
+    *,
+    base: str | Path | None = None,
+    format: str | None = None,
+    allow_pickle: bool = False,
 ) -> SpectrumResult:
     """Singular values of each module's update (from factors), entropy effective rank, energy kept
-    at ranks 1, 2, 4, … r."""
+    at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts)."""
     from .ops.factored import effective_rank, energy_kept, factored_svd
 
     result = []
-    for a in _load_all(adapters, format, allow_pickle):
+    if base is not None:
+        with open_base(base) as b:
+            loaded = _load_all(adapters, format, allow_pickle, base=b)
+    else:
+        loaded = _load_all(adapters, format, allow_pickle)
+    for a in loaded:
         mods = []
         for name, m in a.modules.items():
             b2, a2 = matrices(m)

@@ -46,9 +46,7 @@ def inspect(
     from ..errors import UsageError
 
     if spectrum:
-        if base is not None:
-            raise UsageError("--spectrum and --base are separate views; run them one at a time")
-        spec = api.spectrum(adapters, format=format, allow_pickle=allow_pickle)
+        spec = api.spectrum(adapters, base=base, format=format, allow_pickle=allow_pickle)
         if plot is not None:
             from ._plot import spectrum_curves
 

@@ -124,13 +124,13 @@ _LAYER_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")  # Mode
 _PROVENANCE_SKIP = ("general.", "adapter.", "GGUF.")
 
 
-def _gguf() -> Any:
+def _gguf(source: Path) -> Any:
     """The ``gguf`` package (llama.cpp's gguf-py), imported only when a GGUF file is touched."""
     try:
         import gguf
     except ImportError:
         raise UsageError(
-            "GGUF support needs the gguf package (llama.cpp's gguf-py)",
+            f"{source}: GGUF support needs the gguf package (llama.cpp's gguf-py)",
             hint="pip install 'loractl[gguf]'",
         ) from None
     return gguf
@@ -153,7 +153,7 @@ def base_arch(config: dict[str, Any], source: Path) -> ArchSpec:
     """
     if not config:
         raise InputError(
-            f"{source}: converting to GGUF needs the base model's config.json (architecture, layers, heads)",
+            f"{source}: converting to GGUF needs --base (the base's config.json gives architecture, layers, heads)",
             hint="pass --base with the base model folder",
         )
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
@@ -225,8 +225,8 @@ def fold_scales(modules: Collection[LoraModule]) -> tuple[float, dict[str, float
     import numpy as np
 
     eff = {m.name: m.scale * m.rank for m in modules}
-    counts = Counter(v for v in eff.values() if v != 0)
-    alpha = max(counts, key=lambda v: (counts[v], -list(eff.values()).index(v))) if counts else 1.0
+    counts = Counter(v for v in eff.values() if v != 0)  # in first-seen order: ties go to the first
+    alpha = max(counts, key=counts.__getitem__) if counts else 1.0
     alpha32 = float(np.float32(alpha))
     factors = {name: (1.0 if e == alpha else e / alpha32) for name, e in eff.items()}
     return alpha32, factors
@@ -296,7 +296,11 @@ def _qtype(gguf: Any, a: torch.Tensor, b: torch.Tensor) -> Any:
 
 
 def _encode(gguf: Any, t: torch.Tensor, factor: float, qtype: Any, source: Path, name: str) -> np.ndarray:
-    """``t · factor`` rounded once to ``qtype``, laid out as ``gguf.quants.quantize`` gives it."""
+    """``t · factor`` rounded to ``qtype``, laid out as ``gguf.quants.quantize`` gives it.
+
+    Factor 1 is exact (F16/BF16 values pass through float32 unchanged). A folded B is computed in
+    float64 and rounded once to F32 or F16; BF16 goes through float32 first, as ``gguf.quants`` does.
+    """
     import numpy as np
 
     if factor == 1.0:
@@ -320,8 +324,8 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
         InputError: no or unsupported base config; an adapter module GGUF cannot hold; a module
             without a GGUF tensor name; q/k rows that do not split into the config's heads.
     """
-    gguf = _gguf()
     src = adapter.files[0] if adapter.files else adapter.path
+    gguf = _gguf(src)
     spec = base_arch(options.base_config, src)
     _refuse(adapter)
     n_layers = layer_count(options.base_config)
@@ -471,8 +475,8 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
     """
     import torch
 
-    gguf = _gguf()
     path = Path(path)
+    gguf = _gguf(path)
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/KeyError/IndexError for damaged files
@@ -490,7 +494,7 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
             f"{path}: not a GGUF LoRA adapter (general.type={gtype!r}, adapter.type={atype!r})",
             hint="a GGUF LoRA is what convert_lora_to_gguf.py writes; a full GGUF model is not an adapter",
         )
-    if kv.get(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS):
+    if kv.get("adapter.alora.invocation_tokens"):  # gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS (gguf >= 0.17)
         raise UnsupportedAdapterError(
             f"{path}: an activated LoRA (adapter.alora.invocation_tokens); it applies only after its "
             "invocation tokens, so it cannot be merged or converted as a plain LoRA"
