@@ -24,7 +24,7 @@ from .adapter import Adapter, LoraModule
 from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
 from .formats import ReadOptions, WriteOptions, format_module
 from .formats import load_adapter as _load_adapter
-from .formats.names import NameResolver
+from .formats.names import NameResolver, ties_word_embeddings
 from .io.atomic import atomic_output
 from .io.base import RECEIPT_NAME, BaseModel, open_base
 from .io.quant import QuantizedWeight
@@ -120,11 +120,7 @@ class MergePlan:
 
 
 def _tie(base: BaseModel) -> bool:
-    cfg = base.config
-    tie = cfg.get("tie_word_embeddings")
-    if tie is None and isinstance(cfg.get("text_config"), dict):
-        tie = cfg["text_config"].get("tie_word_embeddings")
-    return bool(tie)
+    return ties_word_embeddings(base.config)
 
 
 def plan_merge(
@@ -1743,4 +1739,29 @@ def convert(
     )
     return ConvertResult(
         Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+def check(
+    adapter: str | Path,
+    *,
+    base: str | Path | None = None,
+    target: str | None = None,
+    max_rank: int | None = None,
+    format: str | None = None,
+    allow_pickle: bool = False,
+):  # -> checks.CheckResult
+    """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, all-zero modules,
+    shapes and coverage against ``base``, and what ``target`` — peft, vllm, llama.cpp, lorax — accepts).
+
+    Returns:
+        :class:`loractl.checks.CheckResult`; ``ok`` is False when any finding is an error.
+    """
+    from .checks import check as run_checks
+
+    return run_checks(
+        adapter, base=base, target=target, max_rank=max_rank, format=format, allow_pickle=allow_pickle
     )

@@ -182,3 +182,13 @@ def test_tool_loractl_defaults_apply_and_the_command_line_wins(work: Path) -> No
     write(work / "loractl.toml", '[merge]\ndtpye = "bf16"\n')
     p = _cli("merge", "tiny-llama", "tiny-llama-lora", "-o", "m3", cwd=work)
     assert p.returncode == 2 and "no option 'dtpye'" in p.stderr
+
+
+def test_the_example_recipe_runs(tmp_path: Path) -> None:
+    """examples/recipe.toml: truncate, check for vLLM, merge (CI also runs it through the CLI)."""
+    r = recipe.load(EXAMPLES / "recipe.toml", overrides={"out": str(tmp_path / "out")})
+    assert [s.kind for s in r.steps] == ["truncate", "check", "merge"]
+    res = recipe.run(r)
+    assert res.ok, [(s.name, s.message) for s in res.steps]
+    assert res.steps[1].result.ok and res.steps[1].result.target == "vllm"
+    assert (tmp_path / "out" / "merged" / "model.safetensors.index.json").exists()

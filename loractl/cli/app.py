@@ -9,11 +9,11 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from . import check as check_cmd
 from . import combine as combine_cmd
 from . import convert as convert_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
-from . import pending
 from . import run as run_cmd
 from . import similarity as similarity_cmd
 from . import truncate as truncate_cmd
@@ -55,7 +55,7 @@ truncate_cmd.register(app)
 similarity_cmd.register(app)
 convert_cmd.register(app)
 run_cmd.register(app)
-pending.register(app)
+check_cmd.register(app)
 
 
 def main() -> None:

@@ -11,10 +11,12 @@ Scale (``LoRAModule.__init__``): ``alpha / r``; a missing alpha, or alpha 0 (sd-
 folds an rsLoRA scale into alpha (alpha' = s · r).
 
 Module names read: ``<component>.<dotted path>`` (``unet.down_blocks.0.attentions.0.proj_in``,
-``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``); with a base at hand the dots are
-placed where the base's real module names have them, and for a single-file Stable Diffusion
-checkpoint the module is named by the checkpoint's own path (``model.diffusion_model.input_blocks.1.1.proj_in``)
-so that the merge finds the tensor. The kohya names read are kept in ``Adapter.config["kohya_names"]``
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``) without a base. With a base at hand
+(``ReadOptions.base_keys``) the dots are placed where the base's real module names have them and the
+module is named by the base module it adapts, so that the merge finds the tensor as is: ``conv_in``
+in a diffusers UNet folder, ``model.diffusion_model.input_blocks.1.1.proj_in`` in a single-file Stable
+Diffusion checkpoint (through the diffusers → LDM UNet map of :mod:`.sd_names`). The kohya names read
+are kept in ``Adapter.config["kohya_names"]``
 so that writing the adapter back gives the same keys.
 """
 
@@ -86,13 +88,19 @@ class KohyaNamer:
             if layout == "ldm" and not any(m.startswith("input_blocks.") for m in under):
                 continue
             aliases: dict[str, str] = {}
+            if layout == "hf":
+                # transformers 5 drops CLIPTextModel's "text_model." level; older files have it
+                aliases = {
+                    (m[len("text_model.") :] if m.startswith("text_model.") else "text_model." + m): m
+                    for m in under
+                }
             if layout == "ldm":  # kohya SD 1.x/2.x names are diffusers', sd-scripts' SDXL ones are LDM's
                 aliases = {
                     d: ldm[len(root) :]
                     for d, ldm in sd_names.ldm_unet_map(root + m + ".weight" for m in under).items()
                 }
             # only whole names under the root: no suffix matching across components
-            found = (root, layout, _WholeNames(under, aliases))
+            found = (root, layout, sd_names.FlatIndex(under, aliases, suffixes=False))
             break
         self._indexes[component] = found
         return found
@@ -135,14 +143,24 @@ class KohyaNamer:
             # sd-scripts names SDXL UNet modules after its LDM-layout UNet: accept those for a diffusers UNet too
             aliases = sd_names.diffusers_unet_map(self.base_keys) if unet else None
             self._generic[unet] = sd_names.FlatIndex(self._modules, aliases)
-        spellings = sorted({dotted for dotted, _ in self._generic[unet].candidates(flat)})
+        hits = self._generic[unet].candidates(flat)
+        if not hits and component.startswith("text_encoder") and flat.startswith("text_model_"):
+            # transformers 5 drops CLIPTextModel's "text_model." level from the names it saves
+            hits = self._generic[unet].candidates(flat[len("text_model_") :])
+        spellings = sorted({dotted for dotted, _ in hits})
         if len(spellings) > 1:
             raise self._ambiguous(lora_name, spellings)
-        dotted = spellings[0] if spellings else sd_names.split_flat(flat)
-        return f"{component}.{dotted}"
+        if not spellings:
+            return f"{component}.{sd_names.split_flat(flat)}"
+        reals = {real for _, real in hits}
+        # one real module: its own name, which the merge finds as is (``unet.conv_in`` would not resolve
+        # in a diffusers UNet folder); several (a spelling under several roots): the merge decides
+        return reals.pop() if len(reals) == 1 else f"{component}.{spellings[0]}"
 
     def _openclip(self, lora_name: str, root: str, flat: str) -> str:
         hf = sd_names.split_flat(flat)
+        if not hf.startswith("text_model."):
+            hf = "text_model." + hf  # names from transformers 5, which drops that level
         mapped = sd_names.clip_to_openclip(hf)
         if mapped is None and hf.endswith(sd_names.OPENCLIP_FUSED):
             raise InputError(
@@ -153,18 +171,7 @@ class KohyaNamer:
         return root + (mapped or hf)
 
 
-class _WholeNames(sd_names.FlatIndex):
-    """A :class:`sd_names.FlatIndex` over whole names only (no trailing-part matches)."""
-
-    def __init__(self, modules: list[str], aliases: dict[str, str]) -> None:
-        self._by_flat = {}
-        for m in modules:
-            self._by_flat.setdefault(sd_names.flatten(m), set()).add((m, m))
-        for alias, real in aliases.items():
-            self._by_flat.setdefault(sd_names.flatten(alias), set()).add((real, real))
-
-
-def kohya_name(module: str, te_prefixes: tuple[str, str]) -> str:
+def kohya_name(module: str, te_prefixes: tuple[str, str], clip: bool = False) -> str:
     """The sd-scripts name of a loractl module: ``lora_unet_`` + path with ``.`` → ``_`` and so on.
 
     Args:
@@ -172,6 +179,7 @@ def kohya_name(module: str, te_prefixes: tuple[str, str]) -> str:
             diffusers UNet path, a single-file checkpoint path).
         te_prefixes: the prefixes for the first and second text encoder (``lora_te_``/``lora_te2_``,
             or ``lora_te1_``/``lora_te2_`` when the adapter has both, as sd-scripts' SDXL networks).
+        clip: bare module names are a CLIP text encoder's (the base is one), not a UNet's.
     """
     by_component = {
         "unet": "lora_unet_",
@@ -182,14 +190,25 @@ def kohya_name(module: str, te_prefixes: tuple[str, str]) -> str:
     }
     head, _, rest = module.partition(".")
     if rest and head in by_component:
-        return by_component[head] + sd_names.flatten(rest)
+        return by_component[head] + _te_path(head, rest)
     for component, roots in sd_names.SINGLE_FILE_ROOTS.items():
         for root, _layout in roots:
             if module.startswith(root):
-                return by_component[component] + sd_names.flatten(module[len(root) :])
-    if module.startswith("text_model."):
-        return te_prefixes[0] + sd_names.flatten(module)
+                return by_component[component] + _te_path(component, module[len(root) :])
+    if module.startswith("text_model.") or (clip and module.startswith(_CLIP_TOP)):
+        return te_prefixes[0] + _te_path("text_encoder", module)
     return "lora_unet_" + sd_names.flatten(module)
+
+
+_CLIP_TOP = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
+def _te_path(component: str, path: str) -> str:
+    """A CLIP text encoder path as sd-scripts writes it: with the ``text_model.`` level that
+    transformers 4 had (A1111 and ComfyUI look for ``lora_te_text_model_encoder_…``)."""
+    if component in ("text_encoder", "text_encoder_2") and path.startswith(_CLIP_TOP):
+        path = "text_model." + path
+    return sd_names.flatten(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +270,9 @@ def read(
         name = namer.name(lora_name)
         if name in modules:
             raise InputError(
-                f"{weights}: kohya modules {names[name]!r} and {lora_name!r} both name base module {name!r}"
+                f"{weights}: kohya modules {names[name]!r} and {lora_name!r} both name base module {name!r}",
+                hint="the base holds one component (e.g. one text encoder) that both fit; merge into a "
+                "single-file checkpoint holding every component, or keep only the wanted modules",
             )
         modules[name] = LoraModule(name=name, kind=kind, down=down, up=up, alpha=alpha)
         names[name] = lora_name
@@ -325,17 +346,20 @@ def dylora_unit(adapter: Adapter) -> int | None:
 # writing
 # ------------------------------------------------------------------------------------------------
 def alpha_for_scale(scale: float, rank: int) -> float:
-    """An alpha with ``alpha / rank == scale`` exactly in float64 (``scale · rank`` or a neighbour).
+    """The alpha whose ``alpha / rank`` is closest to ``scale`` in float64: ``scale · rank`` or a neighbour.
 
     kohya has no rsLoRA rule, so an rsLoRA module's scale ``alpha / sqrt(r)`` is folded into alpha.
+    ``alpha / rank`` hits ``scale`` exactly for most values; division by ``rank`` skips some doubles,
+    and then the scale read back is within one ulp of the original.
     """
-    alpha = scale * rank
-    for _ in range(4):
-        got = alpha / rank
-        if got == scale:
-            return alpha
-        alpha = math.nextafter(alpha, math.inf if got < scale else -math.inf)
-    return scale * rank
+    best = scale * rank
+    cands = [best]
+    for direction in (math.inf, -math.inf):
+        a = best
+        for _ in range(3):
+            a = math.nextafter(a, direction)
+            cands.append(a)
+    return min(cands, key=lambda a: (abs(a / rank - scale), cands.index(a)))
 
 
 def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -352,9 +376,15 @@ def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(alpha, dtype=torch.float64)
 
 
-def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+def kohya_tensors(adapter: Adapter, base_config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under sd-scripts' key names, such that ``alpha / r · up · down`` is each
-    module's update ``s · B · A`` exactly.
+    module's update ``s · B · A`` (exactly; a folded rsLoRA scale within one ulp, see :func:`alpha_for_scale`).
+
+    Names: those read, for an adapter read from a kohya file; else :func:`kohya_name`.
+
+    Args:
+        adapter: what to write.
+        base_config: the base's ``config.json``; a CLIP text model's makes bare names text-encoder names.
 
     Raises:
         FormatError: a module kohya files cannot hold (embedding, DoRA, ``lora_bias``, fan_in_fan_out),
@@ -375,6 +405,9 @@ def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     )
     te = ("lora_te1_", "lora_te2_") if both else ("lora_te_", "lora_te2_")
     known: dict[str, str] = adapter.config.get(NAMES_KEY, {}) if adapter.format == "kohya" else {}
+    cfg = base_config or {}
+    archs = " ".join(str(a) for a in cfg.get("architectures") or [])
+    clip = str(cfg.get("model_type", "")).startswith("clip_text") or "CLIPText" in archs
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}
     for name, m in sorted(adapter.modules.items()):
@@ -394,7 +427,7 @@ def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
                 f"{src}: module {name!r} is {problem}; kohya files hold plain linear and conv LoRA only",
                 hint="convert to peft instead",
             )
-        lora_name = known.get(name) or kohya_name(name, te)
+        lora_name = known.get(name) or kohya_name(name, te, clip)
         if lora_name in owner:
             raise FormatError(
                 f"{src}: modules {owner[lora_name]!r} and {name!r} both become kohya {lora_name!r}"
@@ -486,7 +519,7 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
     """
     from ..io.safetensors import write_file
 
-    tensors = kohya_tensors(adapter)
+    tensors = kohya_tensors(adapter, options.base_config)
     meta = kohya_metadata(adapter, options)
     model_hash, legacy_hash, blob = sshs_hashes(tensors, meta)
     if "modelspec.hash_sha256" in meta:

@@ -24,6 +24,15 @@ EMBEDDINGS = (
 )
 
 
+def ties_word_embeddings(config: dict) -> bool:
+    """The model's config ties its output head to the input embedding (transformers' ``tie_word_embeddings``,
+    also under ``text_config`` for multimodal models)."""
+    tie = config.get("tie_word_embeddings")
+    if tie is None and isinstance(config.get("text_config"), dict):
+        tie = config["text_config"].get("tie_word_embeddings")
+    return bool(tie)
+
+
 class NameResolver:
     """Finds base tensor names for adapter module names.
 

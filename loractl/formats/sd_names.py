@@ -127,16 +127,19 @@ class FlatIndex:
         modules: dotted module names (the base's, perhaps under a root).
         aliases: extra spellings: ``{alias dotted name: real module}`` (e.g. the LDM names of a
             diffusers UNet's modules); an alias resolves to the real module's name.
+        suffixes: match trailing parts of the names too (else whole names only).
 
     A flat path matches a module when it is the flattening of the module's name or of one of its
     trailing parts (``text_model_encoder...`` matches ``cond_stage_model.transformer.text_model.encoder...``).
     """
 
-    def __init__(self, modules: Iterable[str], aliases: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, modules: Iterable[str], aliases: dict[str, str] | None = None, suffixes: bool = True
+    ) -> None:
         self._by_flat: dict[str, set[tuple[str, str]]] = {}
         for m in modules:
             parts = m.split(".")
-            for i in range(len(parts)):
+            for i in range(len(parts) if suffixes else 1):
                 suffix = ".".join(parts[i:])
                 self._by_flat.setdefault(flatten(suffix), set()).add((suffix, m))
         for alias, real in (aliases or {}).items():

@@ -1,4 +1,4 @@
-"""The CLI's contract (docs: ../shared/CLI.md): version, help, pending commands, --json, -q, and
+"""The CLI's contract (docs: ../shared/CLI.md): version, help, --json, -q, and
 the keys and values of ``inspect --json``."""
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ import pytest
 from safetensors import safe_open
 
 import loractl
-from loractl.cli import pending
 
-# every command of CLI.md; those not implemented yet are the ones the pending module still registers
+# every command of CLI.md
 COMMANDS = ["inspect", "merge", "unmerge", "combine", "truncate", "similarity", "convert", "check", "run"]
-PENDING = [c for c in COMMANDS if c in getattr(pending, "PENDING", {})]
-IMPLEMENTED = [c for c in COMMANDS if c not in PENDING]
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -66,22 +63,7 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        *IMPLEMENTED,
-        *[
-            pytest.param(
-                c,
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="pending commands have no Examples epilog yet (only 'Not yet available')",
-                ),
-            )
-            for c in PENDING
-        ],
-    ],
-)
+@pytest.mark.parametrize("command", COMMANDS)
 def test_command_help_ends_with_examples(cli, command):
     r = cli(command, "--help")
     assert r.code == 0, r.stderr
@@ -90,22 +72,6 @@ def test_command_help_ends_with_examples(cli, command):
     tail = text[text.rindex("Examples") :]
     assert text.rindex("Examples") > text.rindex("Options:"), "the examples are not at the end"
     assert re.search(rf"^\s*loractl {command}\b", tail, re.M), tail
-
-
-# --------------------------------------------------------------------------------------------
-# pending commands
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", PENDING)
-@pytest.mark.parametrize("extra", [[], ["a", "b", "-o", "c", "--json"]], ids=["bare", "with-args"])
-def test_pending_command_says_not_yet_available(cli, command, extra):
-    r = cli(command, *extra)
-    assert r.code == 2, r.stdout + r.stderr
-    assert r.stdout == ""
-    assert "Traceback" not in r.stderr
-    lines = r.stderr_lines
-    assert 1 <= len(lines) <= 2, r.stderr
-    assert "not yet available" in lines[0]
-    assert command in lines[0]
 
 
 # --------------------------------------------------------------------------------------------
