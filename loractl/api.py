@@ -1139,20 +1139,6 @@ def _check_fraction(flag: str, value: float | None) -> None:
         raise UsageError(f"{flag} {value} is outside (0, 1]", hint="give a fraction such as 0.9")
 
 
-def dylora_unit(adapter: Adapter) -> int | None:
-    """The DyLoRA unit of a kohya ``networks.dylora`` file (``unit`` in ``ss_network_args``), or None."""
-    if not adapter.metadata.get("ss_network_module", "").endswith("dylora"):
-        return None
-    try:
-        args = json.loads(adapter.metadata.get("ss_network_args", "{}") or "{}")
-    except json.JSONDecodeError:
-        args = {}
-    for key in ("unit", "block_size"):
-        if key in args:
-            return int(args[key])
-    return 1
-
-
 def truncate(
     adapter: str | Path | Adapter,
     output: str | Path,
@@ -1219,6 +1205,8 @@ def truncate(
     if nested:
         if given or rank is None:
             raise UsageError("--nested keeps the first R components: give --rank R (no dynamic rule)")
+        from .formats.kohya import dylora_unit
+
         unit = dylora_unit(a)
         convention = dylora_convention or ("kohya" if unit is not None else "original")
         if convention not in DYLORA_CONVENTIONS:

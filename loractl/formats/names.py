@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from ..errors import InputError
 
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+#: pipeline components that prefix module names in diffusers/kohya adapters (``unet.conv_in``)
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
 EMBEDDINGS = (
     "embed_tokens.weight",
     "wte.weight",
@@ -67,6 +69,13 @@ class NameResolver:
     def resolve(self, module: str, leaf: str = "weight") -> str | None:
         """The base tensor for ``module``'s ``leaf`` (``weight`` or ``bias``), or None."""
         parts = module.split(".")
+        if len(parts) > 1 and parts[0] in COMPONENTS:
+            # a pipeline component's module against that component's own weights (``unet.conv_in``)
+            hit = self._lookup(module + "." + leaf, strict=True) or self._lookup(
+                ".".join(parts[1:] + [leaf]), strict=True
+            )
+            if hit is not None:
+                return hit
         # drop at most two leading components, and keep at least two
         for i in range(min(3, len(parts) - 1) if len(parts) > 1 else 1):
             hit = self._lookup(".".join(parts[i:] + [leaf]), strict=i == 0)
