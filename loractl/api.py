@@ -499,8 +499,10 @@ def _load_all(
     format: str | None,
     allow_pickle: bool,
     base: BaseModel | None = None,
+    subfolder: str | None = None,
+    progress: bool = False,
 ) -> list[Adapter]:
-    opts = ReadOptions(allow_pickle=allow_pickle)
+    opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, progress=progress)
     if base is not None:
         opts.base_keys = list(base.tensors)
         opts.base_config = base.config
@@ -584,6 +586,7 @@ def merge(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Write ``base + Σ wᵢ·ΔWᵢ`` to ``output`` in the base's own layout, one tensor at a time.
@@ -602,7 +605,8 @@ def merge(
         force: replace an existing output.
         format: force the adapters' format.
         allow_pickle: accept pickle adapters.
-        progress: called with (bytes done, bytes total).
+        subfolder: the folder inside a Hub adapter repo.
+        progress: called with (bytes done, bytes total); also turns on Hub download bars.
 
     Raises:
         InputError: bad base or adapter, adapter that does not fit, unmatched modules.
@@ -616,11 +620,13 @@ def merge(
     ws = _weights(weights, len(adapters))
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     output = Path(output)
-    with open_base(base) as b:
+    with open_base(base, progress=progress is not None) as b:
         from .io import quant
 
         quantized = quant.find_quantized(b)
-        loaded = _load_all(adapters, format, allow_pickle, base=b)
+        loaded = _load_all(
+            adapters, format, allow_pickle, base=b, subfolder=subfolder, progress=progress is not None
+        )
         plan = plan_merge(b, loaded, ws, quantized)
         if plan.unmatched and not allow_partial:
             shown = ", ".join(plan.unmatched[:3]) + (
@@ -953,6 +959,7 @@ def inspect(
     count: int = 100,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
 ) -> InspectResult:
     """Describe adapters: format, kind, per-module rank/alpha/scale, sizes; with a base, coverage and storage.
 
@@ -967,7 +974,7 @@ def inspect(
     b = open_base(base) if base is not None else None
     try:
         for path in adapters:
-            opts = ReadOptions(allow_pickle=allow_pickle)
+            opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder)
             if b is not None:
                 opts.base_keys, opts.base_config = list(b.tensors), b.config
             a = _load_adapter(path, format=format, options=opts)
@@ -1659,6 +1666,7 @@ def convert(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
 ) -> ConvertResult:
     """Rewrite an adapter in another format; every module's update s·B·A is unchanged.
 
@@ -1686,7 +1694,7 @@ def convert(
         raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
     b = open_base(base) if base is not None else None
     try:
-        opts = ReadOptions(allow_pickle=allow_pickle, rank=rank, alpha=alpha)
+        opts = ReadOptions(allow_pickle=allow_pickle, rank=rank, alpha=alpha, subfolder=subfolder)
         wopts = WriteOptions()
         if b is not None:
             opts.base_keys = wopts.base_keys = list(b.tensors)

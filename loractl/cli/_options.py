@@ -13,3 +13,6 @@ FORMAT = typer.Option(None, "--format", help="Adapter format instead of detectin
 ALLOW_PICKLE = typer.Option(
     False, "--allow-pickle", help="Accept .bin/.pt/.ckpt pickles (read with torch.load(weights_only=True))."
 )
+SUBFOLDER = typer.Option(
+    None, "--subfolder", help="For a Hub adapter (org/name[@revision]): the folder inside the repo."
+)

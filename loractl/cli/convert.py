@@ -54,6 +54,7 @@ def convert(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    subfolder: str = opt.SUBFOLDER,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -73,6 +74,7 @@ def convert(
         force=force,
         format=format,
         allow_pickle=allow_pickle,
+        subfolder=subfolder,
     )
 
     def human(r: api.ConvertResult) -> None:

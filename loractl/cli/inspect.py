@@ -38,6 +38,7 @@ def inspect(
     plot: Path = typer.Option(None, "--plot", help="With --spectrum: draw energy-vs-rank curves to a PNG."),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    subfolder: str = opt.SUBFOLDER,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -55,7 +56,9 @@ def inspect(
         return
     if plot is not None:
         raise UsageError("--plot goes with --spectrum")
-    result = api.inspect(adapters, base=base, count=count, format=format, allow_pickle=allow_pickle)
+    result = api.inspect(
+        adapters, base=base, count=count, format=format, allow_pickle=allow_pickle, subfolder=subfolder
+    )
 
     def human(r: api.InspectResult) -> None:
         from rich.table import Table

@@ -58,6 +58,7 @@ def merge(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    subfolder: str = opt.SUBFOLDER,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -80,6 +81,7 @@ def merge(
             force=force,
             format=format,
             allow_pickle=allow_pickle,
+            subfolder=subfolder,
             progress=bar,
         )
 

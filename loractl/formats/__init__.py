@@ -64,6 +64,8 @@ class ReadOptions:
         alpha: alpha for formats that do not store it (loralib); None: alpha = r.
         enable_lora: loralib ``MergedLinear``'s enabled slices, for all packed modules or by module.
         fan_in_fan_out: force loralib's layout flag instead of guessing it from module names.
+        subfolder: for a Hub reference, the folder inside the repo that holds the adapter.
+        progress: show huggingface_hub's download bars.
     """
 
     allow_pickle: bool = False
@@ -73,6 +75,8 @@ class ReadOptions:
     alpha: float | None = None
     enable_lora: list[bool] | dict[str, list[bool]] | None = None
     fan_in_fan_out: bool | None = None
+    subfolder: str | None = None
+    progress: bool = False
 
 
 @dataclass
@@ -174,7 +178,8 @@ def load_adapter(path: str | Path, format: str | None = None, options: ReadOptio
     """Read an adapter in any supported layout.
 
     Args:
-        path: a PEFT folder, or a single weights file (``.safetensors``, ``.gguf``, a pickle).
+        path: a PEFT folder, a single weights file (``.safetensors``, ``.gguf``, a pickle), or a Hub
+            reference ``org/name[@revision]``.
         format: force a format instead of detecting it.
         options: see :class:`ReadOptions`.
 
@@ -186,6 +191,10 @@ def load_adapter(path: str | Path, format: str | None = None, options: ReadOptio
         FormatError: corrupt file, unknown layout, a LyCORIS algorithm that is not LoRA.
     """
     options = options or ReadOptions()
+    from ..io.hub import is_hub_ref, resolve_adapter
+
+    if is_hub_ref(path):
+        path = resolve_adapter(str(path), subfolder=options.subfolder, progress=options.progress)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder", hint="check the adapter path")

@@ -103,13 +103,18 @@ def _weights_in(folder: Path) -> tuple[list[Path], str | None, dict[str, Any]]:
     raise InputError(f"{folder}: no model weights found (no model.safetensors, index or *.safetensors)")
 
 
-def open_base(path: str | Path) -> BaseModel:
-    """Open a base model's headers.
+def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
+    """Open a base model's headers: a local folder or file, or a Hub reference ``org/name[@revision]``
+    (downloaded with huggingface_hub: index first, then only the shards it lists).
 
     Raises:
-        InputError: the path is missing or holds no weights.
+        InputError: the path is missing or holds no weights; the Hub repo or revision does not exist.
         FormatError: a weights file is corrupt or two shards hold the same tensor.
     """
+    from .hub import is_hub_ref, resolve_base
+
+    if is_hub_ref(path):
+        path = resolve_base(path, progress=progress)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder", hint="check the base model path")
