@@ -562,6 +562,26 @@ def _config_scale(cfg: dict[str, Any]) -> float | None:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
+def _patterns_ignored(ctx: _Ctx, code: str, rule: str) -> list[Finding]:
+    """Modules whose scale differs from the config's lora_alpha/r, for a runtime that applies that one
+    scale to every module (``rule`` is formatted with ``served``)."""
+    cfg = _served_config(ctx.adapter)
+    served = _config_scale(cfg) if cfg else None
+    if served is None:
+        return []
+    return [
+        Finding(
+            code,
+            "warning",
+            m.name,
+            f"module {m.name!r} has rank {m.rank}, alpha {m.alpha:g} (scale {m.scale:g}), but "
+            + rule.format(served=served),
+            ctx.cmd("convert", "-o", "OUT", "--to", "peft", "--normalize"),
+        )
+        for m in _scale_mismatches(ctx.adapter, served)
+    ]
+
+
 def _scale_mismatches(a: Adapter, served: float) -> list[LoraModule]:
     return [m for m in a.modules.values() if not math.isclose(m.scale, served, rel_tol=1e-6, abs_tol=0.0)]
 
@@ -707,20 +727,13 @@ def _vllm(ctx: _Ctx) -> list[Finding]:
             )
         )
     out.extend(_vllm_rank(ctx))
-    cfg = _served_config(a)
-    served = _config_scale(cfg) if cfg else None
-    if served is not None:
-        for m in _scale_mismatches(a, served):
-            out.append(
-                Finding(
-                    "vllm-patterns-ignored",
-                    "warning",
-                    m.name,
-                    f"module {m.name!r} has rank {m.rank}, alpha {m.alpha:g} (scale {m.scale:g}), but vLLM drops "
-                    f"rank_pattern/alpha_pattern and scales every module by lora_alpha/r = {served:g}",
-                    ctx.cmd("convert", "-o", "OUT", "--to", "peft", "--normalize"),
-                )
-            )
+    out.extend(
+        _patterns_ignored(
+            ctx,
+            "vllm-patterns-ignored",
+            "vLLM drops rank_pattern/alpha_pattern and scales every module by lora_alpha/r = {served:g}",
+        )
+    )
     out.extend(
         _unknown_modules(
             ctx,
@@ -1082,20 +1095,13 @@ def _lorax(ctx: _Ctx) -> list[Finding]:
                     "type only when every layer has it and silently drops all of these",
                 )
             )
-    cfg = _served_config(a)
-    served = _config_scale(cfg) if cfg else None
-    if served is not None:
-        for m in _scale_mismatches(a, served):
-            out.append(
-                Finding(
-                    "lorax-patterns-ignored",
-                    "warning",
-                    m.name,
-                    f"module {m.name!r} has rank {m.rank}, alpha {m.alpha:g} (scale {m.scale:g}), but LoRAX scales "
-                    f"every module by the config's lora_alpha/r = {served:g} (rank_pattern/alpha_pattern not read)",
-                    ctx.cmd("convert", "-o", "OUT", "--to", "peft", "--normalize"),
-                )
-            )
+    out.extend(
+        _patterns_ignored(
+            ctx,
+            "lorax-patterns-ignored",
+            "LoRAX scales every module by the config's lora_alpha/r = {served:g} (rank_pattern/alpha_pattern not read)",
+        )
+    )
     ignored = (
         "LoRAX ignores it silently (only a log warning), so it serves a different model than was trained"
     )
