@@ -32,9 +32,9 @@ from .io.safetensors import (
     FLOAT_DTYPES,
     SafetensorsFile,
     SafetensorsWriter,
+    SpooledWriter,
     dtype_name,
     torch_dtype,
-    write_file,
 )
 from .ops import merge as merge_ops
 from .ops import residual
@@ -193,13 +193,20 @@ def plan_merge(
 
 
 def merged_tensor(
-    w0: torch.Tensor, contributions: Sequence[Contribution], out_dtype: torch.dtype
+    w0: torch.Tensor,
+    contributions: Sequence[Contribution],
+    out_dtype: torch.dtype,
+    *,
+    inplace: bool = False,
+    deltas: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Apply the contributions to a copy of ``w0``, in order, exactly as PEFT merges them in turn."""
+    """Apply the contributions to ``w0`` (a copy, or ``w0`` itself with ``inplace``), in order, exactly
+    as PEFT merges them in turn. ``deltas`` collects each LoRA update by position, for reuse."""
     compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
-    w = w0.to(compute, copy=True)
+    dora = any(c.module is not None and c.module.is_dora for c in contributions)
+    w = w0 if inplace and compute == w0.dtype and not dora else w0.to(compute, copy=True)
     base_c = w0.to(compute) if compute != w0.dtype else w0
-    for c in contributions:
+    for pos, c in enumerate(contributions):
         if c.kind == "replace":
             assert c.tensor is not None
             w = c.tensor.to(compute, copy=True)
@@ -209,6 +216,8 @@ def merged_tensor(
         else:
             assert c.module is not None
             delta = merge_ops.delta_weight(c.module, c.weight)
+            if deltas is not None:
+                deltas[pos] = delta
             factor = merge_ops.dora_factor(c.module, base_c, delta) if c.module.is_dora else None
             w = merge_ops.apply_delta(w, c.module, delta, factor)
     return w.to(out_dtype) if w.dtype != out_dtype else w
@@ -219,6 +228,7 @@ def unmerged_tensor(
     contributions: Sequence[Contribution],
     orig_dtype: torch.dtype,
     factors: dict[int, torch.Tensor] | None = None,
+    deltas: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Remove the contributions from a merged tensor, last first (exact up to rounding).
 
@@ -227,6 +237,7 @@ def unmerged_tensor(
         contributions: as merged.
         orig_dtype: the base tensor's dtype.
         factors: DoRA factors by contribution position (from a receipt).
+        deltas: the updates by position, when the caller has them (else recomputed, to the same bits).
     """
     compute = m.dtype if _wider(m.dtype, orig_dtype) else orig_dtype
     w = m.to(compute, copy=True)
@@ -238,7 +249,10 @@ def unmerged_tensor(
         if c.kind == "bias":
             w -= merge_ops.bias_delta(c.module, c.weight)  # type: ignore[arg-type]
             continue
-        delta = merge_ops.delta_weight(c.module, c.weight)  # type: ignore[arg-type]
+        if deltas is not None and pos in deltas:
+            delta = deltas[pos]
+        else:
+            delta = merge_ops.delta_weight(c.module, c.weight)  # type: ignore[arg-type]
         factor = None
         if c.module.is_dora:  # type: ignore[union-attr]
             if factors is None or pos not in factors:
@@ -639,7 +653,7 @@ def merge(
         files = layout(b, DTYPES[dtype], size, quantized)
         refs = _refs(loaded, ws)
         inputs = [b.path, *(a.path for a in loaded)]
-        corrections: dict[str, dict[str, torch.Tensor]] = {}
+        spool: SpooledWriter | None = None  # the receipt's corrections, streamed to disk
         changed_dtypes: dict[str, str] = {}
         notes: list[str] = []
         need_receipt = receipt
@@ -654,19 +668,28 @@ def merge(
             contribs = plan.changes.get(key, [])
 
             def job(w0: torch.Tensor) -> torch.Tensor:
-                merged = merged_tensor(w0, contribs, out_dtype) if contribs else w0.to(out_dtype)
+                if not contribs:
+                    merged = w0.to(out_dtype)
+                elif not need_receipt:  # nothing needs the original: merge into the buffer just read
+                    merged = merged_tensor(w0, contribs, out_dtype, inplace=True)
+                else:
+                    deltas: dict[int, torch.Tensor] = {}
+                    merged = merged_tensor(w0, contribs, out_dtype, deltas=deltas)
                 if need_receipt:
                     parts: dict[str, torch.Tensor] = {}
                     if any(c.kind == "replace" for c in contribs):
                         parts["full"] = w0
                     else:
                         factors = _dora_factors(w0, contribs)
-                        rec = unmerged_tensor(merged, contribs, w0.dtype, factors)
+                        rec = unmerged_tensor(
+                            merged, contribs, w0.dtype, factors, deltas if contribs else None
+                        )
                         parts = residual.encode(w0, rec)
                         for pos, f in factors.items():
                             parts[f"dora{pos}"] = f.contiguous()
+                    assert spool is not None
                     for k, v in parts.items():
-                        corrections[f"{key}::{k}"] = v  # type: ignore[index]
+                        spool.add(f"{key}::{k}", v)
                 return merged
 
             return job
@@ -694,6 +717,9 @@ def merge(
         placed_receipt: Path | None = None
         try:
             with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
+                if need_receipt:
+                    spool_at = tmp / ".receipt.spool" if b.is_dir else tmp.with_name(tmp.name + ".spool")
+                    spool = SpooledWriter(spool_at)
                 written = _stream(
                     b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir, loaders=loaders
                 )
@@ -701,8 +727,9 @@ def merge(
                     _write_index(tmp, b, files, {"loractl.operation": "merge"})
                     _copy_other_files(b, tmp, dequantized=bool(quantized))
                     if need_receipt:
+                        assert spool is not None
                         receipt_bytes = _write_receipt(
-                            tmp / RECEIPT_NAME, corrections, refs, plan, b, changed_dtypes
+                            tmp / RECEIPT_NAME, spool, refs, plan, b, changed_dtypes
                         )
                         receipt_file = output / RECEIPT_NAME
                 elif need_receipt:
@@ -710,12 +737,16 @@ def merge(
                     # and removed again if the output does not make it into place
                     receipt_file = receipt_path(output)
                     with atomic_output(receipt_file, is_dir=False, inputs=inputs, force=True) as rtmp:
-                        receipt_bytes = _write_receipt(rtmp, corrections, refs, plan, b, changed_dtypes)
+                        assert spool is not None
+                        receipt_bytes = _write_receipt(rtmp, spool, refs, plan, b, changed_dtypes)
                     placed_receipt = receipt_file
         except BaseException:
             if placed_receipt is not None:
                 placed_receipt.unlink(missing_ok=True)
             raise
+        finally:
+            if spool is not None:
+                spool.close()
         n_modules = sum(len(a.modules) for a in loaded)
         return MergeResult(
             output=output,
@@ -744,7 +775,7 @@ def _dora_factors(w0: torch.Tensor, contribs: Sequence[Contribution]) -> dict[in
 
 def _write_receipt(
     path: Path,
-    corrections: dict[str, torch.Tensor],
+    spool: SpooledWriter,
     refs: Sequence[AdapterRef],
     plan: MergePlan,
     base: BaseModel,
@@ -758,8 +789,9 @@ def _write_receipt(
         "dtypes": json.dumps(changed_dtypes),
         "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
     }
-    write_file(path, dict(sorted(corrections.items())), meta)
-    return path.stat().st_size
+    size = spool.finish(path, meta)
+    spool.close()
+    return size
 
 
 # --------------------------------------------------------------------------------------------

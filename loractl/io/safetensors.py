@@ -360,3 +360,56 @@ def write_file(
         w.close(sync=True)
     finally:
         w.close()
+
+
+class SpooledWriter:
+    """A safetensors file whose tensors are not known in advance: each is appended to a spool file as
+    it comes (so none stays in memory), and :meth:`finish` writes the header then the spooled bytes.
+
+    Args:
+        spool: a path for the spool file (it must not exist; it is removed by :meth:`close`).
+    """
+
+    def __init__(self, spool: str | os.PathLike[str]) -> None:
+        self.spool = Path(spool)
+        self._fd = os.open(self.spool, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._entries: list[tuple[str, str, tuple[int, ...]]] = []
+        self._size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        t = tensor.detach().contiguous().view(-1)
+        data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        view = data.cast("B")
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                raise disk_error(self.spool, e) from None
+            view = view[n:]
+        self._entries.append((name, dtype_name(tensor.dtype), tuple(tensor.shape)))
+        self._size += len(data)
+
+    def finish(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> int:
+        """Write the safetensors file at ``path``; returns its size."""
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            head = header_bytes(self._entries, metadata)
+            view = memoryview(head)
+            while view:
+                view = view[os.write(fd, view) :]
+            copy_range(self._fd, 0, fd, self._size)
+            os.fsync(fd)
+        except OSError as e:
+            raise disk_error(path, e) from None
+        finally:
+            os.close(fd)
+        return len(head) + self._size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self.spool.unlink(missing_ok=True)

@@ -17,6 +17,47 @@ import torch.nn.functional as F
 
 from ..adapter import LoraModule
 
+#: elements per chunk of the element-wise passes: small enough to stay in the CPU's cache
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Matching slices along dim 0 of same-shaped tensors, about :data:`CHUNK_ELEMENTS` elements each.
+
+    Element-wise arithmetic gives the same bits whatever the chunking; doing each pass on a
+    cache-sized slice instead of the whole tensor saves the trips to memory between passes.
+    """
+    rows = tensors[0].shape[0] if tensors[0].dim() else 1
+    if tensors[0].dim() == 0 or rows == 0:
+        yield tensors
+        return
+    per_row = max(1, tensors[0][0].numel())
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for r0 in range(0, rows, step):
+        yield tuple(t[r0 : r0 + step] for t in tensors)
+
+
+def add_(w: torch.Tensor, d: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """``w += d`` (``w -= d`` with ``sign=-1``) in place, exactly as torch's in-place op rounds it:
+    computed in the promoted dtype, then rounded once to w's dtype."""
+    promoted = torch.promote_types(w.dtype, d.dtype)
+    for wc, dc in _chunks(w, d):
+        acc = wc if promoted == w.dtype else wc.to(promoted)
+        if sign == 1:
+            acc.add_(dc)
+        else:
+            acc.sub_(dc)
+        if acc is not wc:
+            wc.copy_(acc)
+    return w
+
+
+def _scale_(t: torch.Tensor, s: float) -> torch.Tensor:
+    """``t * s`` in place (the same rounding as the out-of-place product), chunk by chunk."""
+    for (c,) in _chunks(t):
+        c.mul_(s)
+    return t
+
 
 def _factors32(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = m.down, m.up
@@ -52,7 +93,9 @@ def delta_weight(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
         return conv(a.transpose(0, 1), b).transpose(0, 1) * s
     prod = b @ a
-    return (prod.T if m.fan_in_fan_out else prod) * s
+    if m.fan_in_fan_out:
+        return prod.T * s
+    return _scale_(prod, s)  # the product is ours: scale it in place
 
 
 def dora_factor(m: LoraModule, w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -90,9 +133,8 @@ def apply_delta(
         return (factor * (w + delta)).to(w.dtype)
     if m.kind == "embedding":
         w += delta.to(w.dtype)
-    else:
-        w += delta
-    return w
+        return w
+    return add_(w, delta)
 
 
 def unapply_delta(
@@ -101,8 +143,7 @@ def unapply_delta(
     """The inverse of :func:`apply_delta` up to rounding: subtract (rounding once), or divide then subtract."""
     if factor is not None:
         return (w / factor - delta).to(w.dtype)
-    w -= delta
-    return w
+    return add_(w, delta, sign=-1)
 
 
 def bias_delta(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
