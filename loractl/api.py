@@ -192,6 +192,43 @@ def plan_merge(
     return MergePlan(changes, unmatched)
 
 
+def _fused_ok(plan: MergePlan) -> bool:
+    """Can this merge run single-threaded with row-block products (:func:`ops.merge.fused_merge`) and
+    still give PEFT's bits? It can when, for every distinct module shape, that way of computing the
+    update gives the same bits as PEFT's whole product at the default thread count: checked here on
+    one real module of each shape (the BLAS picks its kernels by shape, not by value). On success the
+    process is left at one torch thread (the caller restores it); merges with DoRA, whose norms are
+    reductions, keep the default threads."""
+    threads = torch.get_num_threads()
+    samples: dict[tuple, Contribution] = {}
+    for contribs in plan.changes.values():
+        for c in contribs:
+            if c.kind != "lora" or c.module is None:
+                continue
+            if c.module.is_dora:
+                return False
+            m = c.module
+            key = (m.kind, tuple(m.up.shape), tuple(m.down.shape), m.fan_in_fan_out, m.up.dtype, m.down.dtype)
+            samples.setdefault(key, c)
+    refs = {k: merge_ops.delta_weight(c.module, c.weight) for k, c in samples.items()}  # type: ignore[arg-type]
+    torch.set_num_threads(1)
+    for k, c in samples.items():
+        m = c.module
+        assert m is not None
+        got = (
+            merge_ops.fused_product(m, c.weight)
+            if merge_ops.fused_eligible(m)
+            else merge_ops.delta_weight(m, c.weight)
+        )
+        ref = refs[k]
+        if got.shape != ref.shape or not torch.equal(
+            residual.bits(got.contiguous()), residual.bits(ref.contiguous())
+        ):
+            torch.set_num_threads(threads)
+            return False
+    return True
+
+
 def merged_tensor(
     w0: torch.Tensor,
     contributions: Sequence[Contribution],
@@ -587,6 +624,22 @@ def save_adapter(
     return output
 
 
+def _keeps_torch_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Restore torch's thread count after ``fn``, whatever it set it to."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_keeps_torch_threads
 def merge(
     base: str | Path,
     adapters: Sequence[str | Path | Adapter],
@@ -663,11 +716,32 @@ def merge(
                 f"the base is 4-bit ({len(quantized)} bitsandbytes weights): they are written dequantized; "
                 "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
             )
+        fast = _fused_ok(plan)  # may leave torch at one thread: @_keeps_torch_threads restores it
 
         def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
             contribs = plan.changes.get(key, [])
 
+            fused = (
+                fast
+                and len(contribs) == 1
+                and contribs[0].kind == "lora"
+                and contribs[0].module is not None
+                and merge_ops.fused_eligible(contribs[0].module)
+            )
+
             def job(w0: torch.Tensor) -> torch.Tensor:
+                if fused and w0.dtype == out_dtype:
+                    c = contribs[0]
+                    assert c.module is not None
+                    if not need_receipt:
+                        merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
+                        return w0
+                    merged = torch.empty_like(w0)
+                    positions = merge_ops.fused_merge(w0, c.module, c.weight, out=merged, residual=True)
+                    assert positions is not None and spool is not None
+                    for k, v in residual.from_positions(w0, positions).items():
+                        spool.add(f"{key}::{k}", v)
+                    return merged
                 if not contribs:
                     merged = w0.to(out_dtype)
                 elif not need_receipt:  # nothing needs the original: merge into the buffer just read

@@ -335,3 +335,39 @@ def test_inspect_scale_equals_peft_scaling(tmp_path: Path, case: str) -> None:
         assert ours[name] == (s, r, a), name
     assert info.base is not None and info.base["coverage"]["matched"] == len(ours)
     assert info.base["coverage"]["unmatched"] == [] and info.base["coverage"]["shape_mismatch"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_block_merge_equals_peft_on_larger_layers(
+    tmp_path: Path, dtype: torch.dtype, monkeypatch
+) -> None:
+    """Layers large enough for many row blocks: the fused single-threaded path is taken and still
+    gives PEFT's bits (the merge checks this per shape before using it)."""
+    from loractl.ops import merge as merge_ops
+
+    calls = []
+    real = merge_ops.fused_merge
+    monkeypatch.setattr(merge_ops, "fused_merge", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    model = build_model(
+        "llama",
+        dtype,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=64,
+    )
+    base = save_base(model, tmp_path / "base")
+    ad = make_adapter(model, tmp_path / "ad", std=0.05, r=16, lora_alpha=32, target_modules=LLAMA_ALL)
+    threads = torch.get_num_threads()
+    api.merge(base, [ad], tmp_path / "m")
+    assert torch.get_num_threads() == threads  # restored
+    assert calls and max(s[0] for s in calls) > merge_ops.row_block(512)  # several row blocks
+    ours = read_st(tmp_path / "m")
+    theirs = peft_merged(base, [ad], dtype, "llama").state_dict()
+    for k, v in ours.items():
+        assert same_bits(v, theirs[k].contiguous()), k
+    api.unmerge(tmp_path / "m", [ad], tmp_path / "back")
+    before, back = read_st(base), read_st(tmp_path / "back")
+    assert all(same_bits(before[k], back[k]) for k in before)

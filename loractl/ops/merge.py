@@ -151,3 +151,89 @@ def bias_delta(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
     assert m.bias is not None
     b = m.bias.float() if m.bias.dtype != torch.float64 else m.bias
     return b * (m.scale * weight if weight != 1.0 else m.scale)
+
+
+def fused_eligible(m: LoraModule) -> bool:
+    """Modules whose merge :func:`fused_merge` computes: plain linear layers (no DoRA, no transposed
+    weight); their update is a plain matrix product, so it can be formed row block by row block."""
+    return m.kind == "linear" and not m.fan_in_fan_out and not m.is_dora
+
+
+def row_block(cols: int) -> int:
+    """Rows per block of :func:`fused_merge`: about :data:`CHUNK_ELEMENTS` elements, a multiple of 32."""
+    return max(32, (CHUNK_ELEMENTS // max(1, cols)) // 32 * 32)
+
+
+def fused_product(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
+    """The update of :func:`fused_merge` as a whole tensor (B·A in row blocks, then scaled): what the
+    merge adds, for checking it against :func:`delta_weight`."""
+    a, b = _factors32(m)
+    s = m.scale * weight if weight != 1.0 else m.scale
+    step = row_block(a.shape[1])
+    out = torch.empty(b.shape[0], a.shape[1], dtype=a.dtype)
+    for r0 in range(0, b.shape[0], step):
+        blk = out[r0 : r0 + step]
+        torch.mm(b[r0 : r0 + step], a, out=blk)
+        blk.mul_(s)
+    return out
+
+
+def fused_merge(
+    w0: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor, residual: bool = False
+) -> torch.Tensor | None:
+    """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
+
+    Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
+    of three passes over whole tensors in memory. The product of a row block equals the same rows of
+    the whole product only when the BLAS computes them alike; callers check that first (see
+    ``api._fused_ok``) and use :func:`delta_weight` where it does not hold.
+
+    Args:
+        w0: the base weight [out, in]; left unchanged unless ``out`` is ``w0``.
+        m: a module for which :func:`fused_eligible` is true.
+        weight: the merge weight.
+        out: where the merged weight goes (same dtype and shape as ``w0``; may be ``w0``).
+        residual: also return the flat positions where subtracting the update again (as an unmerge
+            does) does not give ``w0`` back bit for bit.
+
+    Returns:
+        The positions (int64) with ``residual``, else None.
+    """
+    a, b = _factors32(m)
+    s = m.scale * weight if weight != 1.0 else m.scale
+    rows, cols = w0.shape
+    step = row_block(cols)
+    d = torch.empty(step, cols, dtype=a.dtype)
+    promoted = torch.promote_types(w0.dtype, d.dtype)
+    acc = torch.empty(step, cols, dtype=promoted)
+    rec = torch.empty(step, cols, dtype=w0.dtype) if residual else None
+    found: list[torch.Tensor] = []
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        dc, ac = d[:n], acc[:n]
+        torch.mm(b[r0 : r0 + n], a, out=dc)
+        dc.mul_(s)
+        wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
+        ac.copy_(wc)
+        ac.add_(dc)
+        if residual:
+            assert rec is not None
+            rc = rec[:n]
+            oc.copy_(ac)  # round to the weight's dtype
+            ac.copy_(oc)
+            ac.sub_(dc)
+            rc.copy_(ac)
+            flat = rc.reshape(-1).view(_INT[rc.element_size()]) != wc.reshape(-1).view(
+                _INT[wc.element_size()]
+            )
+            pos = flat.nonzero().reshape(-1)
+            if pos.numel():
+                found.append(pos + r0 * cols)
+        else:
+            oc.copy_(ac)
+    if not residual:
+        return None
+    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

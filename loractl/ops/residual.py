@@ -38,6 +38,17 @@ def encode(original: torch.Tensor, reconstructed: torch.Tensor) -> dict[str, tor
     return {"idx": diff.to(idx_dtype), "val": original.reshape(-1)[diff].contiguous()}
 
 
+def from_positions(original: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`encode`'s corrections when the differing flat positions are already known."""
+    n = positions.numel()
+    if n == 0:
+        return {}
+    idx_dtype = torch.int32 if original.numel() < 2**31 else torch.int64
+    if n * (idx_dtype.itemsize + original.element_size()) >= original.numel() * original.element_size():
+        return {"full": original.contiguous()}
+    return {"idx": positions.to(idx_dtype), "val": original.reshape(-1)[positions].contiguous()}
+
+
 def decode(reconstructed: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Apply :func:`encode`'s corrections to ``reconstructed`` (in place where possible)."""
     if "full" in parts:
