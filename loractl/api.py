@@ -89,6 +89,16 @@ def load_adapter(
     return adapter
 
 
+def tensor_crc32(t: torch.Tensor) -> int:
+    """crc32 of a tensor's bytes (a cheap check that a restored tensor is the original)."""
+    import zlib
+
+    flat = t.detach().contiguous().view(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+
+
 def file_sha256(paths: Sequence[Path]) -> str:
     """sha256 over the bytes of ``paths`` in order (an adapter's weights then its config)."""
     h = hashlib.sha256()
@@ -707,6 +717,7 @@ def merge(
         refs = _refs(loaded, ws)
         inputs = [b.path, *(a.path for a in loaded)]
         spool: SpooledWriter | None = None  # the receipt's corrections, streamed to disk
+        checksums: dict[str, int] = {}  # crc32 of each original tensor the receipt restores
         changed_dtypes: dict[str, str] = {}
         notes: list[str] = []
         need_receipt = receipt
@@ -730,6 +741,8 @@ def merge(
             )
 
             def job(w0: torch.Tensor) -> torch.Tensor:
+                if need_receipt:
+                    checksums[key] = tensor_crc32(w0)
                 if fused and w0.dtype == out_dtype:
                     c = contribs[0]
                     assert c.module is not None
@@ -803,7 +816,7 @@ def merge(
                     if need_receipt:
                         assert spool is not None
                         receipt_bytes = _write_receipt(
-                            tmp / RECEIPT_NAME, spool, refs, plan, b, changed_dtypes
+                            tmp / RECEIPT_NAME, spool, refs, plan, b, changed_dtypes, checksums
                         )
                         receipt_file = output / RECEIPT_NAME
                 elif need_receipt:
@@ -812,7 +825,7 @@ def merge(
                     receipt_file = receipt_path(output)
                     with atomic_output(receipt_file, is_dir=False, inputs=inputs, force=True) as rtmp:
                         assert spool is not None
-                        receipt_bytes = _write_receipt(rtmp, spool, refs, plan, b, changed_dtypes)
+                        receipt_bytes = _write_receipt(rtmp, spool, refs, plan, b, changed_dtypes, checksums)
                     placed_receipt = receipt_file
         except BaseException:
             if placed_receipt is not None:
@@ -854,6 +867,7 @@ def _write_receipt(
     plan: MergePlan,
     base: BaseModel,
     changed_dtypes: dict[str, str],
+    checksums: dict[str, int],
 ) -> int:
     meta = {
         "loractl.receipt": RECEIPT_VERSION,
@@ -862,6 +876,7 @@ def _write_receipt(
         "changed": json.dumps(sorted(plan.changes)),
         "dtypes": json.dumps(changed_dtypes),
         "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
+        "crc32": json.dumps(checksums),
     }
     size = spool.finish(path, meta)
     spool.close()
@@ -963,6 +978,7 @@ def unmerge(
                     if t.name in dtypes:
                         t.dtype = dtypes[t.name]
             shard_meta = json.loads(rmeta.get("shard_metadata", "{}"))
+            crcs = {k: int(v) for k, v in json.loads(rmeta.get("crc32", "{}")).items()}
 
             def make_job(key: str, orig: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
                 contribs = plan.changes.get(key, [])
@@ -978,7 +994,14 @@ def unmerge(
                         return parts["full"]
                     factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
                     rec = unmerged_tensor(m, contribs, orig, factors)
-                    return residual.decode(rec, parts)
+                    restored = residual.decode(rec, parts)
+                    if key in crcs and tensor_crc32(restored) != crcs[key]:
+                        raise InputError(
+                            f"{merged}: tensor {key!r} does not come back to the original the receipt recorded",
+                            hint="the merged model was changed after the merge, or this machine computes the "
+                            "update differently from the one that merged; nothing was written",
+                        )
+                    return restored
 
                 return job
 

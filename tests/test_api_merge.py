@@ -371,3 +371,22 @@ def test_row_block_merge_equals_peft_on_larger_layers(
     api.unmerge(tmp_path / "m", [ad], tmp_path / "back")
     before, back = read_st(base), read_st(tmp_path / "back")
     assert all(same_bits(before[k], back[k]) for k in before)
+
+
+def test_unmerge_refuses_a_merged_model_changed_after_the_merge(tmp_path: Path) -> None:
+    """The receipt records a checksum of every original it restores: a merged model edited after the
+    merge is refused (nothing written) instead of being 'restored' to the wrong bits."""
+    from safetensors.torch import load_file, save_file
+
+    arch, base, adapters = _setup(tmp_path, "llama-plain", torch.bfloat16)
+    merged = tmp_path / "merged"
+    api.merge(base, adapters, merged)
+    shard = sorted(merged.glob("model-*.safetensors"))[0]
+    sd = load_file(shard)
+    k = next(k for k in sd if "q_proj" in k)
+    sd[k] = (sd[k].float() + 0.5).to(sd[k].dtype)
+    shard.unlink()
+    save_file(sd, shard, metadata={"format": "pt"})
+    with pytest.raises(api.InputError, match="does not come back to the original"):
+        api.unmerge(merged, adapters, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
