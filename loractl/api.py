@@ -1796,6 +1796,7 @@ def convert(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Rewrite an adapter in another format; every module's update s·B·A is unchanged.
 
@@ -1808,6 +1809,7 @@ def convert(
         normalize: one alpha convention for all modules: alpha = r, the scale folded into B.
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
         rank, alpha: r and alpha for formats that do not store them (loralib).
+        progress: called with (modules done, modules total); also turns on Hub download bars.
 
     Raises:
         UsageError: unknown format or dtype, a pad rank below a module's rank.
@@ -1821,9 +1823,15 @@ def convert(
         raise UsageError(f"unknown --dtype {dtype!r}; one of bf16, fp16, fp32")
     if pad_rank is not None and pad_rank < 1:
         raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
-    b = open_base(base) if base is not None else None
+    b = open_base(base, progress=progress is not None) if base is not None else None
     try:
-        opts = ReadOptions(allow_pickle=allow_pickle, rank=rank, alpha=alpha, subfolder=subfolder)
+        opts = ReadOptions(
+            allow_pickle=allow_pickle,
+            rank=rank,
+            alpha=alpha,
+            subfolder=subfolder,
+            progress=progress is not None,
+        )
         wopts = WriteOptions()
         if b is not None:
             opts.base_keys = wopts.base_keys = list(b.tensors)
@@ -1857,6 +1865,8 @@ def convert(
         if pad_rank is not None:
             m = padded(m, pad_rank)
         mods[name] = m
+        if progress is not None:
+            progress(len(mods), len(a.modules))
     out = _derived(a, mods)
     refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
     save_adapter(

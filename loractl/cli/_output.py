@@ -65,18 +65,30 @@ def human_bytes(n: float | int | None) -> str:
 
 
 @contextmanager
-def progress_bar(description: str, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr, only when stderr is a terminal and ``enabled``."""
+def progress_bar(
+    description: str, *, enabled: bool, unit: str = "bytes"
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr, only when stderr is a terminal and ``enabled``.
+
+    ``unit``: ``bytes`` (size and speed) or ``items`` (n of m).
+    """
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
+    columns = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        *columns,
         TimeRemainingColumn(),
         console=console(stderr=True),
         transient=True,

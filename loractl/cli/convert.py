@@ -9,7 +9,7 @@ import typer
 
 from . import _options as opt
 from ._errors import handled
-from ._output import console, render
+from ._output import console, progress_bar, render
 
 EPILOG = """Examples:
 
@@ -61,21 +61,23 @@ def convert(
     """Rewrite an adapter in another format (peft, kohya, diffusers, loralib, gguf); scale·B·A is unchanged."""
     from .. import api
 
-    result = api.convert(
-        adapter,
-        output,
-        to=to.value,
-        base=base,
-        dtype=dtype.value if dtype else None,
-        normalize=normalize,
-        pad_rank=pad_rank,
-        rank=rank,
-        alpha=alpha,
-        force=force,
-        format=format,
-        allow_pickle=allow_pickle,
-        subfolder=subfolder,
-    )
+    with progress_bar("converting", enabled=not (json_out or quiet), unit="items") as bar:
+        result = api.convert(
+            adapter,
+            output,
+            to=to.value,
+            base=base,
+            dtype=dtype.value if dtype else None,
+            normalize=normalize,
+            pad_rank=pad_rank,
+            rank=rank,
+            alpha=alpha,
+            force=force,
+            format=format,
+            allow_pickle=allow_pickle,
+            subfolder=subfolder,
+            progress=bar,
+        )
 
     def human(r: api.ConvertResult) -> None:
         extra = (", normalized" if r.normalize else "") + (

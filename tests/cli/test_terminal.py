@@ -165,3 +165,36 @@ def test_bash_completion_with_a_real_tab_keypress(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         os.close(master)
+
+
+def test_progress_bar_for_conversions_on_a_terminal_only(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    args = [
+        sys.executable,
+        "-m",
+        "loractl",
+        "convert",
+        str(EXAMPLES / "tiny-llama-lora"),
+        "--to",
+        "peft",
+        "--pad-rank",
+        "16",
+    ]
+    proc = subprocess.Popen(
+        [*args, "-o", str(tmp_path / "c1")],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=_env(),
+        close_fds=True,
+    )
+    os.close(slave)
+    err = _read_all(master, proc)
+    out = proc.stdout.read() if proc.stdout else b""
+    proc.wait(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"converting" in err and b"14/14" in err
+    assert out.startswith(b"converted 14 modules")
+    p = subprocess.run([*args, "-o", str(tmp_path / "c2")], capture_output=True, env=_env())
+    assert p.returncode == 0 and p.stderr == b"" and p.stdout.startswith(b"converted 14 modules")
