@@ -417,11 +417,17 @@ def _against_base(ctx: _Ctx) -> list[Finding]:
     match the tensors they replace. ``merge`` refuses all of these.
     """
     from .formats.names import NameResolver, ties_word_embeddings
+    from .io.quant import find_quantized
 
     b = ctx.base
     assert b is not None
     a = ctx.adapter
     resolver = NameResolver(b.tensors, tie_word_embeddings=ties_word_embeddings(b.config))
+    quantized = find_quantized(b)  # 4-bit weights: their real shape, not the packed one
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        return tuple(quantized[key].shape) if key in quantized else tuple(b.info(key).shape)
+
     out: list[Finding] = []
 
     def resolve(name: str, leaf: str = "weight") -> tuple[str | None, str | None]:
@@ -443,7 +449,7 @@ def _against_base(ctx: _Ctx) -> list[Finding]:
                 )
             )
             continue
-        shape = tuple(b.info(key).shape)
+        shape = shape_of(key)
         if shape != tuple(m.weight_shape):
             out.append(
                 Finding(
@@ -484,14 +490,14 @@ def _against_base(ctx: _Ctx) -> list[Finding]:
                     f"base {b.path}" + (f": {why}" if why else ""),
                 )
             )
-        elif tuple(b.info(bkey).shape) != tuple(t.shape):
+        elif shape_of(bkey) != tuple(t.shape):
             out.append(
                 Finding(
                     "shape-mismatch",
                     "error",
                     module,
                     f"saved tensor {key!r} of module {module!r} is {list(t.shape)} but base tensor {bkey!r} is "
-                    f"{list(b.info(bkey).shape)}",
+                    f"{list(shape_of(bkey))}",
                 )
             )
     return out

@@ -288,6 +288,7 @@ def run(
             if step.output:  # recipes lay out their own output folders
                 Path(step.output).parent.mkdir(parents=True, exist_ok=True)
             out = fn(**step.options)
+            report.result = out
             if step.kind == "check" and not out.ok:
                 raise CheckFailedError(
                     f"step {step.name!r}: {sum(f.severity == 'error' for f in out.findings)} check finding(s) failed"

@@ -73,3 +73,30 @@ def test_merge_into_4bit_base_equals_peft_on_dequantized_model(
     bf16_bytes = sum(v.numel() * v.element_size() for v in read_st(bf16).values())
     assert info["quantized"]["merged_bytes"] == bf16_bytes
     assert info["bytes"] < bf16_bytes
+
+
+def test_check_against_a_4bit_base_uses_the_real_shapes(tmp_path: Path) -> None:
+    import transformers as tf
+
+    from loractl.checks import check
+
+    model = build_model("llama", BF16, **LLAMA)
+    bf16 = save_base(model, tmp_path / "bf16")
+    cfg = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=BF16, bnb_4bit_quant_type="nf4")
+    tf.LlamaForCausalLM.from_pretrained(
+        bf16, quantization_config=cfg, device_map="cpu", dtype=BF16
+    ).save_pretrained(tmp_path / "q4")
+    ad = make_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    r = check(ad, base=tmp_path / "q4", target="vllm")
+    assert r.ok and not [f for f in r.findings if f.code in ("shape-mismatch", "unmatched-module")], (
+        r.findings
+    )
+    wrong = make_adapter(
+        build_model("llama", BF16, **{**LLAMA, "intermediate_size": 96}),
+        tmp_path / "wrong",
+        r=4,
+        lora_alpha=8,
+        target_modules=["down_proj"],
+    )
+    r = check(wrong, base=tmp_path / "q4")
+    assert not r.ok and {f.code for f in r.findings} == {"shape-mismatch"}

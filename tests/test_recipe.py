@@ -192,3 +192,16 @@ def test_the_example_recipe_runs(tmp_path: Path) -> None:
     assert res.ok, [(s.name, s.message) for s in res.steps]
     assert res.steps[1].result.ok and res.steps[1].result.target == "vllm"
     assert (tmp_path / "out" / "merged" / "model.safetensors.index.json").exists()
+
+
+def test_a_failed_check_step_keeps_its_findings(work: Path) -> None:
+    text = """
+[[step]]
+name = "gate"
+run = "check"
+adapter = "tiny-llama-lora"
+max-rank = 4
+"""
+    res = recipe.run(recipe.load(write(work / "r.toml", text)))
+    assert not res.ok and res.steps[0].status == "failed" and res.steps[0].exit_code == 1
+    assert {f.code for f in res.steps[0].result.findings} == {"rank-too-large"}

@@ -101,10 +101,27 @@ def similarity(
             t.add_row(m.name, f"{m.phi:.4f}")
         c = console()
         c.print(t)
+        for m in r.modules:
+            if m.grid is not None:
+                _print_grid(c, f"φ(i, j) for {m.name} (rows i, columns j)", m.grid)
+        if r.grid is not None and len(r.modules) > 1:
+            _print_grid(c, f"mean φ(i, j) over {len(r.modules)} modules", r.grid)
         ij = f"i={r.i if r.i is not None else 'rank'}, j={r.j if r.j is not None else 'rank'}"
         c.print(f"mean φ = {r.mean_phi:.4f} over {len(r.modules)} modules ({ij}, factor {r.factor})")
 
     render("similarity", result, as_json=json_out, quiet=quiet, human=human)
+
+
+def _print_grid(c, title: str, grid: list[list[float]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, show_edge=False)
+    t.add_column("i \\ j", justify="right")
+    for j in range(len(grid[0]) if grid else 0):
+        t.add_column(str(j + 1), justify="right")
+    for i, row in enumerate(grid):
+        t.add_row(str(i + 1), *(f"{x:.2f}" for x in row))
+    c.print(t)
 
 
 def register(app: typer.Typer) -> None:

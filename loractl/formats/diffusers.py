@@ -296,7 +296,9 @@ def component_adapters(adapter: Adapter, options: WriteOptions | None = None) ->
             raise FormatError(
                 f"{adapter.path}: module {name!r}: cannot tell which pipeline component "
                 f"({', '.join(COMPONENTS[:4])} ...) it belongs to",
-                hint="give the base model (--base) so its config names the component, or prefix the module names",
+                hint="prefix the module names with the component (unet., text_encoder. ...)"
+                if options is not None and options.base_config
+                else "give the base model (--base) so its config names the component, or prefix the module names",
             )
         if rel in out.setdefault(comp, {}):
             raise FormatError(f"{adapter.path}: module {name!r} appears twice in component {comp!r}")

@@ -74,7 +74,8 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int, fact
     k1, k2 = sq.shape
     if not (1 <= i <= k1 and 1 <= j <= k2):
         raise ValueError(f"need 1 <= i <= {k1} and 1 <= j <= {k2}, got i={i}, j={j}")
-    return float(sq[:i, :j].sum()) / min(i, j)
+    # φ ≤ 1 exactly; clamp the round-off of the sums (1.0000000000000004 is not a similarity)
+    return min(1.0, max(0.0, float(sq[:i, :j].sum()) / min(i, j)))
 
 
 def similarity_grid(A1: torch.Tensor, A2: torch.Tensor, factor: str = "A") -> torch.Tensor:
@@ -98,7 +99,7 @@ def similarity_grid(A1: torch.Tensor, A2: torch.Tensor, factor: str = "A") -> to
     prefix = sq.cumsum(0).cumsum(1)
     i = torch.arange(1, k1 + 1, dtype=_F64)[:, None]
     j = torch.arange(1, k2 + 1, dtype=_F64)[None, :]
-    return prefix / torch.minimum(i, j)
+    return (prefix / torch.minimum(i, j)).clamp_(0.0, 1.0)  # round-off of the sums may pass 1
 
 
 def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
