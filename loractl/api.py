@@ -750,9 +750,9 @@ def merge(
                         merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
                         return w0
                     merged = torch.empty_like(w0)
-                    positions = merge_ops.fused_merge(w0, c.module, c.weight, out=merged, residual=True)
-                    assert positions is not None and spool is not None
-                    for k, v in residual.from_positions(w0, positions).items():
+                    found = merge_ops.fused_merge(w0, c.module, c.weight, out=merged, residual=True)
+                    assert found is not None and spool is not None
+                    for k, v in residual.from_positions(w0, *found).items():
                         spool.add(f"{key}::{k}", v)
                     return merged
                 if not contribs:
@@ -905,6 +905,7 @@ def _read_receipt(path: Path) -> tuple[dict[str, str], SafetensorsFile]:
     return f.metadata, f
 
 
+@_keeps_torch_threads
 def unmerge(
     merged: str | Path,
     adapters: Sequence[str | Path | Adapter],
@@ -980,20 +981,35 @@ def unmerge(
             shard_meta = json.loads(rmeta.get("shard_metadata", "{}"))
             crcs = {k: int(v) for k, v in json.loads(rmeta.get("crc32", "{}")).items()}
 
+            entries: dict[str, list[str]] = {}  # base tensor -> its receipt entries
+            if rfile is not None:
+                for k in rfile.keys():
+                    entries.setdefault(k.split("::", 1)[0], []).append(k)
+            fast = _fused_ok(plan)  # the merge's own check: row-block products give PEFT's bits
+
             def make_job(key: str, orig: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
                 contribs = plan.changes.get(key, [])
+                fused = (
+                    fast
+                    and len(contribs) == 1
+                    and contribs[0].kind == "lora"
+                    and contribs[0].module is not None
+                    and merge_ops.fused_eligible(contribs[0].module)
+                )
 
                 def job(m: torch.Tensor) -> torch.Tensor:
                     parts: dict[str, torch.Tensor] = {}
                     if rfile is not None:
-                        prefix = key + "::"
-                        parts = {
-                            k[len(prefix) :]: rfile.read(k) for k in rfile.keys() if k.startswith(prefix)
-                        }
+                        parts = {k.split("::", 1)[1]: rfile.read(k) for k in entries.get(key, [])}
                     if "full" in parts:
                         return parts["full"]
                     factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
-                    rec = unmerged_tensor(m, contribs, orig, factors)
+                    if fused and m.dtype == orig:
+                        c = contribs[0]
+                        assert c.module is not None
+                        rec = merge_ops.fused_unmerge(m, c.module, c.weight, out=m)
+                    else:
+                        rec = unmerged_tensor(m, contribs, orig, factors)
                     restored = residual.decode(rec, parts)
                     if key in crcs and tensor_crc32(restored) != crcs[key]:
                         raise InputError(

@@ -180,7 +180,7 @@ def fused_product(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
 
 def fused_merge(
     w0: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor, residual: bool = False
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
 
     Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
@@ -197,7 +197,7 @@ def fused_merge(
             does) does not give ``w0`` back bit for bit.
 
     Returns:
-        The positions (int64) with ``residual``, else None.
+        With ``residual``: the positions (int64) and the unmerge's values there; else None.
     """
     a, b = _factors32(m)
     s = m.scale * weight if weight != 1.0 else m.scale
@@ -208,6 +208,7 @@ def fused_merge(
     acc = torch.empty(step, cols, dtype=promoted)
     rec = torch.empty(step, cols, dtype=w0.dtype) if residual else None
     found: list[torch.Tensor] = []
+    found_rec: list[torch.Tensor] = []
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         dc, ac = d[:n], acc[:n]
@@ -229,11 +230,34 @@ def fused_merge(
             pos = flat.nonzero().reshape(-1)
             if pos.numel():
                 found.append(pos + r0 * cols)
+                found_rec.append(rc.reshape(-1)[pos])
         else:
             oc.copy_(ac)
     if not residual:
         return None
-    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+    if not found:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=w0.dtype)
+    return torch.cat(found), torch.cat(found_rec)
 
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = m_w − w·s·(B·A)`` rounded as :func:`unapply_delta` rounds it, one row block at a time
+    (the inverse of :func:`fused_merge`, with the same row-block products)."""
+    a, b = _factors32(m)
+    s = m.scale * weight if weight != 1.0 else m.scale
+    rows, cols = m_w.shape
+    step = row_block(cols)
+    d = torch.empty(step, cols, dtype=a.dtype)
+    acc = torch.empty(step, cols, dtype=torch.promote_types(m_w.dtype, d.dtype))
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        dc, ac = d[:n], acc[:n]
+        torch.mm(b[r0 : r0 + n], a, out=dc)
+        dc.mul_(s)
+        ac.copy_(m_w[r0 : r0 + n])
+        ac.sub_(dc)
+        out[r0 : r0 + n].copy_(ac)
+    return out

@@ -1,8 +1,9 @@
 """Receipts' arithmetic: what rounding lost, so an unmerge can restore the base bit for bit.
 
 Merging rounds ``W + ΔW`` to W's dtype, so subtracting ΔW again gives back W only up to rounding.
-:func:`encode` compares the subtraction's result with the original bit for bit and keeps the
-positions that differ with their original values (or the whole original when that is smaller);
+:func:`encode` compares the subtraction's result with the original bit for bit and keeps, for the
+positions that differ, the gaps between them and the integer difference of the bits (a unit or two
+in the last place), about two bytes a position (or the whole original when that is smaller);
 :func:`decode` puts them back.
 """
 
@@ -19,41 +20,59 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def encode(original: torch.Tensor, reconstructed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The corrections that turn ``reconstructed`` into ``original``.
-
-    Returns:
-        ``{}`` when they are equal bit for bit; ``{"idx", "val"}`` (flat positions, original values)
-        when few differ; ``{"full"}`` (the original) when that is smaller or the dtypes differ.
-    """
+    """The corrections that turn ``reconstructed`` into ``original`` (see :func:`from_positions`)."""
     if original.dtype != reconstructed.dtype or original.shape != reconstructed.shape:
         return {"full": original.contiguous()}
-    diff = (bits(original) != bits(reconstructed)).nonzero().reshape(-1)
-    n = diff.numel()
-    if n == 0:
-        return {}
-    idx_dtype = torch.int32 if original.numel() < 2**31 else torch.int64
-    sparse = n * (idx_dtype.itemsize + original.element_size())
-    if sparse >= original.numel() * original.element_size():
-        return {"full": original.contiguous()}
-    return {"idx": diff.to(idx_dtype), "val": original.reshape(-1)[diff].contiguous()}
+    positions = (bits(original) != bits(reconstructed)).nonzero().reshape(-1)
+    return from_positions(original, positions, reconstructed.reshape(-1)[positions])
 
 
-def from_positions(original: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`encode`'s corrections when the differing flat positions are already known."""
+def from_positions(
+    original: torch.Tensor, positions: torch.Tensor, reconstructed_at: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Corrections for the flat ``positions`` where the reconstruction (``reconstructed_at`` there)
+    differs from ``original``, in about two bytes a position:
+
+    - ``gap8`` (uint8): the gap to the previous position (255: the gap is in ``gapbig``, int64);
+    - ``d8`` (int8): original − reconstructed as integers of the dtype's width, the difference of a
+      unit or two in the last place that rounding leaves (-128: the value is in ``valbig``).
+
+    ``{}`` when nothing differs; ``{"full": original}`` when that is smaller.
+    """
     n = positions.numel()
     if n == 0:
         return {}
-    idx_dtype = torch.int32 if original.numel() < 2**31 else torch.int64
-    if n * (idx_dtype.itemsize + original.element_size()) >= original.numel() * original.element_size():
+    positions = positions.long()
+    gaps = torch.diff(positions, prepend=positions.new_tensor([-1])) - 1
+    big = gaps >= 255
+    delta = bits(original)[positions].long() - bits(reconstructed_at.reshape(-1)).long()
+    esc = (delta < -127) | (delta > 127)
+    size = 2 * n + 8 * int(big.sum()) + original.element_size() * int(esc.sum())
+    if size >= original.numel() * original.element_size():
         return {"full": original.contiguous()}
-    return {"idx": positions.to(idx_dtype), "val": original.reshape(-1)[positions].contiguous()}
+    return {
+        "gap8": gaps.clamp(max=255).to(torch.uint8),
+        "gapbig": gaps[big],
+        "d8": torch.where(esc, torch.full_like(delta, -128), delta).to(torch.int8),
+        "valbig": original.reshape(-1)[positions[esc]].contiguous(),
+    }
 
 
 def decode(reconstructed: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Apply :func:`encode`'s corrections to ``reconstructed`` (in place where possible)."""
+    """Apply :func:`from_positions`'s corrections to ``reconstructed`` (in place where possible)."""
     if "full" in parts:
         return parts["full"]
-    if "idx" in parts:
-        flat = bits(reconstructed)
-        flat[parts["idx"].long()] = bits(parts["val"])
+    if "gap8" not in parts:
+        return reconstructed
+    gap8 = parts["gap8"]
+    gaps = gap8.long()
+    gaps[gap8 == 255] = parts["gapbig"].long()
+    positions = torch.cumsum(gaps + 1, 0) - 1
+    flat = bits(reconstructed)
+    d8 = parts["d8"]
+    fixed = flat[positions].long() + d8.long()
+    esc = d8 == -128
+    if bool(esc.any()):
+        fixed[esc] = bits(parts["valbig"]).long()
+    flat[positions] = fixed.to(flat.dtype)
     return reconstructed

@@ -55,9 +55,11 @@ def test_encode_is_empty_when_exact_and_sparse_when_few_differ() -> None:
     assert residual.encode(w, w.clone()) == {}
     r = w.clone()
     r.view(-1)[[3, 500, 9999]] += 1
+    r.view(-1)[4000] = float("nan")  # far from the original: its value is kept whole
     parts = residual.encode(w, r)
-    assert parts["idx"].tolist() == [3, 500, 9999]
-    assert torch.equal(residual.decode(r, parts), w)
+    assert parts["gap8"].tolist() == [3, 255, 255, 255] and parts["gapbig"].tolist() == [496, 3499, 5998]
+    assert (parts["d8"] == -128).sum() >= 1 and parts["valbig"].numel() == int((parts["d8"] == -128).sum())
+    assert torch.equal(residual.bits(residual.decode(r.clone(), parts)), residual.bits(w))
 
 
 def test_encode_keeps_whole_tensor_when_smaller() -> None:
