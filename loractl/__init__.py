@@ -8,11 +8,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_adapter", "merge", "unmerge", "inspect"]
+_API = (
+    "load_adapter",
+    "save_adapter",
+    "merge",
+    "unmerge",
+    "inspect",
+    "truncate",
+    "combine",
+    "similarity",
+    "amplification",
+    "spectrum",
+    "convert",
+    "check",
+)
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):  # PEP 562: import the heavy API only when used
-    if name in {"load_adapter", "merge", "unmerge", "inspect"}:
+    if name in _API:
         from . import api
 
         return getattr(api, name)
