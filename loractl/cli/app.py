@@ -60,7 +60,13 @@ check_cmd.register(app)
 
 def main() -> None:
     """Console-script entry point: defaults from [tool.loractl] / loractl.toml, then the command line."""
+    import os
     import sys
+
+    # torch's OpenMP threads spin at every barrier by default; on a busy machine that burns the CPU the
+    # merge needs (measured: 80-95 s instead of 12-15 s for a 1.1B merge at load 4.5). It must be set
+    # before torch is imported, and it changes no result.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from ..errors import LoractlError
     from ._config import default_map, read_defaults
