@@ -593,7 +593,7 @@ def main(argv: list[str]) -> int:
 
         warm_s = warm(base)
         print(
-            f"warm-up: cat base/* > /dev/null took {warm_s:.1f}s (page caches cannot be dropped here)",
+            f"warm-up: cat base/* > /dev/null took {warm_s:.1f}s (page caches are not dropped: warm-cache timings)",
             flush=True,
         )
 
