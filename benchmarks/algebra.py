@@ -259,7 +259,12 @@ class Case:
 
 
 def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
-    """Run ``cmd`` under /usr/bin/time -v (or a getrusage wrapper); the wall clock is measured here."""
+    """Run ``cmd`` under /usr/bin/time -v (or a getrusage wrapper); the wall clock is measured here.
+
+    It runs in the log's folder (in the workdir), never in the repository: ``python -m`` and
+    ``python -c`` put the current folder first on sys.path, which would pick a working tree's
+    ``loractl`` over a ``--loractl-ref`` export.
+    """
     stats = log.with_suffix(".time")
     if os.access(TIME, os.X_OK):
         full = [TIME, "-v", "-o", str(stats), *cmd]
@@ -270,7 +275,9 @@ def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
     err = log.with_suffix(".err")
     with open(log, "wb") as out, open(err, "wb") as errors:
         t0 = time.perf_counter()
-        rc = subprocess.run(full, stdout=out, stderr=errors, stdin=subprocess.DEVNULL, env=env).returncode
+        rc = subprocess.run(
+            full, stdout=out, stderr=errors, stdin=subprocess.DEVNULL, env=env, cwd=log.parent
+        ).returncode
         seconds = time.perf_counter() - t0
     text = stats.read_text() if stats.exists() else ""
     if rc != 0:
@@ -325,11 +332,14 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def loractl_source() -> str:
+def loractl_source(frozen: str | None = None) -> str:
     """Where the imported loractl lives, its git commit and how many of its files differ from it.
 
-    The install is editable: if others edit ``loractl/`` during a run, the runs time different code.
+    The install is editable: if others edit ``loractl/`` during a run, the runs time different code
+    (``--loractl-ref`` prevents that; ``frozen`` then describes the export).
     """
+    if frozen:
+        return frozen
     import loractl
 
     repo = Path(loractl.__file__).resolve().parent.parent
@@ -345,7 +355,48 @@ def loractl_source() -> str:
     return f"{repo} @ {head}" + (f" + {len(dirty)} changed file(s) in loractl/" if dirty else "")
 
 
-def machine_info() -> dict[str, Any]:
+def export_loractl(ref: str, work: Path) -> str:
+    """Export the ``loractl`` package of git commit ``ref`` to ``work/loractl-src`` and make it the
+    ``loractl`` that this process and every command it starts import (``PYTHONPATH``, sys.path).
+
+    Others may edit the working tree, which the editable install follows, during a run; an export
+    keeps the code under test the same for every run.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    rev = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", ref + "^{commit}"], capture_output=True, text=True
+    )
+    if rev.returncode != 0:
+        raise SystemExit(f"--loractl-ref {ref!r}: not a commit of {repo}")
+    if "loractl" in sys.modules:
+        raise SystemExit("--loractl-ref: loractl was imported before the export")
+    sha = rev.stdout.strip()
+    src = work / "loractl-src"
+    remove(src)
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", sha, "loractl"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(src))
+    child = subprocess.run(
+        [sys.executable, "-c", "import loractl; print(loractl.__file__)"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    import loractl
+
+    for where in (child, loractl.__file__):
+        if not where.startswith(str(src)):
+            raise SystemExit(
+                f"--loractl-ref: the export in {src} is not the loractl that gets imported ({where})"
+            )
+    return f"loractl of {ref} ({sha[:12]}), exported to {src}"
+
+
+def machine_info(frozen: str | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "nproc": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
@@ -367,7 +418,7 @@ def machine_info() -> dict[str, Any]:
     import loractl
 
     info["loractl"] = loractl.__version__
-    info["loractl_source"] = loractl_source()
+    info["loractl_source"] = loractl_source(frozen)
     return info
 
 
@@ -415,6 +466,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="also run `loractl truncate` and `loractl similarity` once each under cProfile (untimed) "
         "and print where the time goes",
+    )
+    p.add_argument(
+        "--loractl-ref",
+        metavar="REF",
+        help="time the loractl package of this git commit (e.g. HEAD), exported to the workdir, instead "
+        "of the installed one (the editable install follows a working tree others may edit)",
     )
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the first adapter (the second: +1)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (a later run reuses the adapters)")
@@ -468,9 +525,7 @@ def main(argv: list[str]) -> int:
     work: Path = args.workdir.resolve()
     spec = {"layers": layers, "seed": args.seed, "rank": RANK, "alpha": ALPHA, "decay": DECAY, "b_std": B_STD}
     up_before = uptime()
-    source_before = loractl_source()
     print(f"uptime before: {up_before}", flush=True)
-    print(f"loractl: {source_before}", flush=True)
 
     stamp = work / STAMP
     created = not work.exists()
@@ -479,6 +534,9 @@ def main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     a1, a2, out, logs = work / "adapter-1", work / "adapter-2", work / "out-r16", work / "logs"
     try:
+        args.frozen = export_loractl(args.loractl_ref, work) if args.loractl_ref else None
+        source_before = loractl_source(args.frozen)
+        print(f"loractl: {source_before}", flush=True)
         return run(args, layers, n_modules, work, spec, stamp, a1, a2, out, logs, up_before, source_before)
     finally:
         if not args.keep:
@@ -531,7 +589,10 @@ def run(
     warm(a1 / WEIGHTS, a2 / WEIGHTS)
 
     loractl_bin = Path(sys.executable).with_name("loractl")
-    loractl_cmd = [str(loractl_bin)] if loractl_bin.exists() else [sys.executable, "-m", "loractl"]
+    if loractl_bin.exists() and not args.frozen:
+        loractl_cmd = [str(loractl_bin)]
+    else:
+        loractl_cmd = [sys.executable, "-m", "loractl"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out_1t = work / "out-r16-1thread"
     truncate = [*loractl_cmd, "truncate", str(a1), "-o", str(out), "--rank", str(NEW_RANK)]
@@ -643,7 +704,7 @@ def run(
         remove(out_1t)
         profile += "\n\n" + profile_command("similarity", ["similarity", str(a1), str(a2), "--json"], logs)
     up_after = uptime()
-    info = machine_info()
+    info = machine_info(args.frozen)
     info["loractl_source_before"] = source_before
     report(
         args,
