@@ -239,6 +239,16 @@ def _fused_ok(plan: MergePlan) -> bool:
     return True
 
 
+def _one_fused_lora(contribs: Sequence[Contribution]) -> bool:
+    """A tensor changed by exactly one LoRA module that the row-block path computes."""
+    return (
+        len(contribs) == 1
+        and contribs[0].kind == "lora"
+        and contribs[0].module is not None
+        and merge_ops.fused_eligible(contribs[0].module)
+    )
+
+
 def merged_tensor(
     w0: torch.Tensor,
     contributions: Sequence[Contribution],
@@ -732,13 +742,7 @@ def merge(
         def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
             contribs = plan.changes.get(key, [])
 
-            fused = (
-                fast
-                and len(contribs) == 1
-                and contribs[0].kind == "lora"
-                and contribs[0].module is not None
-                and merge_ops.fused_eligible(contribs[0].module)
-            )
+            fused = fast and _one_fused_lora(contribs)
 
             def job(w0: torch.Tensor) -> torch.Tensor:
                 if need_receipt:
@@ -989,13 +993,7 @@ def unmerge(
 
             def make_job(key: str, orig: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
                 contribs = plan.changes.get(key, [])
-                fused = (
-                    fast
-                    and len(contribs) == 1
-                    and contribs[0].kind == "lora"
-                    and contribs[0].module is not None
-                    and merge_ops.fused_eligible(contribs[0].module)
-                )
+                fused = fast and _one_fused_lora(contribs)
 
                 def job(m: torch.Tensor) -> torch.Tensor:
                     parts: dict[str, torch.Tensor] = {}
