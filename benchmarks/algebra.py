@@ -2,6 +2,7 @@
 """Benchmark loractl's factor-space algebra (``truncate``, ``similarity``) on a Llama-2-7B-shaped adapter.
 
 Run:  python benchmarks/algebra.py [--repeat N] [--workdir DIR] [--keep] [--json FILE]
+                                    [--loractl-ref HEAD] [--profile]
       python benchmarks/algebra.py --modules-subset 2 --repeat 1 --error-extra 0   # quick run
 
 It builds, from seeds, two fp32 PEFT rank-64 LoRAs on q, k, v, o, gate, up and down of all 32
@@ -9,14 +10,15 @@ Llama-2-7B layers (224 modules, ~640 MB each) whose spectra decay like a trained
 one run, interleaved, ``--repeat`` times:
 
 * times ``loractl truncate adapter -o out --rank 16`` end to end (subprocess under
-  ``/usr/bin/time -v``: wall clock and peak RSS; start-up and I/O included), and
-  ``loractl.api.truncate`` in process;
+  ``/usr/bin/time -v``: wall clock and peak RSS; start-up and I/O included), with the default
+  threads and with ``OMP_NUM_THREADS=1``, and the start-up alone;
 * times the dense-SVD way of doing the same, sd-scripts' ``networks/resize_lora.py`` with
   ``--svd_lowrank_niter 0`` (``ΔW = B·A`` in fp32, ``torch.linalg.svd(ΔW)``, top 16 kept as
   ``U·diag(S)`` and ``Vh``), on one module of each of the three shapes, and extrapolates it to the
   whole adapter (it would take hours); also sd-scripts' current default ``torch.svd_lowrank``;
-* times ``loractl similarity A1 A2 --json`` (subprocess) and ``loractl.api.similarity`` (in process)
-  over all modules;
+* times ``loractl similarity A1 A2 --json`` (subprocess, both thread settings) and
+  ``loractl.api.similarity`` (in process, reading the adapters and on preloaded ones) over all
+  modules;
 
 then checks loractl's truncation, read back from the file it wrote, against the best rank-16
 approximation from a dense float64 SVD of the same modules (and against the theoretical error

@@ -1324,7 +1324,7 @@ def truncate(
             nested truncation of an adapter that is not DyLoRA (unless ``force``), a rank that is not
             a multiple of the DyLoRA unit.
     """
-    from .ops.factored import choose_rank, energy_kept, factored_svd, truncate_factors
+    from .ops.factored import balanced_factors, choose_rank, energy_kept, factored_svd
 
     t0 = time.perf_counter()
     rules = {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro}
@@ -1386,13 +1386,13 @@ def truncate(
     else:
         for name, m in a.modules.items():
             b2, a2 = matrices(m)
-            _, s_vals, _ = factored_svd(b2, a2, m.scale)
+            u, s_vals, vh = factored_svd(b2, a2, m.scale)  # once per module: rank rule and factors
             k = choose_rank(s_vals, rank=rank, **given)
             if k >= m.rank:
                 out_modules[name] = m
                 k = m.rank
             else:
-                nb, na = truncate_factors(b2, a2, m.scale, k)
+                nb, na = balanced_factors(u, s_vals, vh, k)
                 out_modules[name] = with_factors(m, nb, na, alpha=float(k))
             e = energy_kept(s_vals, k)
             report.append(TruncatedModule(name, m.rank, k, e, math.sqrt(e)))
