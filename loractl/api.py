@@ -771,10 +771,9 @@ def merge(
                     if any(c.kind == "replace" for c in contribs):
                         parts["full"] = w0
                     else:
-                        factors = _dora_factors(w0, contribs)
-                        rec = unmerged_tensor(
-                            merged, contribs, w0.dtype, factors, deltas if contribs else None
-                        )
+                        known = deltas if contribs else {}
+                        factors = _dora_factors(w0, contribs, known)
+                        rec = unmerged_tensor(merged, contribs, w0.dtype, factors, known)
                         parts = residual.encode(w0, rec)
                         for pos, f in factors.items():
                             parts[f"dora{pos}"] = f.contiguous()
@@ -855,11 +854,14 @@ def merge(
         )
 
 
-def _dora_factors(w0: torch.Tensor, contribs: Sequence[Contribution]) -> dict[int, torch.Tensor]:
+def _dora_factors(
+    w0: torch.Tensor, contribs: Sequence[Contribution], deltas: dict[int, torch.Tensor] | None = None
+) -> dict[int, torch.Tensor]:
+    """DoRA's per-row factors by contribution position (the updates reused from ``deltas`` when given)."""
     out: dict[int, torch.Tensor] = {}
     for pos, c in enumerate(contribs):
         if c.kind == "lora" and c.module is not None and c.module.is_dora:
-            delta = merge_ops.delta_weight(c.module, c.weight)
+            delta = deltas[pos] if deltas and pos in deltas else merge_ops.delta_weight(c.module, c.weight)
             out[pos] = merge_ops.dora_factor(c.module, w0, delta)
     return out
 

@@ -46,20 +46,11 @@ def _read_all(
     return buf
 
 
-def _merge_on_pty(tmp_path: Path, *extra: str) -> tuple[int, bytes, bytes]:
+def _on_pty(*args: str) -> tuple[int, bytes, bytes]:
+    """Run ``python -m loractl ARGS`` with stderr on a pseudo-terminal; (exit code, stdout, stderr)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loractl",
-            "merge",
-            str(EXAMPLES / "tiny-llama"),
-            str(EXAMPLES / "tiny-llama-lora"),
-            "-o",
-            str(tmp_path / "m"),
-            *extra,
-        ],
+        [sys.executable, "-m", "loractl", *args],
         stdin=slave,
         stdout=subprocess.PIPE,
         stderr=slave,
@@ -72,6 +63,17 @@ def _merge_on_pty(tmp_path: Path, *extra: str) -> tuple[int, bytes, bytes]:
     proc.wait(timeout=60)
     os.close(master)
     return proc.returncode, out, err
+
+
+def _merge_on_pty(tmp_path: Path, *extra: str) -> tuple[int, bytes, bytes]:
+    return _on_pty(
+        "merge",
+        str(EXAMPLES / "tiny-llama"),
+        str(EXAMPLES / "tiny-llama-lora"),
+        "-o",
+        str(tmp_path / "m"),
+        *extra,
+    )
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
@@ -168,33 +170,12 @@ def test_bash_completion_with_a_real_tab_keypress(tmp_path: Path) -> None:
 
 
 def test_progress_bar_for_conversions_on_a_terminal_only(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    args = [
-        sys.executable,
-        "-m",
-        "loractl",
-        "convert",
-        str(EXAMPLES / "tiny-llama-lora"),
-        "--to",
-        "peft",
-        "--pad-rank",
-        "16",
-    ]
-    proc = subprocess.Popen(
-        [*args, "-o", str(tmp_path / "c1")],
-        stdin=slave,
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        env=_env(),
-        close_fds=True,
-    )
-    os.close(slave)
-    err = _read_all(master, proc)
-    out = proc.stdout.read() if proc.stdout else b""
-    proc.wait(timeout=60)
-    os.close(master)
-    assert proc.returncode == 0
+    args = ["convert", str(EXAMPLES / "tiny-llama-lora"), "--to", "peft", "--pad-rank", "16"]
+    code, out, err = _on_pty(*args, "-o", str(tmp_path / "c1"))
+    assert code == 0
     assert b"converting" in err and b"14/14" in err
     assert out.startswith(b"converted 14 modules")
-    p = subprocess.run([*args, "-o", str(tmp_path / "c2")], capture_output=True, env=_env())
+    p = subprocess.run(
+        [sys.executable, "-m", "loractl", *args, "-o", str(tmp_path / "c2")], capture_output=True, env=_env()
+    )
     assert p.returncode == 0 and p.stderr == b"" and p.stdout.startswith(b"converted 14 modules")
