@@ -27,6 +27,7 @@ from .formats import load_adapter as _load_adapter
 from .formats.names import NameResolver, ties_word_embeddings
 from .io.atomic import atomic_output
 from .io.base import RECEIPT_NAME, BaseModel, open_base
+from .io.buffers import BufferPool
 from .io.quant import QuantizedWeight
 from .io.safetensors import (
     FLOAT_DTYPES,
@@ -451,42 +452,55 @@ def _stream(
     progress: Progress | None,
     single_file: bool,
     loaders: dict[str, Callable[[], torch.Tensor]] | None = None,
+    pool: BufferPool | None = None,
 ) -> int:
     """Write ``files``: each tensor raw-copied from the base, or read (``loaders`` for tensors that
     are not stored as such, e.g. 4-bit weights), computed and written.
 
     Reading the next tensor, computing this one and writing the previous overlap (two threads
-    beside the main one); at most three tensors are in memory at once.
+    beside the main one); at most three tensors are in memory at once, in buffers from ``pool``
+    that are reused from tensor to tensor (jobs may take their outputs from the same pool). Each
+    finished file is fsynced on a third thread while the next one is being written.
     """
+    pool = pool or BufferPool()
     total = sum(t.nbytes for _, items in files for t in items)
     done = 0
-    written = 0
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loractl-io") as pool:
-        for fi, (fname, items) in enumerate(files):
-            path = folder_or_file if single_file else folder_or_file / fname
-            src_meta = dict(base.shards[items[0].src].metadata) if items else {}
-            entries = [(t.name, t.dtype, t.shape) for t in items]
-            writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta))
-            try:
+    writers: list[SafetensorsWriter] = []
+    syncs: list[Future[None]] = []
 
-                def read(t: OutTensor) -> torch.Tensor | None:
-                    if loaders and t.name in loaders:
-                        return loaders[t.name]()
-                    return base.read(t.name) if t.name in jobs else None
+    def read(t: OutTensor) -> torch.Tensor | None:
+        if loaders and t.name in loaders:
+            return loaders[t.name]()
+        if t.name not in jobs:
+            return None
+        info = base.info(t.name)
+        return base.read(t.name, out=pool.empty(info.shape, torch_dtype(info.dtype)))
 
+    try:
+        with (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="loractl-io") as io,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-sync") as syncer,
+        ):
+            for fi, (fname, items) in enumerate(files):
+                path = folder_or_file if single_file else folder_or_file / fname
+                src_meta = dict(base.shards[items[0].src].metadata) if items else {}
+                entries = [(t.name, t.dtype, t.shape) for t in items]
+                writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta))
+                writers.append(writer)
                 pending_write: Future[None] | None = None
-                nxt: Future[torch.Tensor | None] | None = pool.submit(read, items[0]) if items else None
+                nxt: Future[torch.Tensor | None] | None = io.submit(read, items[0]) if items else None
                 for k, t in enumerate(items):
                     assert nxt is not None
                     data = nxt.result()
-                    nxt = pool.submit(read, items[k + 1]) if k + 1 < len(items) else None
+                    nxt = io.submit(read, items[k + 1]) if k + 1 < len(items) else None
                     if data is None:
                         result = None
                     else:
                         result = jobs[t.name](data)
-                        del data
                         if result.dtype != torch_dtype(t.dtype):
                             result = result.to(torch_dtype(t.dtype))
+                        if result.untyped_storage().data_ptr() != data.untyped_storage().data_ptr():
+                            pool.release(data)
                     if pending_write is not None:
                         pending_write.result()
 
@@ -500,19 +514,23 @@ def _stream(
                             writer.copy_from(t.name, src, src.tensors[t.name])
                         else:
                             writer.write(t.name, result)
+                            pool.release(result)
 
-                    pending_write = pool.submit(write)
-                    del result
+                    pending_write = io.submit(write)
+                    del data, result
                     done += t.nbytes
                     if progress is not None:
                         progress(done, total)
                 if pending_write is not None:
                     pending_write.result()
-                writer.close(sync=True)
-                written += path.stat().st_size
-            finally:
-                writer.close()
-    return written
+                writer.check_complete()
+                syncs.append(syncer.submit(writer.sync))
+            for f in syncs:
+                f.result()
+    finally:  # after the threads are done with them
+        for w in writers:
+            w.close()
+    return sum(w.path.stat().st_size for w in writers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,8 +583,16 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
+def _as_list(adapters: Any) -> list[Any]:
+    """One adapter (a path or an :class:`Adapter`) or a sequence of them, as a list: a lone string
+    is one path, not a sequence of characters."""
+    if isinstance(adapters, (str, Path, Adapter)):
+        return [adapters]
+    return list(adapters)
+
+
 def _load_all(
-    adapters: Sequence[str | Path | Adapter],
+    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
     format: str | None,
     allow_pickle: bool,
     base: BaseModel | None = None,
@@ -662,7 +688,7 @@ def _keeps_torch_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_keeps_torch_threads
 def merge(
     base: str | Path,
-    adapters: Sequence[str | Path | Adapter],
+    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
     output: str | Path,
     *,
     weights: Sequence[float] | None = None,
@@ -699,6 +725,7 @@ def merge(
         InputError: bad base or adapter, adapter that does not fit, unmatched modules.
         OutputError: output exists, is an input, or the disk is full.
     """
+    adapters = _as_list(adapters)
     t0 = time.perf_counter()
     if not adapters:
         raise UsageError("no adapter given")
@@ -738,6 +765,7 @@ def merge(
                 "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
             )
         fast = _fused_ok(plan)  # may leave torch at one thread: @_keeps_torch_threads restores it
+        pool = BufferPool()
 
         def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
             contribs = plan.changes.get(key, [])
@@ -753,7 +781,7 @@ def merge(
                     if not need_receipt:
                         merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
                         return w0
-                    merged = torch.empty_like(w0)
+                    merged = pool.empty(w0.shape, w0.dtype)
                     found = merge_ops.fused_merge(w0, c.module, c.weight, out=merged, residual=True)
                     assert found is not None and spool is not None
                     for k, v in residual.from_positions(w0, *found).items():
@@ -811,7 +839,15 @@ def merge(
                     spool_at = tmp / ".receipt.spool" if b.is_dir else tmp.with_name(tmp.name + ".spool")
                     spool = SpooledWriter(spool_at)
                 written = _stream(
-                    b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir, loaders=loaders
+                    b,
+                    tmp,
+                    files,
+                    jobs,
+                    metadata_for,
+                    progress,
+                    single_file=not b.is_dir,
+                    loaders=loaders,
+                    pool=pool,
                 )
                 if b.is_dir:
                     _write_index(tmp, b, files, {"loractl.operation": "merge"})
@@ -914,7 +950,7 @@ def _read_receipt(path: Path) -> tuple[dict[str, str], SafetensorsFile]:
 @_keeps_torch_threads
 def unmerge(
     merged: str | Path,
-    adapters: Sequence[str | Path | Adapter],
+    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
     output: str | Path,
     *,
     weights: Sequence[float] | None = None,
@@ -934,6 +970,7 @@ def unmerge(
     Raises:
         InputError: the receipt belongs to other adapters, or an adapter cannot be unmerged.
     """
+    adapters = _as_list(adapters)
     t0 = time.perf_counter()
     if not adapters:
         raise UsageError("no adapter given")
@@ -1434,7 +1471,7 @@ class CombineResult:
 
 
 def combine(
-    adapters: Sequence[str | Path | Adapter],
+    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
     output: str | Path,
     *,
     weights: Sequence[float] | None = None,
@@ -1461,6 +1498,7 @@ def combine(
         ShapeMismatchError: adapters whose modules disagree in shape (adapters for different bases).
         UnsupportedAdapterError: DoRA adapters (their magnitude vectors do not combine linearly).
     """
+    adapters = _as_list(adapters)
     from .ops import combine as comb
 
     t0 = time.perf_counter()
@@ -1729,7 +1767,7 @@ class SpectrumResult:
 
 
 def spectrum(
-    adapters: Sequence[str | Path | Adapter],
+    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
     *,
     base: str | Path | None = None,
     format: str | None = None,
@@ -1737,6 +1775,7 @@ def spectrum(
 ) -> SpectrumResult:
     """Singular values of each module's update (from factors), entropy effective rank, energy kept
     at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts)."""
+    adapters = _as_list(adapters)
     from .ops.factored import effective_rank, energy_kept, factored_svd
 
     result = []

@@ -58,8 +58,8 @@ class BaseModel:
     def file_of(self, name: str) -> SafetensorsFile:
         return self.shards[self.tensors[name][0]]
 
-    def read(self, name: str):  # -> torch.Tensor
-        return self.file_of(name).read(name)
+    def read(self, name: str, out=None):  # -> torch.Tensor
+        return self.file_of(name).read(name, out=out)
 
     def close(self) -> None:
         for s in self.shards:

@@ -179,12 +179,18 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: truncated while reading tensor {info.name!r}")
             pos += got
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` into a new (writable, owned) torch tensor."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name`` into a new (writable, owned) torch tensor, or into ``out`` (a contiguous
+        tensor of its dtype and shape, e.g. from :class:`loractl.io.buffers.BufferPool`)."""
         import torch
 
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if out is None:
+            out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        elif (
+            out.dtype != torch_dtype(info.dtype) or tuple(out.shape) != info.shape or not out.is_contiguous()
+        ):
+            raise ValueError(f"{self.path}: buffer for {name!r} is {out.dtype} {tuple(out.shape)}")
         if info.nbytes:
             self.read_bytes_into(info, memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B"))
         return out
@@ -318,19 +324,25 @@ class SafetensorsWriter:
         except OSError as e:
             raise disk_error(self.path, e) from None
 
+    def check_complete(self) -> None:
+        """Raise unless every declared tensor has been written."""
+        if self._next != len(self._entries):
+            raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors never written")
+
+    def sync(self) -> None:
+        """Make what was written durable (fsync)."""
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise disk_error(self.path, e) from None
+
     def close(self, sync: bool = False) -> None:
         if self._fd < 0:
             return
         try:
             if sync:
-                if self._next != len(self._entries):
-                    raise RuntimeError(
-                        f"{self.path}: {len(self._entries) - self._next} tensors never written"
-                    )
-                try:
-                    os.fsync(self._fd)
-                except OSError as e:
-                    raise disk_error(self.path, e) from None
+                self.check_complete()
+                self.sync()
         finally:
             os.close(self._fd)
             self._fd = -1

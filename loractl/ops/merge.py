@@ -12,6 +12,9 @@ equal PEFT's ``merge_and_unload`` bit for bit; the tests compare against PEFT it
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -164,17 +167,63 @@ def row_block(cols: int) -> int:
     return max(32, (CHUNK_ELEMENTS // max(1, cols)) // 32 * 32)
 
 
+_scratch_local = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor of ``shape``, reused across calls (fresh memory costs page faults)."""
+    cache: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch_local.__dict__.setdefault("bufs", {})
+    n = shape[0] * shape[1]
+    buf = cache.get((name, dtype))
+    if buf is None or buf.numel() < n:
+        buf = cache[(name, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+#: smallest positive normal float32
+_TINY32 = 2.0**-126
+
+
+def _fused_factors(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """``(A', B, s')`` with ``B @ A'`` then ``* s'`` (skipped when ``s'`` is None) giving the bits of
+    ``(B @ A) * s``.
+
+    When ``s`` is a power of two ≥ 1 it is folded into A: ``A·s`` is exact, every product and partial
+    sum of ``B @ (A·s)`` is then exactly ``s`` times that of ``B @ A``, and ``(B @ A) * s`` rounds
+    nothing, so both give the same bits. That holds unless a product ``b·a`` is subnormal (it lost bits
+    in PEFT's order) or something overflows; both are ruled out from the factors' extreme magnitudes
+    before folding, and the caller's check (``api._fused_ok``) compares the result with PEFT's order.
+    """
+    a, b = _factors32(m)
+    s = m.scale * weight if weight != 1.0 else m.scale
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        return a, b, s
+    mant, _ = math.frexp(s)
+    if mant != 0.5 or s < 1.0:
+        return a, b, s
+    if s == 1.0:
+        return a, b, None
+    aa, ba = a.abs(), b.abs()
+    a_max, b_max = float(aa.max()) if aa.numel() else 0.0, float(ba.max()) if ba.numel() else 0.0
+    a_min = float(aa[aa > 0].min()) if bool((aa > 0).any()) else 1.0
+    b_min = float(ba[ba > 0].min()) if bool((ba > 0).any()) else 1.0
+    bound = a_max * b_max * s * max(1, a.shape[0])
+    if not (math.isfinite(bound) and bound < 2.0**120 and a_min * b_min >= _TINY32):
+        return a, b, s
+    return a * s, b, None
+
+
 def fused_product(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
     """The update of :func:`fused_merge` as a whole tensor (B·A in row blocks, then scaled): what the
     merge adds, for checking it against :func:`delta_weight`."""
-    a, b = _factors32(m)
-    s = m.scale * weight if weight != 1.0 else m.scale
+    a, b, s = _fused_factors(m, weight)
     step = row_block(a.shape[1])
     out = torch.empty(b.shape[0], a.shape[1], dtype=a.dtype)
     for r0 in range(0, b.shape[0], step):
         blk = out[r0 : r0 + step]
         torch.mm(b[r0 : r0 + step], a, out=blk)
-        blk.mul_(s)
+        if s is not None:
+            blk.mul_(s)
     return out
 
 
@@ -184,9 +233,10 @@ def fused_merge(
     """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
 
     Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
-    of three passes over whole tensors in memory. The product of a row block equals the same rows of
-    the whole product only when the BLAS computes them alike; callers check that first (see
-    ``api._fused_ok``) and use :func:`delta_weight` where it does not hold.
+    of three passes over whole tensors in memory; the addition is the very torch op of PEFT's
+    ``W += ΔW`` (computed in the promoted dtype, rounded once to W's). The product of a row block
+    equals the same rows of the whole product only when the BLAS computes them alike; callers check
+    that first (see ``api._fused_ok``) and use :func:`delta_weight` where it does not hold.
 
     Args:
         w0: the base weight [out, in]; left unchanged unless ``out`` is ``w0``.
@@ -199,40 +249,27 @@ def fused_merge(
     Returns:
         With ``residual``: the positions (int64) and the unmerge's values there; else None.
     """
-    a, b = _factors32(m)
-    s = m.scale * weight if weight != 1.0 else m.scale
+    a, b, s = _fused_factors(m, weight)
     rows, cols = w0.shape
     step = row_block(cols)
-    d = torch.empty(step, cols, dtype=a.dtype)
-    promoted = torch.promote_types(w0.dtype, d.dtype)
-    acc = torch.empty(step, cols, dtype=promoted)
-    rec = torch.empty(step, cols, dtype=w0.dtype) if residual else None
     found: list[torch.Tensor] = []
     found_rec: list[torch.Tensor] = []
+    itype = _INT[w0.element_size()]
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        dc, ac = d[:n], acc[:n]
+        dc = _scratch("delta", (n, cols), a.dtype)
         torch.mm(b[r0 : r0 + n], a, out=dc)
-        dc.mul_(s)
+        if s is not None:
+            dc.mul_(s)
         wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
-        ac.copy_(wc)
-        ac.add_(dc)
+        torch.add(wc, dc, out=oc)
         if residual:
-            assert rec is not None
-            rc = rec[:n]
-            oc.copy_(ac)  # round to the weight's dtype
-            ac.copy_(oc)
-            ac.sub_(dc)
-            rc.copy_(ac)
-            flat = rc.reshape(-1).view(_INT[rc.element_size()]) != wc.reshape(-1).view(
-                _INT[wc.element_size()]
-            )
-            pos = flat.nonzero().reshape(-1)
+            rc = _scratch("rec", (n, cols), w0.dtype)
+            torch.sub(oc, dc, out=rc)  # what an unmerge without the receipt computes
+            pos = (rc.view(itype) != wc.view(itype)).view(-1).nonzero().view(-1)
             if pos.numel():
                 found.append(pos + r0 * cols)
-                found_rec.append(rc.reshape(-1)[pos])
-        else:
-            oc.copy_(ac)
+                found_rec.append(rc.view(-1)[pos])
     if not residual:
         return None
     if not found:
@@ -246,18 +283,14 @@ _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor) -> torch.Tensor:
     """``out = m_w − w·s·(B·A)`` rounded as :func:`unapply_delta` rounds it, one row block at a time
     (the inverse of :func:`fused_merge`, with the same row-block products)."""
-    a, b = _factors32(m)
-    s = m.scale * weight if weight != 1.0 else m.scale
+    a, b, s = _fused_factors(m, weight)
     rows, cols = m_w.shape
     step = row_block(cols)
-    d = torch.empty(step, cols, dtype=a.dtype)
-    acc = torch.empty(step, cols, dtype=torch.promote_types(m_w.dtype, d.dtype))
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        dc, ac = d[:n], acc[:n]
+        dc = _scratch("delta", (n, cols), a.dtype)
         torch.mm(b[r0 : r0 + n], a, out=dc)
-        dc.mul_(s)
-        ac.copy_(m_w[r0 : r0 + n])
-        ac.sub_(dc)
-        out[r0 : r0 + n].copy_(ac)
+        if s is not None:
+            dc.mul_(s)
+        torch.sub(m_w[r0 : r0 + n], dc, out=out[r0 : r0 + n])
     return out
