@@ -453,6 +453,7 @@ def _stream(
     single_file: bool,
     loaders: dict[str, Callable[[], torch.Tensor]] | None = None,
     pool: BufferPool | None = None,
+    on_read: Callable[[str, torch.Tensor], None] | None = None,
 ) -> int:
     """Write ``files``: each tensor raw-copied from the base, or read (``loaders`` for tensors that
     are not stored as such, e.g. 4-bit weights), computed and written.
@@ -460,7 +461,8 @@ def _stream(
     Reading the next tensor, computing this one and writing the previous overlap (two threads
     beside the main one); at most three tensors are in memory at once, in buffers from ``pool``
     that are reused from tensor to tensor (jobs may take their outputs from the same pool). Each
-    finished file is fsynced on a third thread while the next one is being written.
+    finished file is fsynced on a third thread while the next one is being written. ``on_read`` is
+    called on the reading thread with each tensor read for a job (e.g. to checksum it there).
     """
     pool = pool or BufferPool()
     total = sum(t.nbytes for _, items in files for t in items)
@@ -470,11 +472,15 @@ def _stream(
 
     def read(t: OutTensor) -> torch.Tensor | None:
         if loaders and t.name in loaders:
-            return loaders[t.name]()
-        if t.name not in jobs:
+            data = loaders[t.name]()
+        elif t.name not in jobs:
             return None
-        info = base.info(t.name)
-        return base.read(t.name, out=pool.empty(info.shape, torch_dtype(info.dtype)))
+        else:
+            info = base.info(t.name)
+            data = base.read(t.name, out=pool.empty(info.shape, torch_dtype(info.dtype)))
+        if on_read is not None:
+            on_read(t.name, data)
+        return data
 
     try:
         with (
@@ -485,7 +491,7 @@ def _stream(
                 path = folder_or_file if single_file else folder_or_file / fname
                 src_meta = dict(base.shards[items[0].src].metadata) if items else {}
                 entries = [(t.name, t.dtype, t.shape) for t in items]
-                writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta))
+                writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta), direct=True)
                 writers.append(writer)
                 pending_write: Future[None] | None = None
                 nxt: Future[torch.Tensor | None] | None = io.submit(read, items[0]) if items else None
@@ -523,7 +529,7 @@ def _stream(
                         progress(done, total)
                 if pending_write is not None:
                     pending_write.result()
-                writer.check_complete()
+                writer.finish()
                 syncs.append(syncer.submit(writer.sync))
             for f in syncs:
                 f.result()
@@ -773,8 +779,6 @@ def merge(
             fused = fast and _one_fused_lora(contribs)
 
             def job(w0: torch.Tensor) -> torch.Tensor:
-                if need_receipt:
-                    checksums[key] = tensor_crc32(w0)
                 if fused and w0.dtype == out_dtype:
                     c = contribs[0]
                     assert c.module is not None
@@ -830,6 +834,9 @@ def merge(
         def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
             return _loractl_metadata("merge", refs, src)
 
+        def checksum(key: str, w0: torch.Tensor) -> None:  # on the reading thread: zlib lets go of the GIL
+            checksums[key] = tensor_crc32(w0)
+
         receipt_file: Path | None = None
         receipt_bytes = 0
         placed_receipt: Path | None = None
@@ -848,6 +855,7 @@ def merge(
                     single_file=not b.is_dir,
                     loaders=loaders,
                     pool=pool,
+                    on_read=checksum if need_receipt else None,
                 )
                 if b.is_dir:
                     _write_index(tmp, b, files, {"loractl.operation": "merge"})

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from loractl.errors import FormatError, InputError
+from loractl.io import safetensors as st_io
 from loractl.io.safetensors import SafetensorsFile, SafetensorsWriter, dtype_name, write_file
 
 DTYPES = [
@@ -141,3 +142,74 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 
 def test_dtype_names() -> None:
     assert dtype_name(torch.bfloat16) == "BF16" and dtype_name(torch.float32) == "F32"
+
+
+@pytest.mark.parametrize("stage", [4096, 3 * 4096, 1 << 20])
+def test_direct_writer_gives_the_same_bytes(tmp_path: Path, monkeypatch, stage: int) -> None:
+    """O_DIRECT writing (staged, aligned, padding truncated away) gives byte for byte the file the
+    buffered writer gives, for tensors written and raw-copied, across staging-buffer boundaries."""
+    monkeypatch.setattr(st_io, "DIRECT_STAGE", stage)
+    g = torch.Generator().manual_seed(1)
+    t = {
+        "a": torch.randn(1000, 7, generator=g),
+        "b": torch.randn(3, generator=g).to(torch.bfloat16),
+        "c": torch.randn(4099, generator=g).to(torch.float16),
+        "d": torch.zeros(0),
+        "e": torch.randn(2, 5, generator=g),
+    }
+    save_file(t, tmp_path / "src.safetensors")
+    src = SafetensorsFile(tmp_path / "src.safetensors")
+    entries = [(k, src.tensors[k].dtype, src.tensors[k].shape) for k in src.keys()]
+    out = {}
+    for direct in (False, True):
+        path = tmp_path / f"dst-{direct}.safetensors"
+        w = SafetensorsWriter(path, entries, {"k": "v"}, direct=direct)
+        if direct:
+            assert w.direct  # /tmp here is ext4, which takes O_DIRECT
+        for i, k in enumerate(src.keys()):
+            if i % 2:
+                w.copy_from(k, src, src.tensors[k])
+            else:
+                w.write(k, src.read(k))
+        w.close(sync=True)
+        out[direct] = path.read_bytes()
+    assert out[True] == out[False]
+    back = load_file(tmp_path / "dst-True.safetensors")
+    assert all(torch.equal(back[k], t[k]) for k in t)
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_direct_writer_falls_back_where_o_direct_is_refused(
+    tmp_path: Path, monkeypatch, refused_at: str
+) -> None:
+    """A filesystem that refuses O_DIRECT (EINVAL at open, as tmpfs on older kernels, or at the first
+    write, as some network filesystems) gets the same bytes through the page cache."""
+    import errno
+    import os
+
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def fake_open(path, flags, *a, **kw):
+        if refused_at == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **kw)
+
+    def fake_pwrite(fd, data, offset):
+        import fcntl
+
+        if refused_at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    monkeypatch.setattr(st_io, "DIRECT_STAGE", 4096)
+    path = tmp_path / "x.safetensors"
+    a = torch.arange(3000, dtype=torch.float32)
+    w = SafetensorsWriter(path, [("a", "F32", (3000,)), ("b", "F32", (3,))], direct=True)
+    assert w.direct == (refused_at == "write")
+    w.write("a", a)
+    w.write("b", torch.tensor([1.0, 2.0, 3.0]))
+    w.close(sync=True)
+    back = load_file(path)
+    assert torch.equal(back["a"], a) and torch.equal(back["b"], torch.tensor([1.0, 2.0, 3.0]))
