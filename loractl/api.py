@@ -77,7 +77,7 @@ def load_adapter(
             ("lora_B.bias", m.bias),
             ("magnitude", m.magnitude),
         ):
-            if t is not None and t.is_floating_point():
+            if t is not None and t.is_floating_point() and not t.is_meta:
                 bad = int((~torch.isfinite(t)).sum())
                 if bad:
                     raise InputError(
@@ -1626,6 +1626,7 @@ class SimilarityResult:
     grid: list[list[float]] | None = None
 
 
+@_keeps_torch_threads
 def similarity(
     first: str | Path | Adapter,
     second: str | Path | Adapter,
@@ -1643,22 +1644,26 @@ def similarity(
     (``factor="B"``: the left-singular vectors of B). ``i``/``j`` default to each module's rank.
     ``grid``: the whole i×j matrix per module and its mean over modules (modules of the same ranks).
 
+    Only the factor compared is read from the files. Modules are done on two threads.
+
     Raises:
         UsageError: i or j out of range, an unknown factor, no module in common (or matching ``module``).
     """
     import fnmatch
 
-    from .ops.similarity import similarity_grid, subspace_similarity
+    from .ops.similarity import grid_from_overlap, overlap, phi_from_overlap
 
     if factor not in ("A", "B"):
         raise UsageError(f"--factor must be A or B, not {factor!r}")
-    a1, a2 = _load_all([first, second], format, allow_pickle)
+    opts = ReadOptions(allow_pickle=allow_pickle, only_factor="down" if factor == "A" else "up")
+    a1, a2 = (
+        a if isinstance(a, Adapter) else load_adapter(a, format=format, options=opts) for a in (first, second)
+    )
     common = [n for n in a1.modules if n in a2.modules and (module is None or fnmatch.fnmatchcase(n, module))]
     if not common:
         what = f" matching {module!r}" if module else ""
         raise UsageError(f"{a1.path} and {a2.path} have no module in common{what}")
-    mods: list[ModuleSimilarity] = []
-    grids: list[torch.Tensor] = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
     for n in common:
         m1, m2 = a1.modules[n], a2.modules[n]
         b1, f1 = matrices(m1)
@@ -1672,13 +1677,22 @@ def similarity(
         jj = m2.rank if j is None else j
         if not (1 <= ii <= m1.rank and 1 <= jj <= m2.rank):
             raise UsageError(f"module {n!r}: i={ii}, j={jj} must be within the ranks {m1.rank} and {m2.rank}")
-        phi = subspace_similarity(x1, x2, ii, jj, factor=factor)
-        g = None
-        if grid:
-            gt = similarity_grid(x1, x2, factor=factor)
-            grids.append(gt)
-            g = gt.tolist()
-        mods.append(ModuleSimilarity(n, phi, g))
+        pairs.append((x1, x2, ii, jj))
+
+    def one(pair: tuple[torch.Tensor, torch.Tensor, int, int]) -> tuple[float, torch.Tensor | None]:
+        x1, x2, ii, jj = pair
+        sq = overlap(x1, x2, factor=factor)
+        return phi_from_overlap(sq, ii, jj), (grid_from_overlap(sq) if grid else None)
+
+    # small decompositions: two threads of one torch thread each beat one op on two threads
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        results = list(pool.map(one, pairs))
+    mods = [
+        ModuleSimilarity(n, phi, g.tolist() if g is not None else None)
+        for n, (phi, g) in zip(common, results)
+    ]
+    grids = [g for _, g in results if g is not None]
     mean_grid = None
     if grids and all(g.shape == grids[0].shape for g in grids):
         mean_grid = torch.stack(grids).mean(0).tolist()

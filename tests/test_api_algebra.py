@@ -352,6 +352,34 @@ def test_similarity_matches_the_formula_on_trained_adapters(llama, tmp_path: Pat
         assert math.isclose(m.phi, phi, rel_tol=1e-7, abs_tol=1e-9)
 
 
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_similarity_reads_only_the_factor_it_compares(llama, tmp_path: Path, monkeypatch, fmt: str) -> None:
+    """φ of the A factors reads no B tensor (and vice versa), in PEFT's and kohya's layouts, and
+    gives what fully loaded adapters give."""
+    from loractl.io.safetensors import SafetensorsFile
+
+    model, base = llama
+    a1 = _train(model, tmp_path / "s1", seed=1)
+    a2 = _train(model, tmp_path / "s2", seed=2)
+    if fmt == "kohya":
+        a1 = api.convert(a1, tmp_path / "k1.safetensors", to="kohya", base=base).output
+        a2 = api.convert(a2, tmp_path / "k2.safetensors", to="kohya", base=base).output
+    full = {f: api.similarity(api.load_adapter(a1), api.load_adapter(a2), factor=f, grid=True) for f in "AB"}
+    read: list[str] = []
+    real_read, real_mapped = SafetensorsFile.read, SafetensorsFile.mapped
+    monkeypatch.setattr(
+        SafetensorsFile, "read", lambda self, k, out=None: read.append(k) or real_read(self, k, out)
+    )
+    monkeypatch.setattr(SafetensorsFile, "mapped", lambda self, k: read.append(k) or real_mapped(self, k))
+    for f, other in (("A", ("lora_B", "lora_up")), ("B", ("lora_A", "lora_down"))):
+        read.clear()
+        res = api.similarity(a1, a2, factor=f, grid=True)
+        assert read and not [k for k in read if any(o in k for o in other)]
+        assert [(m.name, m.phi, m.grid) for m in res.modules] == [
+            (m.name, m.phi, m.grid) for m in full[f].modules
+        ]
+
+
 def test_amplification_matches_dense_computation(llama, tmp_path: Path) -> None:
     model, base = llama
     ad = _train(model, tmp_path / "t", seed=3)

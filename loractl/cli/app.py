@@ -58,24 +58,6 @@ run_cmd.register(app)
 check_cmd.register(app)
 
 
-def _keep_freed_memory() -> None:
-    """Let glibc's malloc keep and reuse freed memory instead of handing it back to the kernel.
-
-    By default, blocks of a few MB and up are mmap'd and unmapped one by one, and every reuse costs a
-    page fault per 4 KiB page, which the kernel must zero first; a 1.1B merge with its receipt took
-    about a million such faults, a second or more of system time. This process is short-lived, so it
-    keeps what it freed (the library itself never changes the allocator). No-op where there is no glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks under 256 MiB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give memory back only past 1 GiB free at the top
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> None:
     """Console-script entry point: defaults from [tool.loractl] / loractl.toml, then the command line."""
     import os
@@ -85,7 +67,6 @@ def main() -> None:
     # merge needs (measured: 80-95 s instead of 12-15 s for a 1.1B merge at load 4.5). It must be set
     # before torch is imported, and it changes no result.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _keep_freed_memory()
 
     from ..errors import LoractlError
     from ._config import default_map, read_defaults

@@ -66,6 +66,9 @@ class ReadOptions:
         fan_in_fan_out: force loralib's layout flag instead of guessing it from module names.
         subfolder: for a Hub reference, the folder inside the repo that holds the adapter.
         progress: show huggingface_hub's download bars.
+        only_factor: ``"down"`` or ``"up"``: read only that factor's values; the other factor's
+            tensors are placeholders with their shapes and dtypes but no data (``device="meta"``),
+            for analyses of one factor (``similarity``) that need not read the rest.
     """
 
     allow_pickle: bool = False
@@ -77,6 +80,14 @@ class ReadOptions:
     fan_in_fan_out: bool | None = None
     subfolder: str | None = None
     progress: bool = False
+    only_factor: str | None = None
+
+
+#: key fragments of the up (B) and down (A) factors in every safetensors layout loractl reads
+FACTOR_KEYS = {
+    "up": ("lora_B.", "lora_embedding_B", "lora_up.", ".lora.up.", "lora_B_"),
+    "down": ("lora_A.", "lora_embedding_A", "lora_down.", ".lora.down.", "lora_A_"),
+}
 
 
 @dataclass
@@ -108,10 +119,15 @@ def format_module(name: str):
         raise
 
 
-def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(
+    path: Path, allow_pickle: bool, only_factor: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a (small) weights file and its header metadata.
 
     Pickle files are refused unless ``allow_pickle``, and then read with ``torch.load(weights_only=True)``.
+    With ``only_factor`` (``"down"``/``"up"``), the other factor's tensors of a safetensors file are
+    not read: they come back as meta tensors of the right shape and dtype; the factor kept is mapped
+    copy-on-write from the file rather than copied (an analysis only reads it).
     """
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -136,7 +152,21 @@ def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     from ..io.safetensors import SafetensorsFile
 
     with SafetensorsFile(path) as f:
-        return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+        if only_factor is None:
+            return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+        import torch
+
+        from ..io.safetensors import torch_dtype
+
+        skip = FACTOR_KEYS["up" if only_factor == "down" else "down"]
+        out: dict[str, torch.Tensor] = {}
+        for k in f.keys():
+            if any(frag in k for frag in skip):
+                info = f.tensors[k]
+                out[k] = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
+            else:
+                out[k] = f.mapped(k)
+        return out, dict(f.metadata)
 
 
 def refuse_lycoris(keys: list[str], source: Path) -> None:
@@ -203,7 +233,7 @@ def load_adapter(path: str | Path, format: str | None = None, options: ReadOptio
     if format == "gguf" or (format is None and path.suffix == ".gguf"):
         return format_module("gguf").read_file(path, options)
     weights = weights_file(path)
-    tensors, metadata = read_tensors(weights, options.allow_pickle)
+    tensors, metadata = read_tensors(weights, options.allow_pickle, options.only_factor)
     keys = list(tensors)
     if not keys:
         raise FormatError(f"{weights}: holds no tensors")

@@ -96,6 +96,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._fd = -1
+        self._map: mmap.mmap | None = None  # for mapped(); tensors made from it keep it alive
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, expected a .safetensors file")
         try:
@@ -200,6 +201,23 @@ class SafetensorsFile:
         if info.nbytes:
             self.read_bytes_into(info, memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B"))
         return out
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a copy-on-write view of the file's pages (no read, no copy; writes to
+        it stay private to this process). For read-mostly analyses of whole adapters: the kernel maps
+        the cached pages in batches instead of copying them into fresh memory. Falls back to
+        :meth:`read` for tensors not aligned to their element size."""
+        import torch
+
+        info = self.tensors[name]
+        dtype = torch_dtype(info.dtype)
+        size = DTYPE_INFO[info.dtype][0]
+        if info.nbytes == 0 or info.begin % size:
+            return self.read(name)
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=info.nbytes // size, offset=info.begin)
+        return flat.view(info.shape)
 
     def copy_raw_to(self, info: TensorInfo, out_fd: int) -> None:
         """Copy the bytes of ``info`` to the current position of ``out_fd`` without passing them through Python."""

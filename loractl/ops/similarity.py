@@ -13,9 +13,37 @@ import torch
 
 from .factored import factored_svd
 
-__all__ = ["subspace_similarity", "similarity_grid", "amplification"]
+__all__ = [
+    "subspace_similarity",
+    "similarity_grid",
+    "overlap",
+    "phi_from_overlap",
+    "grid_from_overlap",
+    "amplification",
+]
 
 _F64 = torch.float64
+
+
+def _basis_parts(factor: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(Q, P)`` with ``Q @ P`` the singular basis of :func:`_singular_basis` (P None: Q is the basis).
+
+    Both bases are the left singular vectors of a tall matrix T (Aᵀ [n, r], or B [m, r]): T = Q R (QR),
+    R = P Σ Hᵀ (SVD of the small r×r R), so T = (Q P) Σ Hᵀ and the basis is Q P. That is O(n · r²)
+    work, a third of an SVD of the whole factor, and as accurate (QR is backward stable). Keeping Q and
+    P apart lets :func:`overlap` form ``P₁ᵀ (Q₁ᵀ Q₂) P₂`` with one large product instead of three.
+    """
+    if factor.dim() != 2:
+        raise ValueError(f"factor must be 2-D, got shape {tuple(factor.shape)}")
+    if which not in ("A", "B"):
+        raise ValueError(f'factor must be "A" or "B", got {which!r}')
+    tall = factor.to(_F64)
+    if which == "A":
+        tall = tall.T
+    if tall.shape[0] < tall.shape[1]:  # more components than dimensions: no QR shortcut
+        return torch.linalg.svd(tall, full_matrices=False)[0], None
+    q, r = torch.linalg.qr(tall)
+    return q, torch.linalg.svd(r)[0]
 
 
 def _singular_basis(factor: torch.Tensor, which: str) -> torch.Tensor:
@@ -23,8 +51,8 @@ def _singular_basis(factor: torch.Tensor, which: str) -> torch.Tensor:
 
     Formula: for ``which == "A"`` the factor is A [r, n] = U Σ Vᵀ and the result is V [n, k]
     (right singular vectors, in Rⁿ); for ``which == "B"`` the factor is B [m, r] = U Σ Vᵀ and the
-    result is U [m, k] (left singular vectors, in Rᵐ); k = min(r, n) resp. min(m, r). Only the
-    small factor is decomposed, O(r² · n) work.
+    result is U [m, k] (left singular vectors, in Rᵐ); k = min(r, n) resp. min(m, r). Computed
+    as in :func:`_basis_parts`.
 
     Args:
         factor: A [r, n] or B [m, r].
@@ -33,23 +61,42 @@ def _singular_basis(factor: torch.Tensor, which: str) -> torch.Tensor:
     Returns:
         The basis [n, k] or [m, k] in float64.
     """
-    if factor.dim() != 2:
-        raise ValueError(f"factor must be 2-D, got shape {tuple(factor.shape)}")
-    if which == "A":
-        return torch.linalg.svd(factor.to(_F64), full_matrices=False)[2].T
-    if which == "B":
-        return torch.linalg.svd(factor.to(_F64), full_matrices=False)[0]
-    raise ValueError(f'factor must be "A" or "B", got {which!r}')
+    q, p = _basis_parts(factor, which)
+    return q if p is None else q @ p
 
 
-def _overlap(x1: torch.Tensor, x2: torch.Tensor, factor: str) -> torch.Tensor:
-    """Squared overlaps ``(U1ᵀ U2)²`` [k1, k2] of the singular bases of two factors."""
-    u1 = _singular_basis(x1, factor)
-    u2 = _singular_basis(x2, factor)
-    if u1.shape[0] != u2.shape[0]:
+def overlap(x1: torch.Tensor, x2: torch.Tensor, factor: str = "A") -> torch.Tensor:
+    """Squared overlaps ``(U1ᵀ U2)²`` [k1, k2] of the singular bases of two factors: what φ of every
+    (i, j) is computed from (:func:`phi_from_overlap`, :func:`grid_from_overlap`)."""
+    q1, p1 = _basis_parts(x1, factor)
+    q2, p2 = _basis_parts(x2, factor)
+    if q1.shape[0] != q2.shape[0]:
         side = "n (columns of A)" if factor == "A" else "m (rows of B)"
         raise ValueError(f"the factors do not share {side}: {tuple(x1.shape)} vs {tuple(x2.shape)}")
-    return (u1.T @ u2).square()
+    m = q1.T @ q2
+    if p1 is not None:
+        m = p1.T @ m
+    if p2 is not None:
+        m = m @ p2
+    return m.square()
+
+
+def phi_from_overlap(sq: torch.Tensor, i: int, j: int) -> float:
+    """φ(i, j) from :func:`overlap`'s matrix (see :func:`subspace_similarity`)."""
+    k1, k2 = sq.shape
+    if not (1 <= i <= k1 and 1 <= j <= k2):
+        raise ValueError(f"need 1 <= i <= {k1} and 1 <= j <= {k2}, got i={i}, j={j}")
+    # φ ≤ 1 exactly; clamp the round-off of the sums (1.0000000000000004 is not a similarity)
+    return min(1.0, max(0.0, float(sq[:i, :j].sum()) / min(i, j)))
+
+
+def grid_from_overlap(sq: torch.Tensor) -> torch.Tensor:
+    """φ(i, j) for every i and j from :func:`overlap`'s matrix (see :func:`similarity_grid`)."""
+    k1, k2 = sq.shape
+    prefix = sq.cumsum(0).cumsum(1)
+    i = torch.arange(1, k1 + 1, dtype=_F64)[:, None]
+    j = torch.arange(1, k2 + 1, dtype=_F64)[None, :]
+    return (prefix / torch.minimum(i, j)).clamp_(0.0, 1.0)  # round-off of the sums may pass 1
 
 
 def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int, factor: str = "A") -> float:
@@ -70,12 +117,7 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int, fact
     Returns:
         φ as a Python float.
     """
-    sq = _overlap(A1, A2, factor)
-    k1, k2 = sq.shape
-    if not (1 <= i <= k1 and 1 <= j <= k2):
-        raise ValueError(f"need 1 <= i <= {k1} and 1 <= j <= {k2}, got i={i}, j={j}")
-    # φ ≤ 1 exactly; clamp the round-off of the sums (1.0000000000000004 is not a similarity)
-    return min(1.0, max(0.0, float(sq[:i, :j].sum()) / min(i, j)))
+    return phi_from_overlap(overlap(A1, A2, factor), i, j)
 
 
 def similarity_grid(A1: torch.Tensor, A2: torch.Tensor, factor: str = "A") -> torch.Tensor:
@@ -83,7 +125,7 @@ def similarity_grid(A1: torch.Tensor, A2: torch.Tensor, factor: str = "A") -> to
 
     Formula: with ``M = (U1ᵀ U2)²`` (element-wise square, [k1, k2]), ``‖U1ᵢᵀ U2ⱼ‖²_F`` is the
     two-dimensional prefix sum ``C[i, j] = Σ_{a≤i, b≤j} M[a, b]``, so
-    ``grid[i−1, j−1] = C[i, j] / min(i, j)``. One SVD per factor, O(k1 · k2) after that.
+    ``grid[i−1, j−1] = C[i, j] / min(i, j)``. One decomposition per factor, O(k1 · k2) after that.
 
     Args:
         A1: first factor, A1 [r1, n] (or, with ``factor="B"``, B1 [m, r1]).
@@ -94,12 +136,7 @@ def similarity_grid(A1: torch.Tensor, A2: torch.Tensor, factor: str = "A") -> to
         float64 tensor [k1, k2] (k = the factor's rank r unless r exceeds the other dimension),
         entry [i−1, j−1] = φ(i, j).
     """
-    sq = _overlap(A1, A2, factor)
-    k1, k2 = sq.shape
-    prefix = sq.cumsum(0).cumsum(1)
-    i = torch.arange(1, k1 + 1, dtype=_F64)[:, None]
-    j = torch.arange(1, k2 + 1, dtype=_F64)[None, :]
-    return (prefix / torch.minimum(i, j)).clamp_(0.0, 1.0)  # round-off of the sums may pass 1
+    return grid_from_overlap(overlap(A1, A2, factor))
 
 
 def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:

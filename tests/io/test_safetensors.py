@@ -213,3 +213,16 @@ def test_direct_writer_falls_back_where_o_direct_is_refused(
     w.close(sync=True)
     back = load_file(path)
     assert torch.equal(back["a"], a) and torch.equal(back["b"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_mapped_tensors_equal_read_ones_and_writes_stay_private(tmp_path: Path) -> None:
+    t = {"a": torch.randn(64, 33), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0)}
+    save_file(t, tmp_path / "x.safetensors")
+    before = (tmp_path / "x.safetensors").read_bytes()
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        mapped = {k: f.mapped(k) for k in t}
+    for k in t:
+        assert mapped[k].dtype == t[k].dtype and torch.equal(mapped[k], t[k])
+    mapped["a"] += 1  # copy-on-write: the file is not touched
+    assert (tmp_path / "x.safetensors").read_bytes() == before
+    assert torch.equal(load_file(tmp_path / "x.safetensors")["a"], t["a"])
