@@ -11,7 +11,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,22 +221,25 @@ def _fused_ok(plan: MergePlan) -> bool:
             m = c.module
             key = (m.kind, tuple(m.up.shape), tuple(m.down.shape), m.fan_in_fan_out, m.up.dtype, m.down.dtype)
             samples.setdefault(key, c)
-    refs = {k: merge_ops.delta_weight(c.module, c.weight) for k, c in samples.items()}  # type: ignore[arg-type]
-    torch.set_num_threads(1)
-    for k, c in samples.items():
+    for c in samples.values():  # one shape at a time: a 7B MLP update is 180 MB in float32
         m = c.module
         assert m is not None
+        torch.set_num_threads(threads)
+        ref = merge_ops.delta_weight(m, c.weight)
+        torch.set_num_threads(1)
         got = (
             merge_ops.fused_product(m, c.weight)
             if merge_ops.fused_eligible(m)
             else merge_ops.delta_weight(m, c.weight)
         )
-        ref = refs[k]
-        if got.shape != ref.shape or not torch.equal(
+        same = got.shape == ref.shape and torch.equal(
             residual.bits(got.contiguous()), residual.bits(ref.contiguous())
-        ):
+        )
+        del ref, got
+        if not same:
             torch.set_num_threads(threads)
             return False
+    torch.set_num_threads(1)
     return True
 
 
@@ -443,6 +446,17 @@ def _copy_other_files(base: BaseModel, folder: Path, dequantized: bool = False) 
             shutil.copyfile(base.path / rel, dst)
 
 
+def _largest_job(base: BaseModel, files: list[tuple[str, list[OutTensor]]], jobs: Mapping[str, Any]) -> int:
+    """Bytes of the largest tensor a job reads or writes (the size of the streaming buffers)."""
+    sizes = [
+        max(t.nbytes, base.info(t.name).nbytes)
+        for _, items in files
+        for t in items
+        if t.name in jobs and t.name in base.tensors
+    ]
+    return max(sizes, default=0)
+
+
 def _stream(
     base: BaseModel,
     folder_or_file: Path,
@@ -464,7 +478,7 @@ def _stream(
     finished file is fsynced on a third thread while the next one is being written. ``on_read`` is
     called on the reading thread with each tensor read for a job (e.g. to checksum it there).
     """
-    pool = pool or BufferPool()
+    pool = pool or BufferPool(_largest_job(base, files, jobs))
     total = sum(t.nbytes for _, items in files for t in items)
     done = 0
     writers: list[SafetensorsWriter] = []
@@ -771,7 +785,6 @@ def merge(
                 "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
             )
         fast = _fused_ok(plan)  # may leave torch at one thread: @_keeps_torch_threads restores it
-        pool = BufferPool()
 
         def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
             contribs = plan.changes.get(key, [])
@@ -830,6 +843,8 @@ def merge(
                     jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
                     if t.dtype != src_dtype:
                         changed_dtypes[t.name] = src_dtype
+
+        pool = BufferPool(_largest_job(b, files, jobs))
 
         def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
             return _loractl_metadata("merge", refs, src)

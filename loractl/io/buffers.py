@@ -17,15 +17,18 @@ import torch
 class BufferPool:
     """Byte buffers handed out as tensors of any dtype and shape, and taken back when done.
 
-    A buffer is reused for any tensor that fits in it (the smallest free one that fits is taken). The
-    pool keeps at most ``max_free`` idle buffers, dropping the smallest ones beyond that.
+    A buffer is reused for any tensor that fits in it (the smallest free one that fits is taken). New
+    buffers are at least ``buffer_bytes`` long: given the largest tensor to come, every buffer then
+    fits every tensor, and the pool never holds more buffers than were in use at once. It keeps at
+    most ``max_free`` idle buffers, dropping the smallest ones beyond that.
     """
 
-    def __init__(self, max_free: int = 6) -> None:
+    def __init__(self, buffer_bytes: int = 0, max_free: int = 4) -> None:
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._max_free = max_free
+        self._buffer_bytes = buffer_bytes
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` and ``dtype`` backed by a pooled buffer."""
@@ -35,7 +38,7 @@ class BufferPool:
             if fits:  # (tensors compare element-wise: pick by index, not by list.remove)
                 buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             else:
-                buf = torch.empty(max(nbytes, 8), dtype=torch.uint8)
+                buf = torch.empty(max(nbytes, self._buffer_bytes, 8), dtype=torch.uint8)
             self._lent[buf.data_ptr()] = buf
         return buf[:nbytes].view(dtype).view(tuple(shape))
 

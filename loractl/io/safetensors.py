@@ -114,6 +114,7 @@ class SafetensorsFile:
             self.metadata, self.tensors, self.data_start = self._read_header()
         except BaseException:
             os.close(self._fd)
+            self._fd = -1  # or __del__ would close the number again, by then maybe another file's
             raise
 
     # -- header -----------------------------------------------------------------------------

@@ -226,3 +226,20 @@ def test_mapped_tensors_equal_read_ones_and_writes_stay_private(tmp_path: Path) 
     mapped["a"] += 1  # copy-on-write: the file is not touched
     assert (tmp_path / "x.safetensors").read_bytes() == before
     assert torch.equal(load_file(tmp_path / "x.safetensors")["a"], t["a"])
+
+
+def test_a_refused_file_does_not_close_another_files_descriptor_later(tmp_path: Path) -> None:
+    """A file refused while opening closes its descriptor at once and never again: the number may by
+    then belong to another open file (this once closed a base shard under a running merge)."""
+    import gc
+
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 3)
+    save_file({"a": torch.ones(2)}, tmp_path / "good.safetensors")
+    for _ in range(3):
+        with pytest.raises(FormatError) as refused:  # its traceback keeps the half-made object alive
+            SafetensorsFile(tmp_path / "bad.safetensors")
+        good = SafetensorsFile(tmp_path / "good.safetensors")  # likely gets the same descriptor number
+        del refused
+        gc.collect()  # runs the refused object's __del__
+        assert torch.equal(good.read("a"), torch.ones(2))
+        good.close()
