@@ -227,15 +227,15 @@ def _fused_ok(plan: MergePlan) -> bool:
         torch.set_num_threads(threads)
         ref = merge_ops.delta_weight(m, c.weight)
         torch.set_num_threads(1)
-        got = (
-            merge_ops.fused_product(m, c.weight)
-            if merge_ops.fused_eligible(m)
-            else merge_ops.delta_weight(m, c.weight)
-        )
-        same = got.shape == ref.shape and torch.equal(
-            residual.bits(got.contiguous()), residual.bits(ref.contiguous())
-        )
-        del ref, got
+        if merge_ops.fused_eligible(m):
+            same = merge_ops.fused_product_equals(m, c.weight, ref)
+        else:  # computed whole, as merged_tensor does, but on one thread
+            got = merge_ops.delta_weight(m, c.weight)
+            same = got.shape == ref.shape and torch.equal(
+                residual.bits(got.contiguous()), residual.bits(ref.contiguous())
+            )
+            del got
+        del ref
         if not same:
             torch.set_num_threads(threads)
             return False
@@ -798,12 +798,17 @@ def merge(
                     if not need_receipt:
                         merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
                         return w0
-                    merged = pool.empty(w0.shape, w0.dtype)
-                    found = merge_ops.fused_merge(w0, c.module, c.weight, out=merged, residual=True)
+                    # merged in place; the original values it overwrote where the receipt needs them
+                    # come back with the positions
+                    found = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
                     assert found is not None and spool is not None
-                    for k, v in residual.from_positions(w0, *found).items():
+                    positions, rec_at, orig_at = found
+                    parts = residual.from_values(orig_at, positions, rec_at, w0.numel(), w0.element_size())
+                    if parts is None:  # most values differ: the whole original is smaller, read it again
+                        parts = {"full": b.read(key)}
+                    for k, v in parts.items():
                         spool.add(f"{key}::{k}", v)
-                    return merged
+                    return w0
                 if not contribs:
                     merged = w0.to(out_dtype)
                 elif not need_receipt:  # nothing needs the original: merge into the buffer just read

@@ -11,6 +11,7 @@ from conftest import build_model, make_adapter, peft_merged, read_st, same_bits,
 
 from loractl import api
 from loractl.errors import UnsupportedAdapterError
+from loractl.ops import merge as merge_ops
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -180,6 +181,27 @@ def test_unmerge_with_receipt_is_bit_exact(tmp_path: Path, case: str, dtype: tor
     assert not any(p.name.startswith("loractl") for p in merged.glob("*.safetensors"))
 
 
+def test_receipt_keeps_whole_tensors_when_most_values_do_not_come_back(tmp_path: Path, monkeypatch) -> None:
+    """An update far larger than the weights leaves almost no value recoverable by subtraction: the
+    receipt then stores those tensors whole (re-read from the base, since the merge overwrote its
+    buffer in place) and unmerge is still exact."""
+    arch, base, adapters = _setup(tmp_path, "llama-plain", torch.bfloat16, std=30.0)
+    merged = tmp_path / "merged"
+    calls: list[bool] = []
+    real = merge_ops.fused_merge
+    monkeypatch.setattr(
+        merge_ops, "fused_merge", lambda *a, **k: calls.append(k.get("residual", False)) or real(*a, **k)
+    )
+    api.merge(base, adapters, merged)
+    assert calls and all(calls)  # the in-place row-block path with the receipt's residuals
+    keys = read_st(merged / "loractl.receipt").keys()
+    assert any(k.endswith("::full") for k in keys), sorted(keys)[:5]
+    api.unmerge(merged, adapters, tmp_path / "restored")
+    before, after = read_st(base), read_st(tmp_path / "restored")
+    for k in before:
+        assert same_bits(before[k], after[k]), k
+
+
 def test_unmerge_without_receipt_subtracts(tmp_path: Path) -> None:
     arch, base, adapters = _setup(tmp_path, "llama-plain", torch.float32)
     api.merge(base, adapters, tmp_path / "merged", receipt=False)
@@ -343,7 +365,6 @@ def test_row_block_merge_equals_peft_on_larger_layers(
 ) -> None:
     """Layers large enough for many row blocks: the fused single-threaded path is taken and still
     gives PEFT's bits (the merge checks this per shape before using it)."""
-    from loractl.ops import merge as merge_ops
 
     calls = []
     real = merge_ops.fused_merge

@@ -16,23 +16,3 @@ ALLOW_PICKLE = typer.Option(
 SUBFOLDER = typer.Option(
     None, "--subfolder", help="For a Hub adapter (org/name[@revision]): the folder inside the repo."
 )
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep and reuse freed memory instead of handing it back to the kernel.
-
-    By default, blocks of a few MB and up are mmap'd and unmapped one by one, and every reuse costs a
-    page fault per 4 KiB page, which the kernel must zero first; a 1.1B merge with its receipt took
-    about a million such faults, a second or more of system time. The merge and unmerge commands run in
-    a short-lived process, so they keep what they free (the library itself never changes the allocator;
-    commands that hold whole adapters do not call this, so their memory goes back as they free it).
-    No-op where there is no glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks under 256 MiB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give memory back only past 1 GiB free at the top
-    except (OSError, AttributeError):
-        pass

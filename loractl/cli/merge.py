@@ -68,7 +68,6 @@ def merge(
 
     if device is Device.cuda:
         raise UsageError("--device cuda is not supported by this version; merges run on the CPU")
-    opt.keep_freed_memory()
     with progress_bar("merging", enabled=not (json_out or quiet)) as bar:
         result = api.merge(
             base,

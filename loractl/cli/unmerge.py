@@ -40,7 +40,6 @@ def unmerge(
     """Remove merged adapters: bit for bit with merge's receipt, by subtraction without it."""
     from .. import api
 
-    opt.keep_freed_memory()
     with progress_bar("unmerging", enabled=not (json_out or quiet)) as bar:
         result = api.unmerge(
             merged,

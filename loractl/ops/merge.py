@@ -219,23 +219,30 @@ def _fused_factors(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Te
     return a * s, b, None
 
 
-def fused_product(m: LoraModule, weight: float = 1.0) -> torch.Tensor:
-    """The update of :func:`fused_merge` as a whole tensor (B·A in row blocks, then scaled): what the
-    merge adds, for checking it against :func:`delta_weight`."""
+def fused_product_equals(m: LoraModule, weight: float, ref: torch.Tensor) -> bool:
+    """Does the update of :func:`fused_merge` (B·A in row blocks, then scaled, on this thread) have the
+    bits of ``ref`` (PEFT's :func:`delta_weight`)? Compared block by block, so the update is never
+    held whole a second time."""
     a, b, s = _fused_factors(m, weight)
-    step = row_block(a.shape[1])
-    out = torch.empty(b.shape[0], a.shape[1], dtype=a.dtype)
-    for r0 in range(0, b.shape[0], step):
-        blk = out[r0 : r0 + step]
-        torch.mm(b[r0 : r0 + step], a, out=blk)
+    rows, cols = b.shape[0], a.shape[1]
+    if tuple(ref.shape) != (rows, cols) or ref.dtype != a.dtype:
+        return False
+    step = row_block(cols)
+    itype = _INT[ref.element_size()]
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        blk = _scratch("check", (n, cols), a.dtype)
+        torch.mm(b[r0 : r0 + n], a, out=blk)
         if s is not None:
             blk.mul_(s)
-    return out
+        if not torch.equal(blk.view(itype), ref[r0 : r0 + n].view(itype)):
+            return False
+    return True
 
 
 def fused_merge(
     w0: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor, residual: bool = False
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
 
     Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
@@ -252,10 +259,12 @@ def fused_merge(
         weight: the merge weight.
         out: where the merged weight goes (same dtype and shape as ``w0``; may be ``w0``).
         residual: also return the flat positions where subtracting the update again (as an unmerge
-            does) does not give ``w0`` back bit for bit.
+            does) does not give ``w0`` back bit for bit, with ``w0``'s values there (so ``out`` may be
+            ``w0``: each block is merged into a scratch block, compared, then copied over).
 
     Returns:
-        With ``residual``: the positions (int64) and the unmerge's values there; else None.
+        With ``residual``: the positions (int64), the unmerge's values there and ``w0``'s values
+        there; else None.
     """
     a, b, s = _fused_factors(m, weight)
     rows, cols = w0.shape
@@ -263,9 +272,10 @@ def fused_merge(
     itype = _INT[w0.element_size()]
     w_int = w0.reshape(-1).view(itype).numpy()  # numpy's compare and flatnonzero are ~7x torch's here
 
-    def rows_from(start: int, stop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        found: list[torch.Tensor] = []
-        found_rec: list[torch.Tensor] = []
+    in_place = out.data_ptr() == w0.data_ptr()
+
+    def rows_from(start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
             dc = _scratch("delta", (n, cols), a.dtype)
@@ -273,25 +283,32 @@ def fused_merge(
             if s is not None:
                 dc.mul_(s)
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
-            torch.add(wc, dc, out=oc)
-            if residual:
-                rc = _scratch("rec", (n, cols), w0.dtype)
-                torch.sub(oc, dc, out=rc)  # what an unmerge without the receipt computes
-                flat = np.flatnonzero(rc.view(-1).view(itype).numpy() != w_int[r0 * cols : (r0 + n) * cols])
-                if flat.size:
-                    pos = torch.from_numpy(flat)
-                    found.append(pos + r0 * cols)
-                    found_rec.append(rc.view(-1)[pos])
-        return found, found_rec
+            if not residual:
+                torch.add(wc, dc, out=oc)
+                continue
+            mc = _scratch("merged", (n, cols), w0.dtype) if in_place else oc
+            torch.add(wc, dc, out=mc)
+            rc = _scratch("rec", (n, cols), w0.dtype)
+            torch.sub(mc, dc, out=rc)  # what an unmerge without the receipt computes
+            flat = np.flatnonzero(rc.view(-1).view(itype).numpy() != w_int[r0 * cols : (r0 + n) * cols])
+            if flat.size:
+                pos = torch.from_numpy(flat)
+                found.append((pos + r0 * cols, rc.view(-1)[pos], wc.reshape(-1)[pos]))
+            if in_place:
+                oc.copy_(mc)
+        return found
 
     parts = _on_two_threads(rows, step, rows_from)
     if not residual:
         return None
-    found = [t for f, _ in parts for t in f]
-    found_rec = [t for _, r in parts for t in r]
+    found = [f for part in parts for f in part]
     if not found:
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=w0.dtype)
-    return torch.cat(found), torch.cat(found_rec)
+        return (
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dtype=w0.dtype),
+            torch.empty(0, dtype=w0.dtype),
+        )
+    return tuple(torch.cat(x) for x in zip(*found))  # type: ignore[return-value]
 
 
 _helper: ThreadPoolExecutor | None = None

@@ -31,13 +31,34 @@ def from_positions(
     original: torch.Tensor, positions: torch.Tensor, reconstructed_at: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Corrections for the flat ``positions`` where the reconstruction (``reconstructed_at`` there)
-    differs from ``original``, in about two bytes a position:
+    differs from ``original``, in about two bytes a position (see :func:`from_values`);
+    ``{"full": original}`` when that is smaller."""
+    parts = from_values(
+        original.reshape(-1)[positions.long()],
+        positions,
+        reconstructed_at,
+        original.numel(),
+        original.element_size(),
+    )
+    return {"full": original.contiguous()} if parts is None else parts
+
+
+def from_values(
+    original_at: torch.Tensor,
+    positions: torch.Tensor,
+    reconstructed_at: torch.Tensor,
+    numel: int,
+    itemsize: int,
+) -> dict[str, torch.Tensor] | None:
+    """Corrections from the original and reconstructed values at the differing flat ``positions`` of a
+    tensor of ``numel`` elements of ``itemsize`` bytes, in about two bytes a position:
 
     - ``gap8`` (uint8): the gap to the previous position (255: the gap is in ``gapbig``, int64);
     - ``d8`` (int8): original − reconstructed as integers of the dtype's width, the difference of a
       unit or two in the last place that rounding leaves (-128: the value is in ``valbig``).
 
-    ``{}`` when nothing differs; ``{"full": original}`` when that is smaller.
+    ``{}`` when nothing differs; None when storing the whole original would be smaller (the caller
+    then stores it as ``full``).
     """
     n = positions.numel()
     if n == 0:
@@ -45,16 +66,16 @@ def from_positions(
     positions = positions.long()
     gaps = torch.diff(positions, prepend=positions.new_tensor([-1])) - 1
     big = gaps >= 255
-    delta = bits(original)[positions].long() - bits(reconstructed_at.reshape(-1)).long()
+    delta = bits(original_at).long() - bits(reconstructed_at.reshape(-1)).long()
     esc = (delta < -127) | (delta > 127)
-    size = 2 * n + 8 * int(big.sum()) + original.element_size() * int(esc.sum())
-    if size >= original.numel() * original.element_size():
-        return {"full": original.contiguous()}
+    size = 2 * n + 8 * int(big.sum()) + itemsize * int(esc.sum())
+    if size >= numel * itemsize:
+        return None
     return {
         "gap8": gaps.clamp(max=255).to(torch.uint8),
         "gapbig": gaps[big],
         "d8": torch.where(esc, torch.full_like(delta, -128), delta).to(torch.int8),
-        "valbig": original.reshape(-1)[positions[esc]].contiguous(),
+        "valbig": original_at[esc].contiguous(),
     }
 
 
