@@ -219,6 +219,18 @@ def _fused_factors(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Te
     return a * s, b, None
 
 
+def _block_update(
+    a: torch.Tensor, b: torch.Tensor, s: float | None, r0: int, n: int, name: str = "delta"
+) -> torch.Tensor:
+    """Rows ``r0 … r0+n`` of the update ``(B @ A) * s`` (``s`` None: already folded into A), in this
+    thread's scratch block ``name``: the one place the row-block products are formed."""
+    dc = _scratch(name, (n, a.shape[1]), a.dtype)
+    torch.mm(b[r0 : r0 + n], a, out=dc)
+    if s is not None:
+        dc.mul_(s)
+    return dc
+
+
 def fused_product_equals(m: LoraModule, weight: float, ref: torch.Tensor) -> bool:
     """Does the update of :func:`fused_merge` (B·A in row blocks, then scaled, on this thread) have the
     bits of ``ref`` (PEFT's :func:`delta_weight`)? Compared block by block, so the update is never
@@ -231,10 +243,7 @@ def fused_product_equals(m: LoraModule, weight: float, ref: torch.Tensor) -> boo
     itype = _INT[ref.element_size()]
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        blk = _scratch("check", (n, cols), a.dtype)
-        torch.mm(b[r0 : r0 + n], a, out=blk)
-        if s is not None:
-            blk.mul_(s)
+        blk = _block_update(a, b, s, r0, n, "check")
         if not torch.equal(blk.view(itype), ref[r0 : r0 + n].view(itype)):
             return False
     return True
@@ -278,10 +287,7 @@ def fused_merge(
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
-            dc = _scratch("delta", (n, cols), a.dtype)
-            torch.mm(b[r0 : r0 + n], a, out=dc)
-            if s is not None:
-                dc.mul_(s)
+            dc = _block_update(a, b, s, r0, n)
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
             if not residual:
                 torch.add(wc, dc, out=oc)
@@ -351,11 +357,7 @@ def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Te
     def rows_from(start: int, stop: int) -> None:
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
-            dc = _scratch("delta", (n, cols), a.dtype)
-            torch.mm(b[r0 : r0 + n], a, out=dc)
-            if s is not None:
-                dc.mul_(s)
-            torch.sub(m_w[r0 : r0 + n], dc, out=out[r0 : r0 + n])
+            torch.sub(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), out=out[r0 : r0 + n])
 
     _on_two_threads(rows, step, rows_from)
     return out
