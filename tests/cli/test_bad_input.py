@@ -346,11 +346,13 @@ def test_disk_full_in_subprocess(inputs, tools, bad_input):
 
 
 class _OsWithFailingWrite:
-    """Stands for the ``os`` module inside loractl.io.safetensors; ``write`` fails with ENOSPC from call N on."""
+    """Stands for the ``os`` module inside loractl.io.safetensors; ``write`` and ``pwrite`` (the
+    O_DIRECT shard writes) fail with ENOSPC from call N on."""
 
     def __init__(self, fail_at: int | None) -> None:
         self.fail_at = fail_at
         self.calls = 0
+        self.pwrites = 0
 
     def __getattr__(self, name: str):
         return getattr(os, name)
@@ -360,6 +362,13 @@ class _OsWithFailingWrite:
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return os.write(fd, data)
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        self.calls += 1
+        self.pwrites += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.pwrite(fd, data, offset)
 
 
 def test_disk_full_via_api(inputs, tools, monkeypatch):
@@ -374,6 +383,7 @@ def test_disk_full_via_api(inputs, tools, monkeypatch):
         loractl.api.merge(inputs.base, [inputs.adapter], inputs.work / "counted")
     total = counter.calls
     assert total >= 3, "expected several os.write calls in a merge"
+    assert counter.pwrites >= 2, "expected the shards to be written with pwrite (O_DIRECT)"
     shutil.rmtree(inputs.work / "counted")
 
     for n in sorted({1, 2, total // 2, total}):
