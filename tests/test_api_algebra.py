@@ -340,7 +340,9 @@ def test_similarity_matches_the_formula_on_trained_adapters(llama, tmp_path: Pat
         assert math.isclose(m.phi, phi, rel_tol=1e-9, abs_tol=1e-12)
         assert m.grid is not None and math.isclose(m.grid[2][4], phi, rel_tol=1e-9, abs_tol=1e-12)
     assert math.isclose(res.mean_phi, sum(m.phi for m in res.modules) / len(res.modules))
+    threads = torch.get_num_threads()
     same = api.similarity(a1, a1)
+    assert torch.get_num_threads() == threads  # its two single-threaded workers leave torch as it was
     assert all(math.isclose(m.phi, 1.0, rel_tol=1e-9) for m in same.modules)
     only_q = api.similarity(a1, a2, module="*q_proj")
     assert {m.name.rsplit(".", 1)[1] for m in only_q.modules} == {"q_proj"}
