@@ -209,14 +209,20 @@ def _fused_factors(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Te
         return a, b, s
     if s == 1.0:
         return a, b, None
-    aa, ba = a.abs(), b.abs()
-    a_max, b_max = float(aa.max()) if aa.numel() else 0.0, float(ba.max()) if ba.numel() else 0.0
-    a_min = float(aa[aa > 0].min()) if bool((aa > 0).any()) else 1.0
-    b_min = float(ba[ba > 0].min()) if bool((ba > 0).any()) else 1.0
-    bound = a_max * b_max * s * max(1, a.shape[0])
-    if not (math.isfinite(bound) and bound < 2.0**120 and a_min * b_min >= _TINY32):
-        return a, b, s
-    return a * s, b, None
+    # the magnitude check, once per module (it is most of this function's time), not per call
+    key = (s, m.down.data_ptr(), m.up.data_ptr())
+    cached = m.__dict__.get("_foldable")
+    if cached is not None and cached[0] == key:
+        foldable = cached[1]
+    else:
+        aa, ba = a.abs(), b.abs()
+        a_max, b_max = float(aa.max()) if aa.numel() else 0.0, float(ba.max()) if ba.numel() else 0.0
+        a_min = float(aa[aa > 0].min()) if bool((aa > 0).any()) else 1.0
+        b_min = float(ba[ba > 0].min()) if bool((ba > 0).any()) else 1.0
+        bound = a_max * b_max * s * max(1, a.shape[0])
+        foldable = math.isfinite(bound) and bound < 2.0**120 and a_min * b_min >= _TINY32
+        m.__dict__["_foldable"] = (key, foldable)
+    return (a * s, b, None) if foldable else (a, b, s)
 
 
 def _block_update(
