@@ -383,12 +383,7 @@ class SafetensorsWriter:
                 if self._fill == DIRECT_STAGE:
                     self._flush()
             return
-        while view:
-            try:
-                n = os.write(self._fd, view)
-            except OSError as e:
-                raise disk_error(self.path, e) from None
-            view = view[n:]
+        write_fully(self._fd, view, self.path)
 
     def _flush(self) -> None:
         """Hand what is staged to a writing thread (padded to the alignment; :meth:`finish` truncates the
@@ -520,6 +515,17 @@ class SafetensorsWriter:
                 self._stage = None
 
 
+def write_fully(fd: int, view: memoryview, path: Path) -> None:
+    """Write all of ``view`` at ``fd``'s position (``os.write`` may write less than asked); a failure
+    becomes :func:`disk_error` naming ``path``."""
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as e:
+            raise disk_error(path, e) from None
+        view = view[n:]
+
+
 def disk_error(path: Path, e: OSError) -> OutputError:
     """An OSError while writing, turned into one clear line."""
     if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
@@ -565,13 +571,7 @@ class SpooledWriter:
 
         t = tensor.detach().contiguous().view(-1)
         data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-        view = data.cast("B")
-        while view:
-            try:
-                n = os.write(self._fd, view)
-            except OSError as e:
-                raise disk_error(self.spool, e) from None
-            view = view[n:]
+        write_fully(self._fd, data.cast("B"), self.spool)
         self._entries.append((name, dtype_name(tensor.dtype), tuple(tensor.shape)))
         self._size += len(data)
 
@@ -581,9 +581,7 @@ class SpooledWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             head = header_bytes(self._entries, metadata)
-            view = memoryview(head)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_fully(fd, memoryview(head), path)
             copy_range(self._fd, 0, fd, self._size)
             os.fsync(fd)
         except OSError as e:
