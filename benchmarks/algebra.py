@@ -40,11 +40,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import Case, Run, peft_config, remove, timed
 
 # --------------------------------------------------------------------------------------------
 # the adapter: Llama-2-7B shapes, PEFT layout
@@ -82,14 +83,6 @@ TARGET_REL_ERROR = 1e-5
 TARGET_PHI_SECONDS = 2.0
 TARGET_RSS_FACTOR = 2.0  # peak RSS below this many times the adapter file
 
-TIME = "/usr/bin/time"
-RSS_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "rc = subprocess.call(sys.argv[2:])\n"
-    "kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-    "open(sys.argv[1], 'w').write(f'Maximum resident set size (kbytes): {kib}\\n')\n"
-    "sys.exit(rc)\n"
-)
 STAMP = "algebra-bench.json"
 STARTUP = [sys.executable, "-c", "import loractl.cli.app, loractl.api"]
 
@@ -128,24 +121,7 @@ def build_adapter(folder: Path, layers: int, seed: int) -> dict[str, Any]:
             tensors[key(name, "B")] = torch.randn(out_f, RANK, generator=g).mul_(d * B_STD)
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     del tensors
-    config = {
-        "alpha_pattern": {},
-        "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "lora_alpha": ALPHA,
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": RANK,
-        "rank_pattern": {},
-        "target_modules": sorted(TARGETS),
-        "task_type": "CAUSAL_LM",
-        "use_dora": False,
-        "use_rslora": False,
-    }
+    config = peft_config(RANK, ALPHA, TARGETS, "meta-llama/Llama-2-7b-hf")
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"modules": layers * len(TARGETS), "bytes": (folder / WEIGHTS).stat().st_size}
 
@@ -232,74 +208,6 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    seconds: float
-    peak_rss_kib: int | None = None
-    user_s: float | None = None
-    sys_s: float | None = None
-    load1: float = 0.0
-
-
-@dataclass
-class Case:
-    label: str
-    runs: list[Run] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(r.seconds for r in self.runs)
-
-    @property
-    def min(self) -> float:
-        return min(r.seconds for r in self.runs)
-
-    @property
-    def peak_rss_mib(self) -> float | None:
-        rss = [r.peak_rss_kib for r in self.runs if r.peak_rss_kib]
-        return max(rss) / 1024 if rss else None
-
-
-def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
-    """Run ``cmd`` under /usr/bin/time -v (or a getrusage wrapper); the wall clock is measured here.
-
-    It runs in the log's folder (in the workdir), never in the repository: ``python -m`` and
-    ``python -c`` put the current folder first on sys.path, which would pick a working tree's
-    ``loractl`` over a ``--loractl-ref`` export.
-    """
-    stats = log.with_suffix(".time")
-    if os.access(TIME, os.X_OK):
-        full = [TIME, "-v", "-o", str(stats), *cmd]
-    else:
-        full = [sys.executable, "-c", RSS_WRAPPER, str(stats), *cmd]
-    os.sync()
-    load1 = os.getloadavg()[0]
-    err = log.with_suffix(".err")
-    with open(log, "wb") as out, open(err, "wb") as errors:
-        t0 = time.perf_counter()
-        rc = subprocess.run(
-            full, stdout=out, stderr=errors, stdin=subprocess.DEVNULL, env=env, cwd=log.parent
-        ).returncode
-        seconds = time.perf_counter() - t0
-    text = stats.read_text() if stats.exists() else ""
-    if rc != 0:
-        tail = (log.read_text(errors="replace") + err.read_text(errors="replace"))[-3000:]
-        raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n{tail}\n{text}")
-
-    def num(pattern: str) -> float | None:
-        m = re.search(pattern + r":\s*([\d.]+)", text)
-        return float(m[1]) if m else None
-
-    rss = num(r"Maximum resident set size \(kbytes\)")
-    return Run(
-        seconds,
-        int(rss) if rss else None,
-        num(r"User time \(seconds\)"),
-        num(r"System time \(seconds\)"),
-        round(load1, 2),
-    )
-
-
 def in_process(fn: Callable[[], Any]) -> tuple[Run, Any]:
     """Wall clock and CPU time of ``fn()`` in this process."""
     load1 = os.getloadavg()[0]
@@ -309,13 +217,6 @@ def in_process(fn: Callable[[], Any]) -> tuple[Run, Any]:
     seconds = time.perf_counter() - t0
     c1 = os.times()
     return Run(seconds, None, c1.user - c0.user, c1.system - c0.system, round(load1, 2)), value
-
-
-def remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
 
 
 def warm(*files: Path) -> None:
@@ -637,7 +538,7 @@ def run(
                     phi_api = value
             else:
                 log = logs / f"{k}.log"
-                r = timed(what, log, env)
+                r = timed(what, log, env=env)
                 if k == "similarity":
                     phi_cli = json.loads(log.read_text())
             cases[k].runs.append(r)

@@ -34,8 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+
+from _common import Case, peft_config, remove, timed
 
 # --------------------------------------------------------------------------------------------
 # model shapes
@@ -235,24 +237,7 @@ def build_adapter(folder: Path, size: str, seed: int, base: Path) -> dict:
         tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) / math.sqrt(in_f)
         tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.005
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {
-        "alpha_pattern": {},
-        "base_model_name_or_path": str(base),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "lora_alpha": ALPHA,
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": RANK,
-        "rank_pattern": {},
-        "target_modules": sorted(TARGETS),
-        "task_type": "CAUSAL_LM",
-        "use_dora": False,
-        "use_rslora": False,
-    }
+    config = peft_config(RANK, ALPHA, TARGETS, str(base))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"modules": len(tensors) // 2, "bytes": (folder / "adapter_model.safetensors").stat().st_size}
 
@@ -274,93 +259,6 @@ def peft_worker(base: str, adapter: str, out: str) -> None:
 # --------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------
-TIME = "/usr/bin/time"
-RSS_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "rc = subprocess.run(sys.argv[2:]).returncode\n"
-    "open(sys.argv[1], 'w').write('Maximum resident set size (kbytes): %d\\n'"
-    " % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    "sys.exit(rc)\n"
-)
-
-
-@dataclass
-class Run:
-    seconds: float
-    peak_rss_kib: int
-    user_s: float | None
-    sys_s: float | None
-    load1: float  # 1-minute load average when the run started: other work on the machine skews timings
-
-
-@dataclass
-class Case:
-    key: str
-    label: str
-    runs: list[Run] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(r.seconds for r in self.runs)
-
-    @property
-    def min(self) -> float:
-        return min(r.seconds for r in self.runs)
-
-    @property
-    def peak_rss_mib(self) -> float:
-        return max(r.peak_rss_kib for r in self.runs) / 1024
-
-
-def timed(cmd: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> Run:
-    """Run ``cmd`` under /usr/bin/time -v (or the getrusage wrapper); wall clock measured here.
-
-    It runs in the workdir, never in the repository: ``python -m`` puts the current folder first
-    on sys.path, which would pick the working tree's ``loractl`` over a ``--loractl-ref`` export.
-    """
-    stats = log.with_suffix(".time")
-    if os.access(TIME, os.X_OK):
-        full = [TIME, "-v", "-o", str(stats), *cmd]
-    else:
-        full = [sys.executable, "-c", RSS_WRAPPER, str(stats), *cmd]
-    load1 = os.getloadavg()[0]
-    with open(log, "wb") as out:
-        t0 = time.perf_counter()
-        rc = subprocess.run(
-            full,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=cwd,
-        ).returncode
-        seconds = time.perf_counter() - t0
-    text = stats.read_text() if stats.exists() else ""
-    if rc != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n{tail}\n{text}")
-
-    def num(pattern: str) -> float | None:
-        m = re.search(pattern + r":\s*([\d.]+)", text)
-        return float(m[1]) if m else None
-
-    rss = num(r"Maximum resident set size \(kbytes\)")
-    return Run(
-        seconds,
-        int(rss or 0),
-        num(r"User time \(seconds\)"),
-        num(r"System time \(seconds\)"),
-        round(load1, 2),
-    )
-
-
-def remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-
-
 def folder_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -600,19 +498,19 @@ def main(argv: list[str]) -> int:
         lc, lc_env, lc_what = loractl_cmd(args.loractl_ref, work)
         print(f"timing {lc_what}", flush=True)
         cases: list[tuple[Case, list[str], Path]] = [
-            (Case("cp", "cp -rL"), ["cp", "-rL", str(base), str(outputs[0])], outputs[0]),
+            (Case("cp -rL", key="cp"), ["cp", "-rL", str(base), str(outputs[0])], outputs[0]),
             (
-                Case("cp_sync", "cp -rL && sync"),
+                Case("cp -rL && sync", key="cp_sync"),
                 ["sh", "-c", 'cp -rL "$0" "$1" && sync', str(base), str(outputs[1])],
                 outputs[1],
             ),
             (
-                Case("loractl", "loractl merge --no-receipt"),
+                Case("loractl merge --no-receipt", key="loractl"),
                 [*lc, "merge", str(base), str(adapter), "-o", str(outputs[2]), "--no-receipt", "-q"],
                 outputs[2],
             ),
             (
-                Case("loractl_receipt", "loractl merge (receipt)"),
+                Case("loractl merge (receipt)", key="loractl_receipt"),
                 [*lc, "merge", str(base), str(adapter), "-o", str(outputs[3]), "-q"],
                 outputs[3],
             ),
@@ -620,7 +518,7 @@ def main(argv: list[str]) -> int:
         if run_peft:
             cases.append(
                 (
-                    Case("peft", "PEFT merge_and_unload"),
+                    Case("PEFT merge_and_unload", key="peft"),
                     [
                         sys.executable,
                         os.path.abspath(__file__),
@@ -639,7 +537,6 @@ def main(argv: list[str]) -> int:
         for r in range(args.repeat):
             last = r == args.repeat - 1
             for case, cmd, out in cases:
-                os.sync()  # no earlier run's writeback may overlap this one
                 run = timed(
                     cmd,
                     logs / f"{case.key}-{r}.log",
@@ -649,7 +546,7 @@ def main(argv: list[str]) -> int:
                 case.runs.append(run)
                 print(
                     f"  [{r + 1}/{args.repeat}] {case.label:<28} {run.seconds:8.2f}s  "
-                    f"peak RSS {run.peak_rss_kib / 1024:6.0f} MiB  (load {run.load1:.1f})",
+                    f"peak RSS {(run.peak_rss_kib or 0) / 1024:6.0f} MiB  (load {run.load1:.1f})",
                     flush=True,
                 )
                 out_bytes[case.key] = folder_bytes(out)
