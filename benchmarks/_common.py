@@ -1,9 +1,11 @@
 """What both benchmarks share: timing a command under ``/usr/bin/time -v``, the run and case records,
-removing outputs, and the PEFT ``adapter_config.json`` of the adapters they build."""
+removing outputs, the PEFT ``adapter_config.json`` of the adapters they build, the machine's CPU
+and RAM, and exporting one commit's ``loractl`` for ``--loractl-ref``."""
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -122,3 +124,41 @@ def peft_config(rank: int, alpha: float, targets: list[str] | tuple[str, ...], b
         "use_dora": False,
         "use_rslora": False,
     }
+
+
+def cpu_and_ram() -> dict:
+    """The CPU model and the RAM in GiB, from /proc (the CPU from ``platform`` where /proc is missing)."""
+    info: dict = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["ram_gib"] = round(int(line.split()[1]) / 1024**2, 1)
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        info["cpu"] = models[0] if models else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def export_ref(ref: str, work: Path) -> tuple[str, Path]:
+    """Export the ``loractl`` package of git commit ``ref`` of this repository to ``work/loractl-src``;
+    returns the commit's sha and that folder (the caller puts it first on the import path)."""
+    repo = Path(__file__).resolve().parent.parent
+    rev = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", ref + "^{commit}"], capture_output=True, text=True
+    )
+    if rev.returncode != 0:
+        raise SystemExit(f"--loractl-ref {ref!r}: not a commit of {repo}")
+    sha = rev.stdout.strip()
+    src = work / "loractl-src"
+    remove(src)
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", sha, "loractl"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    return sha, src

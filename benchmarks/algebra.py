@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import Case, Run, peft_config, remove, timed
+from _common import Case, Run, cpu_and_ram, export_ref, peft_config, remove, timed
 
 # --------------------------------------------------------------------------------------------
 # the adapter: Llama-2-7B shapes, PEFT layout
@@ -265,22 +265,9 @@ def export_loractl(ref: str, work: Path) -> str:
     Others may edit the working tree, which the editable install follows, during a run; an export
     keeps the code under test the same for every run.
     """
-    repo = Path(__file__).resolve().parent.parent
-    rev = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--verify", ref + "^{commit}"], capture_output=True, text=True
-    )
-    if rev.returncode != 0:
-        raise SystemExit(f"--loractl-ref {ref!r}: not a commit of {repo}")
     if "loractl" in sys.modules:
         raise SystemExit("--loractl-ref: loractl was imported before the export")
-    sha = rev.stdout.strip()
-    src = work / "loractl-src"
-    remove(src)
-    src.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(repo), "archive", sha, "loractl"], capture_output=True, check=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    sha, src = export_ref(ref, work)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, str(src))
     child = subprocess.run(
@@ -306,18 +293,7 @@ def machine_info(frozen: str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["ram_gib"] = round(int(line.split()[1]) / 1024**2, 1)
-        models = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        info["cpu"] = models[0] if models else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
+    info.update(cpu_and_ram())
     import loractl
 
     info["loractl"] = loractl.__version__

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from _common import Case, peft_config, remove, timed
+from _common import Case, cpu_and_ram, export_ref, peft_config, remove, timed
 
 # --------------------------------------------------------------------------------------------
 # model shapes
@@ -311,18 +311,7 @@ def compare(a: Path, b: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 def machine_info(workdir: Path) -> dict:
     info: dict[str, object] = {"nproc": len(os.sched_getaffinity(0)), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["ram_gib"] = round(int(line.split()[1]) / 1024**2, 1)
-        models = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        info["cpu"] = models[0] if models else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
+    info.update(cpu_and_ram())
     from importlib.metadata import PackageNotFoundError, version
 
     for mod in ("torch", "transformers", "peft", "safetensors", "loractl"):
@@ -409,20 +398,7 @@ def loractl_cmd(ref: str | None, work: Path) -> tuple[list[str], dict[str, str] 
     if ref is None:
         exe = shutil.which("loractl", path=os.path.dirname(sys.executable)) or shutil.which("loractl")
         return ([exe] if exe else [sys.executable, "-m", "loractl"]), None, "installed loractl"
-    repo = Path(__file__).resolve().parent.parent
-    rev = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--verify", ref + "^{commit}"], capture_output=True, text=True
-    )
-    if rev.returncode != 0:
-        raise SystemExit(f"--loractl-ref {ref!r}: not a commit of {repo}")
-    sha = rev.stdout.strip()
-    src = work / "loractl-src"
-    remove(src)
-    src.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(repo), "archive", sha, "loractl"], capture_output=True, check=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    sha, src = export_ref(ref, work)
     env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     where = subprocess.run(
         [sys.executable, "-c", "import loractl; print(loractl.__file__)"],
