@@ -5,7 +5,7 @@ Per document, in a fresh copy of ``examples/`` (a folder holding ``tiny-llama/``
 
 - every line of a ```` ```console ```` block that starts with ``$ loractl`` is run, and its exit code
   must be 0, or N when the line ends with a ``# exit N`` comment. Commands run in-process through the
-  console-script entry point (``loractl.cli.app:main``, so ``[tool.loractl]`` defaults are read from
+  console-script entry point (``loractl.cli.app.run``, what ``main`` runs, so ``[tool.loractl]`` defaults are read from
   the folder as they would be), which keeps the whole module well under 40 s. ``> FILE`` writes stdout
   to FILE; ``| CMD`` pipes stdout into ``CMD`` run by bash (skipped when CMD's program, e.g. ``jq``, is
   not installed), which must then exit 0. A ``$ jq ...`` line (reading a file an earlier command
@@ -110,19 +110,17 @@ def console_lines(body: str) -> list[str]:
 # running loractl in-process, as the console script
 # ------------------------------------------------------------------------------------------------
 def run_loractl(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """``loractl ARGS`` run in ``cwd`` through the console-script entry point: (exit code, stdout, stderr)."""
-    from loractl.cli.app import main
+    """``loractl ARGS`` run in ``cwd`` as the console script does (without leaving the process):
+    (exit code, stdout, stderr)."""
+    from loractl.cli.app import run
 
     out, err = io.StringIO(), io.StringIO()
     with monkeypatch.context() as mp:
         mp.chdir(cwd)
         mp.setattr(sys, "argv", ["loractl", *args])
         with redirect_stdout(out), redirect_stderr(err):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            result = run()
+            code = result if isinstance(result, int) else (0 if result is None else 1)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -1,7 +1,8 @@
 """Turns every error into one clear line on stderr and the contract's exit code.
 
 LoractlError -> its own exit code (2 input/usage, 1 check failed); Ctrl-C -> 130 with nothing
-left behind; anything else is a bug: exit 3, one line, the traceback only with LORACTL_DEBUG=1.
+left behind; stdout closed by its reader -> 141, quietly (as cat or git); anything else is a bug:
+exit 3, one line, the traceback only with LORACTL_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so that nothing more is written to a closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def handled(func: F) -> F:
     """Wrap a command body so that errors become one line and an exit code."""
 
@@ -39,6 +50,11 @@ def handled(func: F) -> F:
             if e.hint:
                 _say(f"hint: {e.hint}")
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:
+            # the reader of stdout went away (`loractl inspect --json | head`): not an error of
+            # loractl's; be quiet and exit as cat or git do, 128 + SIGPIPE.
+            quiet_stdout()
+            raise typer.Exit(141) from None
         except KeyboardInterrupt:
             _say("interrupted: nothing was written, the inputs are untouched")
             raise typer.Exit(130) from None

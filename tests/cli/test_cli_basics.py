@@ -225,3 +225,58 @@ def test_inspect_human_output(cli, inputs):
     assert r.code == 0, r.stderr
     assert "model.layers.0.self_attn.q_proj" in r.stdout
     assert "14 modules" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# leaving the process: no interpreter teardown once torch is loaded, nothing lost on the way out
+# --------------------------------------------------------------------------------------------
+_MAIN_WITH_MARK = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('TEARDOWN-RAN\\n'))\n"
+    "sys.argv = ['loractl', *sys.argv[1:]]\n"
+    "from loractl.cli.app import main\n"
+    "main()\n"
+)
+
+
+def _main(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _MAIN_WITH_MARK, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+def test_exit_skips_teardown_after_torch_and_keeps_output_and_codes(inputs):
+    # torch loaded, success: the whole (block-buffered, piped) JSON document arrives, exit 0, and
+    # the interpreter's teardown (atexit, module finalisers) did not run.
+    ok = _main(["inspect", inputs.adapter, "--json"])
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["adapters"][0]["modules"] == 14
+    assert "TEARDOWN-RAN" not in ok.stderr
+    # torch loaded, input error: still exit 2 with the one-line message.
+    bad = _main(["merge", inputs.base, inputs.adapter, "-o", inputs.base])
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    assert "TEARDOWN-RAN" not in bad.stderr
+    # no torch (--version): the normal exit, teardown included.
+    ver = _main(["--version"])
+    assert ver.returncode == 0 and ver.stdout.strip() == f"loractl {loractl.__version__}"
+    assert "TEARDOWN-RAN" in ver.stderr
+
+
+def test_exit_when_the_reader_of_stdout_has_gone(inputs):
+    # `loractl inspect --json | head -c 0`: the pipe is closed long before loractl (still starting
+    # up) writes; exit 141 as cat or git, and nothing on stderr.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_WITH_MARK, "inspect", str(inputs.adapter), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=300)
+    assert err == "" and code == 141, (code, err)
