@@ -798,12 +798,9 @@ def merge(
                     if not need_receipt:
                         merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
                         return w0
-                    # merged in place; the original values it overwrote where the receipt needs them
-                    # come back with the positions
-                    found = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
-                    assert found is not None and spool is not None
-                    positions, rec_at, orig_at = found
-                    parts = residual.from_values(orig_at, positions, rec_at, w0.numel(), w0.element_size())
+                    # merged in place; the corrections the receipt needs come back encoded
+                    assert spool is not None
+                    parts = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
                     if parts is None:  # most values differ: the whole original is smaller, read it again
                         parts = {"full": b.read(key)}
                     for k, v in parts.items():

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..adapter import LoraModule
+from . import residual as residual_ops
 
 _T = TypeVar("_T")
 
@@ -257,7 +257,7 @@ def fused_product_equals(m: LoraModule, weight: float, ref: torch.Tensor) -> boo
 
 def fused_merge(
     w0: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor, residual: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+) -> dict[str, torch.Tensor] | None:
     """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
 
     Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
@@ -273,13 +273,15 @@ def fused_merge(
         m: a module for which :func:`fused_eligible` is true.
         weight: the merge weight.
         out: where the merged weight goes (same dtype and shape as ``w0``; may be ``w0``).
-        residual: also return the flat positions where subtracting the update again (as an unmerge
-            does) does not give ``w0`` back bit for bit, with ``w0``'s values there (so ``out`` may be
-            ``w0``: each block is merged into a scratch block, compared, then copied over).
+        residual: also work out what a receipt needs: where subtracting the update again (as an
+            unmerge does) does not give ``w0`` back bit for bit, and ``w0``'s values there. Each block
+            is merged into a scratch block, compared, encoded (:func:`residual.encode_block`: about
+            two bytes a difference) and only then copied over, so ``out`` may be ``w0``.
 
     Returns:
-        With ``residual``: the positions (int64), the unmerge's values there and ``w0``'s values
-        there; else None.
+        With ``residual``: the receipt's corrections for this tensor, as
+        :func:`residual.from_values` gives them ({} when nothing differs, None when storing the
+        whole original would be smaller); else None.
     """
     a, b, s = _fused_factors(m, weight)
     rows, cols = w0.shape
@@ -289,8 +291,8 @@ def fused_merge(
 
     in_place = out.data_ptr() == w0.data_ptr()
 
-    def rows_from(start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    def rows_from(start: int, stop: int) -> list[residual_ops.Chunk]:
+        chunks: list[residual_ops.Chunk] = []
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
             dc = _block_update(a, b, s, r0, n)
@@ -302,25 +304,19 @@ def fused_merge(
             torch.add(wc, dc, out=mc)
             rc = _scratch("rec", (n, cols), w0.dtype)
             torch.sub(mc, dc, out=rc)  # what an unmerge without the receipt computes
-            flat = np.flatnonzero(rc.view(-1).view(itype).numpy() != w_int[r0 * cols : (r0 + n) * cols])
-            if flat.size:
-                pos = torch.from_numpy(flat)
-                found.append((pos + r0 * cols, rc.view(-1)[pos], wc.reshape(-1)[pos]))
+            chunk = residual_ops.encode_block(
+                w_int[r0 * cols : (r0 + n) * cols], rc.view(-1).view(itype).numpy(), r0 * cols
+            )
+            if chunk is not None:
+                chunks.append(chunk)
             if in_place:
                 oc.copy_(mc)
-        return found
+        return chunks
 
     parts = _on_two_threads(rows, step, rows_from)
     if not residual:
         return None
-    found = [f for part in parts for f in part]
-    if not found:
-        return (
-            torch.empty(0, dtype=torch.int64),
-            torch.empty(0, dtype=w0.dtype),
-            torch.empty(0, dtype=w0.dtype),
-        )
-    return tuple(torch.cat(x) for x in zip(*found))  # type: ignore[return-value]
+    return residual_ops.join([c for part in parts for c in part], w0.numel(), w0.dtype)
 
 
 _helper: ThreadPoolExecutor | None = None

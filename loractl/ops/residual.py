@@ -9,6 +9,9 @@ in the last place), about two bytes a position (or the whole original when that 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -76,6 +79,68 @@ def from_values(
         "gapbig": gaps[big],
         "d8": torch.where(esc, torch.full_like(delta, -128), delta).to(torch.int8),
         "valbig": original_at[esc].contiguous(),
+    }
+
+
+@dataclass
+class Chunk:
+    """The corrections of one block of positions, in :func:`from_values`'s layout, except that the
+    first position's gap (which depends on the block before) is left to :func:`join`."""
+
+    first: int  # flat position of the first difference
+    last: int  # and of the last
+    gap8: np.ndarray  # uint8, for the positions after the first
+    gapbig: np.ndarray  # int64
+    d8: np.ndarray  # int8, for every position
+    valbig: np.ndarray  # the originals' bits (signed integers of the dtype's width) where d8 is -128
+
+
+def encode_block(original: np.ndarray, reconstructed: np.ndarray, offset: int) -> Chunk | None:
+    """The corrections for one block of a tensor, from the bits (signed integers of the dtype's width,
+    flat) of the original and of the reconstruction there; ``offset`` is the block's first flat
+    position. None when they agree. Blocks are encoded as they come, so that only about two bytes a
+    difference are kept, never the positions or values themselves (see :func:`join`)."""
+    flat = np.flatnonzero(reconstructed != original)
+    if not flat.size:
+        return None
+    gaps = np.diff(flat) - 1
+    o = original[flat]
+    d = o.astype(np.int64) - reconstructed[flat].astype(np.int64)
+    esc = (d < -127) | (d > 127)
+    return Chunk(
+        first=offset + int(flat[0]),
+        last=offset + int(flat[-1]),
+        gap8=np.minimum(gaps, 255).astype(np.uint8),
+        gapbig=gaps[gaps >= 255],
+        d8=np.where(esc, -128, d).astype(np.int8),
+        valbig=o[esc],
+    )
+
+
+def join(chunks: list[Chunk], numel: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """:func:`from_values`'s corrections from the chunks of a tensor's blocks, in order: the same
+    tensors, bit for bit ({} when nothing differs, None when the whole original would be smaller)."""
+    if not chunks:
+        return {}
+    gap8: list[np.ndarray] = []
+    gapbig: list[np.ndarray] = []
+    last = -1
+    for c in chunks:
+        g = c.first - last - 1
+        gap8 += [np.array([min(g, 255)], np.uint8), c.gap8]
+        gapbig += [np.array([g] if g >= 255 else [], np.int64), c.gapbig]
+        last = c.last
+    n = sum(c.d8.size for c in chunks)
+    big = np.concatenate(gapbig)
+    valbig = np.concatenate([c.valbig for c in chunks])
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if 2 * n + 8 * big.size + itemsize * valbig.size >= numel * itemsize:
+        return None
+    return {
+        "gap8": torch.from_numpy(np.concatenate(gap8)),
+        "gapbig": torch.from_numpy(big),
+        "d8": torch.from_numpy(np.concatenate([c.d8 for c in chunks])),
+        "valbig": torch.from_numpy(valbig).view(dtype),
     }
 
 
