@@ -1403,6 +1403,7 @@ def truncate(
         _check_fraction("--" + flag.replace("_", "-"), rules[flag])
     if sv_ratio is not None and sv_ratio < 1:
         raise UsageError(f"--sv-ratio {sv_ratio} must be at least 1 (keep σᵢ ≥ σ₁/P)")
+    owned = not isinstance(adapter, Adapter)  # loaded here, so its tensors may be let go of
     a = (
         adapter
         if isinstance(adapter, Adapter)
@@ -1458,6 +1459,9 @@ def truncate(
             else:
                 nb, na = balanced_factors(u, s_vals, vh, k)
                 out_modules[name] = with_factors(m, nb, na, alpha=float(k))
+                if owned:  # the input's factors are not needed again: the output grows as it shrinks
+                    m.down = torch.empty_like(m.down, device="meta")
+                    m.up = torch.empty_like(m.up, device="meta")
             e = energy_kept(s_vals, k)
             report.append(TruncatedModule(name, m.rank, k, e, math.sqrt(e)))
         method = "svd"

@@ -139,6 +139,33 @@ def test_truncate_conv_embedding_fifo_and_rslora(tmp_path: Path) -> None:
     assert torch.allclose(dense(cb.modules["conv"]).reshape(6, -1), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5)
 
 
+def test_truncate_lets_go_of_its_own_input_but_not_a_callers(llama, tmp_path: Path, monkeypatch) -> None:
+    """From a path, each input module's factors are dropped once truncated (so the output grows as
+    the input shrinks); an Adapter the caller passed is never touched; both give the same file."""
+    model, _ = llama
+    ad = make_adapter(model, tmp_path / "ad", r=8, lora_alpha=16, target_modules=LLAMA_ALL)
+    _decaying(ad)
+    loaded: list = []
+    real_load = api.load_adapter
+
+    def spy(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(api, "load_adapter", spy)
+    api.truncate(ad, tmp_path / "from_path", rank=4)
+    (own,) = loaded
+    assert own.modules and all(m.down.is_meta and m.up.is_meta for m in own.modules.values())
+    mine = real_load(ad)
+    before = {n: (m.down.clone(), m.up.clone()) for n, m in mine.modules.items()}
+    api.truncate(mine, tmp_path / "from_object", rank=4)
+    for n, m in mine.modules.items():
+        assert not m.down.is_meta and torch.equal(m.down, before[n][0]) and torch.equal(m.up, before[n][1])
+    a = read_st(tmp_path / "from_path" / "adapter_model.safetensors")
+    b = read_st(tmp_path / "from_object" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _dylora(tmp_path: Path, model, unit: int) -> Path:
     ad = make_adapter(model, tmp_path / "dy", r=8, lora_alpha=4, target_modules=["q_proj"])
     f = ad / "adapter_model.safetensors"
