@@ -628,7 +628,13 @@ def report(size, base_bytes, build, cases, receipt_bytes, out_bytes, verificatio
         f"workdir {info.get('workdir_fs', '?')}, load average {info['load_average']}"
     )
     target = {"1b": 2.5, "7b": 1.5}[size]
-    lines = [f"loractl --no-receipt ≤ {target}× cp: {by['loractl'].median / cp:.2f}×"]
+    sync = by["cp_sync"].median if "cp_sync" in by else None
+    lines = [
+        f"loractl {flag} ≤ {target}× cp: {by[key].median / cp:.2f}×"
+        + (f" ({by[key].median / sync:.2f}× cp+sync)" if sync else "")
+        for key, flag in (("loractl", "--no-receipt"), ("loractl_receipt", "(receipt)"))
+        if key in by
+    ]
     if size == "1b" and "peft" in by:
         lines.append(f"≥ 5× faster than PEFT: {by['peft'].median / by['loractl'].median:.1f}×")
     lines.append(
