@@ -4,7 +4,8 @@ Merging rounds ``W + ΔW`` to W's dtype, so subtracting ΔW again gives back W o
 :func:`encode` compares the subtraction's result with the original bit for bit and keeps, for the
 positions that differ, the gaps between them and the integer difference of the bits (a unit or two
 in the last place), about two bytes a position (or the whole original when that is smaller);
-:func:`decode` puts them back.
+:func:`decode` puts them back. :func:`encode_block` and :func:`join` give the same corrections
+block by block, for a merge that works on row blocks and never holds a whole tensor's differences.
 """
 
 from __future__ import annotations
