@@ -279,9 +279,9 @@ def fused_merge(
             two bytes a difference) and only then copied over, so ``out`` may be ``w0``.
 
     Returns:
-        With ``residual``: the receipt's corrections for this tensor, as
-        :func:`residual.from_values` gives them ({} when nothing differs, None when storing the
-        whole original would be smaller); else None.
+        With ``residual``: the receipt's corrections for this tensor, as :func:`residual.join` gives
+        them ({} when nothing differs, None when storing the whole original would be smaller); else
+        None.
     """
     a, b, s = _fused_factors(m, weight)
     rows, cols = w0.shape

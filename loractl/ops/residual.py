@@ -4,8 +4,9 @@ Merging rounds ``W + ΔW`` to W's dtype, so subtracting ΔW again gives back W o
 :func:`encode` compares the subtraction's result with the original bit for bit and keeps, for the
 positions that differ, the gaps between them and the integer difference of the bits (a unit or two
 in the last place), about two bytes a position (or the whole original when that is smaller);
-:func:`decode` puts them back. :func:`encode_block` and :func:`join` give the same corrections
-block by block, for a merge that works on row blocks and never holds a whole tensor's differences.
+:func:`decode` puts them back. :func:`encode_block` and :func:`join` build them block by block, for
+a merge that works on row blocks and never holds a whole tensor's differences; :func:`encode` is
+the whole tensor as one block.
 """
 
 from __future__ import annotations
@@ -24,69 +25,27 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def encode(original: torch.Tensor, reconstructed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The corrections that turn ``reconstructed`` into ``original`` (see :func:`from_positions`)."""
-    if original.dtype != reconstructed.dtype or original.shape != reconstructed.shape:
-        return {"full": original.contiguous()}
-    positions = (bits(original) != bits(reconstructed)).nonzero().reshape(-1)
-    return from_positions(original, positions, reconstructed.reshape(-1)[positions])
-
-
-def from_positions(
-    original: torch.Tensor, positions: torch.Tensor, reconstructed_at: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Corrections for the flat ``positions`` where the reconstruction (``reconstructed_at`` there)
-    differs from ``original``, in about two bytes a position (see :func:`from_values`);
-    ``{"full": original}`` when that is smaller."""
-    parts = from_values(
-        original.reshape(-1)[positions.long()],
-        positions,
-        reconstructed_at,
-        original.numel(),
-        original.element_size(),
-    )
-    return {"full": original.contiguous()} if parts is None else parts
-
-
-def from_values(
-    original_at: torch.Tensor,
-    positions: torch.Tensor,
-    reconstructed_at: torch.Tensor,
-    numel: int,
-    itemsize: int,
-) -> dict[str, torch.Tensor] | None:
-    """Corrections from the original and reconstructed values at the differing flat ``positions`` of a
-    tensor of ``numel`` elements of ``itemsize`` bytes, in about two bytes a position:
+    """The corrections that turn ``reconstructed`` into ``original``, in about two bytes a position
+    where they differ:
 
     - ``gap8`` (uint8): the gap to the previous position (255: the gap is in ``gapbig``, int64);
     - ``d8`` (int8): original − reconstructed as integers of the dtype's width, the difference of a
       unit or two in the last place that rounding leaves (-128: the value is in ``valbig``).
 
-    ``{}`` when nothing differs; None when storing the whole original would be smaller (the caller
-    then stores it as ``full``).
+    ``{}`` when nothing differs; ``{"full": original}`` when that is smaller (or when the two do not
+    match in dtype and shape). The whole tensor taken as one block of :func:`encode_block`.
     """
-    n = positions.numel()
-    if n == 0:
-        return {}
-    positions = positions.long()
-    gaps = torch.diff(positions, prepend=positions.new_tensor([-1])) - 1
-    big = gaps >= 255
-    delta = bits(original_at).long() - bits(reconstructed_at.reshape(-1)).long()
-    esc = (delta < -127) | (delta > 127)
-    size = 2 * n + 8 * int(big.sum()) + itemsize * int(esc.sum())
-    if size >= numel * itemsize:
-        return None
-    return {
-        "gap8": gaps.clamp(max=255).to(torch.uint8),
-        "gapbig": gaps[big],
-        "d8": torch.where(esc, torch.full_like(delta, -128), delta).to(torch.int8),
-        "valbig": original_at[esc].contiguous(),
-    }
+    if original.dtype != reconstructed.dtype or original.shape != reconstructed.shape:
+        return {"full": original.contiguous()}
+    chunk = encode_block(bits(original).numpy(), bits(reconstructed).numpy(), 0)
+    parts = join([chunk] if chunk is not None else [], original.numel(), original.dtype)
+    return {"full": original.contiguous()} if parts is None else parts
 
 
 @dataclass
 class Chunk:
-    """The corrections of one block of positions, in :func:`from_values`'s layout, except that the
-    first position's gap (which depends on the block before) is left to :func:`join`."""
+    """The corrections of one block of positions, in :func:`encode`'s layout, except that the first
+    position's gap (which depends on the block before) is left to :func:`join`."""
 
     first: int  # flat position of the first difference
     last: int  # and of the last
@@ -119,8 +78,8 @@ def encode_block(original: np.ndarray, reconstructed: np.ndarray, offset: int) -
 
 
 def join(chunks: list[Chunk], numel: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """:func:`from_values`'s corrections from the chunks of a tensor's blocks, in order: the same
-    tensors, bit for bit ({} when nothing differs, None when the whole original would be smaller)."""
+    """The corrections of :func:`encode` from the chunks of a tensor's blocks, in order ({} when
+    nothing differs, None when the whole original would be smaller: the caller stores it as ``full``)."""
     if not chunks:
         return {}
     gap8: list[np.ndarray] = []
@@ -146,7 +105,7 @@ def join(chunks: list[Chunk], numel: int, dtype: torch.dtype) -> dict[str, torch
 
 
 def decode(reconstructed: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Apply :func:`from_positions`'s corrections to ``reconstructed`` (in place where possible)."""
+    """Apply :func:`encode`'s corrections to ``reconstructed`` (in place where possible)."""
     if "full" in parts:
         return parts["full"]
     if "gap8" not in parts:
