@@ -12,6 +12,7 @@ or foreign file is reported by name instead of crashing midway.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -19,7 +20,7 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,17 +374,29 @@ class SafetensorsWriter:
 
     def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        self._size += len(view)
-        if self._stage is not None:
-            while view:
-                n = min(len(view), DIRECT_STAGE - self._fill)
-                self._stage[self._fill : self._fill + n] = view[:n]
-                self._fill += n
-                view = view[n:]
-                if self._fill == DIRECT_STAGE:
-                    self._flush()
+        if self._stage is None:
+            write_fully(self._fd, view, self.path)
             return
-        write_fully(self._fd, view, self.path)
+
+        def fill(dst: memoryview, done: int) -> None:
+            dst[:] = view[done : done + len(dst)]
+
+        self._staged(len(view), fill)
+
+    def _staged(self, nbytes: int, fill: Callable[[memoryview, int], None]) -> None:
+        """Stage ``nbytes`` more bytes, flushing each full stage: ``fill(dst, done)`` puts bytes
+        ``done … done + len(dst)`` of them into ``dst``, a slice of the staging buffer."""
+        self._size += nbytes
+        done = 0
+        while done < nbytes:
+            assert self._stage is not None
+            n = min(nbytes - done, DIRECT_STAGE - self._fill)
+            with memoryview(self._stage) as whole:
+                fill(whole[self._fill : self._fill + n], done)
+            self._fill += n
+            done += n
+            if self._fill == DIRECT_STAGE:
+                self._flush()
 
     def _flush(self) -> None:
         """Hand what is staged to a writing thread (padded to the alignment; :meth:`finish` truncates the
@@ -403,17 +416,19 @@ class SafetensorsWriter:
     def _pwrite(self, stage: mmap.mmap, n: int, offset: int) -> None:
         view = memoryview(stage)[:n]
         pos = 0
+        buffered = False
         try:
             while pos < n:
-                pos += os.pwrite(self._fd, view[pos:], offset + pos)
-        except OSError as e:
-            if e.errno != 22 or pos:  # EINVAL: this filesystem refuses O_DIRECT after all
-                raise disk_error(self.path, e) from None
-            import fcntl
+                try:
+                    pos += os.pwrite(self._fd, view[pos:], offset + pos)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or pos or buffered:
+                        raise disk_error(self.path, e) from None
+                    # this filesystem refuses O_DIRECT after all: write through the page cache
+                    import fcntl
 
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            while pos < n:
-                pos += os.pwrite(self._fd, view[pos:], offset + pos)
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    buffered = True
         finally:
             view.release()
 
@@ -461,16 +476,9 @@ class SafetensorsWriter:
         """Write the next tensor by copying its bytes unchanged from ``src``."""
         self._expect(name, info.nbytes)
         if self._stage is not None:  # read straight into the staging buffer
-            self._size += info.nbytes
-            done = 0
-            while done < info.nbytes:
-                n = min(info.nbytes - done, DIRECT_STAGE - self._fill)
-                with memoryview(self._stage) as whole:
-                    src.read_range_into(info.begin + done, whole[self._fill : self._fill + n], info.name)
-                self._fill += n
-                done += n
-                if self._fill == DIRECT_STAGE:
-                    self._flush()
+            self._staged(
+                info.nbytes, lambda dst, done: src.read_range_into(info.begin + done, dst, info.name)
+            )
             return
         try:
             src.copy_raw_to(info, self._fd)
