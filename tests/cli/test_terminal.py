@@ -65,15 +65,19 @@ def _on_pty(*args: str) -> tuple[int, bytes, bytes]:
     return proc.returncode, out, err
 
 
-def _merge_on_pty(tmp_path: Path, *extra: str) -> tuple[int, bytes, bytes]:
-    return _on_pty(
+def _merge_args(tmp_path: Path) -> list[str]:
+    """``merge`` of the bundled example into ``tmp_path/m``."""
+    return [
         "merge",
         str(EXAMPLES / "tiny-llama"),
         str(EXAMPLES / "tiny-llama-lora"),
         "-o",
         str(tmp_path / "m"),
-        *extra,
-    )
+    ]
+
+
+def _merge_on_pty(tmp_path: Path, *extra: str) -> tuple[int, bytes, bytes]:
+    return _on_pty(*_merge_args(tmp_path), *extra)
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
@@ -92,18 +96,7 @@ def test_no_progress_bar_with_json_or_quiet(tmp_path: Path, flag: str) -> None:
 
 def test_nothing_but_the_result_in_a_pipe(tmp_path: Path) -> None:
     p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loractl",
-            "merge",
-            str(EXAMPLES / "tiny-llama"),
-            str(EXAMPLES / "tiny-llama-lora"),
-            "-o",
-            str(tmp_path / "m"),
-        ],
-        capture_output=True,
-        env=_env(),
+        [sys.executable, "-m", "loractl", *_merge_args(tmp_path)], capture_output=True, env=_env()
     )
     assert p.returncode == 0
     assert p.stderr == b""
