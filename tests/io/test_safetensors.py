@@ -243,3 +243,30 @@ def test_a_refused_file_does_not_close_another_files_descriptor_later(tmp_path: 
         gc.collect()  # runs the refused object's __del__
         assert torch.equal(good.read("a"), torch.ones(2))
         good.close()
+
+
+def test_direct_writer_reports_a_full_disk_after_falling_back(tmp_path: Path, monkeypatch) -> None:
+    """O_DIRECT refused at the first write, then the disk full on the buffered retry: one clear
+    OutputError naming the file, as for every other failed write."""
+    import errno
+    import os
+
+    from loractl.errors import OutputError
+
+    def fake_pwrite(fd, data, offset):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    monkeypatch.setattr(st_io, "DIRECT_STAGE", 4096)
+    path = tmp_path / "x.safetensors"
+    w = SafetensorsWriter(path, [("a", "F32", (3000,))], direct=True)
+    assert w.direct
+    with pytest.raises(OutputError) as e:
+        w.write("a", torch.arange(3000, dtype=torch.float32))
+        w.close(sync=True)
+    assert str(path) in str(e.value)
+    w.close()
