@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +25,7 @@ from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, Usa
 from .formats import ReadOptions, WriteOptions, format_module
 from .formats import load_adapter as _load_adapter
 from .formats.names import NameResolver, ties_word_embeddings
-from .io.atomic import atomic_output
+from .io.atomic import atomic_output, check_output, copy_file
 from .io.base import RECEIPT_NAME, BaseModel, open_base
 from .io.buffers import BufferPool
 from .io.quant import QuantizedWeight
@@ -420,7 +420,7 @@ def layout(
 
 
 def _write_index(
-    folder: Path, base: BaseModel, files: list[tuple[str, list[OutTensor]]], extra: dict[str, Any]
+    folder: Path, base: BaseModel, files: list[tuple[str, list[OutTensor]]], extra: dict[str, Any], mode: int
 ) -> None:
     if len(files) == 1 and base.index_name is None:
         return
@@ -430,20 +430,55 @@ def _write_index(
     meta.update(extra)
     weight_map = {t.name: fname for fname, items in files for t in items}
     (folder / name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
+    os.chmod(folder / name, _mode_of(base.path / name) if base.index_name else mode)
+
+
+def _mode_of(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def _shard_mode(base: BaseModel) -> int:
+    """The permission bits the output's weight files (and receipt) get: the base's shards' (the
+    strictest of them, should they differ), so a 0600 base does not become a 0644 merged model."""
+    mode = 0o777
+    for s in base.shards:
+        mode &= _mode_of(s.path)
+    return mode
 
 
 def _copy_other_files(base: BaseModel, folder: Path, dequantized: bool = False) -> None:
-    """Copy the non-weight files; a dequantized copy's config.json loses its quantization_config
-    (transformers would otherwise load the bf16 weights as 4-bit layers)."""
+    """Copy the files of the base folder that a model folder needs (io.base.COPIED_NAMES), each with
+    its own permission bits; a link inside the folder is copied as the file it points to, one pointing
+    outside is never followed (io.base.folder_files). A dequantized copy's config.json loses its
+    quantization_config (transformers would otherwise load the bf16 weights as 4-bit layers)."""
     from .io.quant import dequantized_config
 
-    for rel in base.other_files:
+    os.chmod(folder, _mode_of(base.path) | 0o700)
+    for rel, src in base.files.copied.items():
         dst = folder / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.parent.exists():
+            dst.parent.mkdir(parents=True)
+            os.chmod(dst.parent, _mode_of(src.parent) | 0o700)
         if dequantized and rel.as_posix() == "config.json":
             dst.write_text(json.dumps(dequantized_config(base.config), indent=2) + "\n")
+            os.chmod(dst, _mode_of(src))
         else:
-            shutil.copyfile(base.path / rel, dst)
+            copy_file(src, dst)
+
+
+def _copy_notes(base: BaseModel, output: Path) -> list[str]:
+    """What the output's folder does not get from the base folder, and why."""
+    notes = []
+    if base.files.links_out:
+        notes.append(
+            f"not copied to {output}: {', '.join(base.files.links_out)}: a link to outside {base.path} "
+            "(never followed)"
+        )
+    left = base.files.left_out
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        notes.append(f"not copied to {output} (not part of a model folder; see docs/merge.md): {shown}")
+    return notes
 
 
 def _largest_job(base: BaseModel, files: list[tuple[str, list[OutTensor]]], jobs: Mapping[str, Any]) -> int:
@@ -468,9 +503,10 @@ def _stream(
     loaders: dict[str, Callable[[], torch.Tensor]] | None = None,
     pool: BufferPool | None = None,
     on_read: Callable[[str, torch.Tensor], None] | None = None,
+    mode: int | None = None,
 ) -> int:
     """Write ``files``: each tensor raw-copied from the base, or read (``loaders`` for tensors that
-    are not stored as such, e.g. 4-bit weights), computed and written.
+    are not stored as such, e.g. 4-bit weights), computed and written (``mode``: the files' permission bits).
 
     Reading the next tensor, computing this one and writing the previous overlap (two threads
     beside the main one); at most three tensors are in memory at once, in buffers from ``pool``
@@ -505,7 +541,7 @@ def _stream(
                 path = folder_or_file if single_file else folder_or_file / fname
                 src_meta = dict(base.shards[items[0].src].metadata) if items else {}
                 entries = [(t.name, t.dtype, t.shape) for t in items]
-                writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta), direct=True)
+                writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta), direct=True, mode=mode)
                 writers.append(writer)
                 pending_write: Future[None] | None = None
                 nxt: Future[torch.Tensor | None] | None = io.submit(read, items[0]) if items else None
@@ -587,7 +623,12 @@ def receipt_path(merged: Path) -> Path:
 
     Never a ``*.safetensors`` at the top of the folder, so no model loader picks it up as weights.
     """
-    return merged / RECEIPT_NAME if merged.is_dir() else merged.with_name(merged.name + ".loractl.receipt")
+    return merged / RECEIPT_NAME if merged.is_dir() else _receipt_beside(merged)
+
+
+def _receipt_beside(merged: Path) -> Path:
+    """The receipt of a single-file merged model: ``MERGED.loractl.receipt`` beside it."""
+    return merged.with_name(merged.name + ".loractl.receipt")
 
 
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -624,6 +665,23 @@ def _load_all(
         opts.base_keys = list(base.tensors)
         opts.base_config = base.config
     return [a if isinstance(a, Adapter) else load_adapter(a, format=format, options=opts) for a in adapters]
+
+
+def protected_paths(
+    *, base: BaseModel | None = None, adapters: Sequence[Adapter] = (), also: Sequence[str | Path | None] = ()
+) -> list[Path]:
+    """Every path an operation reads, which no output may be, contain or lie inside, with or without
+    ``force`` (:func:`loractl.io.atomic.check_output`): the base (its folder or file and its weight
+    files), each adapter as given and the files it was read from (a PEFT adapter given as a file
+    was read with the ``adapter_config.json`` beside it), and ``also`` (a receipt read, a base given
+    only for names). A recipe's own file is added by :func:`loractl.io.atomic.protecting`."""
+    out: list[Path] = []
+    if base is not None:
+        out += [base.path, *(s.path for s in base.shards)]
+    for a in adapters:
+        out += [Path(a.path), *a.files]
+    out += [Path(p) for p in also if p is not None]
+    return out
 
 
 def _refs(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[AdapterRef]:
@@ -770,9 +828,22 @@ def merge(
                 f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
                 hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
             )
+        if not plan.changes:  # --allow-partial, and not one module matched: the output would be the base
+            raise InputError(
+                f"{b.path}: no adapter module matches a base weight ({', '.join(str(a.path) for a in loaded)}); "
+                "is it for this base?",
+                hint="check the adapter's module names with `loractl inspect ADAPTER --base BASE`",
+            )
         files = layout(b, DTYPES[dtype], size, quantized)
         refs = _refs(loaded, ws)
-        inputs = [b.path, *(a.path for a in loaded)]
+        inputs = protected_paths(base=b, adapters=loaded)
+        # a single-file output has its receipt beside it: checked as an output too, before any work,
+        # whether or not one is written now (unmerge would take a receipt left there for this output's)
+        beside = None if b.is_dir else _receipt_beside(output)
+        check_output(output, inputs, force)
+        if beside is not None:
+            check_output(beside, inputs, force)
+        mode = _shard_mode(b)
         spool: SpooledWriter | None = None  # the receipt's corrections, streamed to disk
         checksums: dict[str, int] = {}  # crc32 of each original tensor the receipt restores
         changed_dtypes: dict[str, str] = {}
@@ -860,8 +931,9 @@ def merge(
         try:
             with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
                 if need_receipt:
-                    spool_at = tmp / ".receipt.spool" if b.is_dir else tmp.with_name(tmp.name + ".spool")
-                    spool = SpooledWriter(spool_at)
+                    # beside the temporary output, never inside it: no file copied from the base can
+                    # land on it, and a killed run's spool is removed with its other temporaries
+                    spool = SpooledWriter(tmp.with_name(tmp.name + ".spool"))
                 written = _stream(
                     b,
                     tmp,
@@ -873,24 +945,27 @@ def merge(
                     loaders=loaders,
                     pool=pool,
                     on_read=checksum if need_receipt else None,
+                    mode=mode,
                 )
                 if b.is_dir:
-                    _write_index(tmp, b, files, {"loractl.operation": "merge"})
+                    _write_index(tmp, b, files, {"loractl.operation": "merge"}, mode)
                     _copy_other_files(b, tmp, dequantized=bool(quantized))
+                    notes += _copy_notes(b, output)
                     if need_receipt:
                         assert spool is not None
                         receipt_bytes = _write_receipt(
-                            tmp / RECEIPT_NAME, spool, refs, plan, b, changed_dtypes, checksums
+                            tmp / RECEIPT_NAME, spool, refs, plan, b, changed_dtypes, checksums, mode
                         )
                         receipt_file = output / RECEIPT_NAME
                 elif need_receipt:
                     # a single-file output's receipt lies beside it: placed just before the output itself,
                     # and removed again if the output does not make it into place
-                    receipt_file = receipt_path(output)
-                    with atomic_output(receipt_file, is_dir=False, inputs=inputs, force=True) as rtmp:
-                        assert spool is not None
-                        receipt_bytes = _write_receipt(rtmp, spool, refs, plan, b, changed_dtypes, checksums)
-                    placed_receipt = receipt_file
+                    assert beside is not None and spool is not None
+                    with atomic_output(beside, is_dir=False, inputs=inputs, force=force) as rtmp:
+                        receipt_bytes = _write_receipt(
+                            rtmp, spool, refs, plan, b, changed_dtypes, checksums, mode
+                        )
+                    receipt_file = placed_receipt = beside
         except BaseException:
             if placed_receipt is not None:
                 placed_receipt.unlink(missing_ok=True)
@@ -898,6 +973,10 @@ def merge(
         finally:
             if spool is not None:
                 spool.close()
+        if beside is not None and receipt_file is None and os.path.lexists(beside):
+            # --force replaced the output; the receipt beside it belonged to the output replaced
+            os.unlink(beside)
+            notes.append(f"removed {beside}: it was the receipt of the {output} replaced")
         n_modules = sum(len(a.modules) for a in loaded)
         return MergeResult(
             output=output,
@@ -935,6 +1014,7 @@ def _write_receipt(
     base: BaseModel,
     changed_dtypes: dict[str, str],
     checksums: dict[str, int],
+    mode: int,
 ) -> int:
     meta = {
         "loractl.receipt": RECEIPT_VERSION,
@@ -945,7 +1025,7 @@ def _write_receipt(
         "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
         "crc32": json.dumps(checksums),
     }
-    size = spool.finish(path, meta)
+    size = spool.finish(path, meta, mode=mode)
     spool.close()
     return size
 
@@ -962,6 +1042,48 @@ class UnmergeResult:
     tensors_changed: int
     bytes_written: int
     seconds: float
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _merge_record(b: BaseModel, refs: Sequence[AdapterRef]) -> list[str]:
+    """Check the merge record loractl writes in every shard it merges (``loractl.operation`` and the
+    sha256 and weight of each adapter) against the adapters to unmerge; the honest signal that an
+    unmerge without receipt is undoing the right merge, read from headers only.
+
+    Returns:
+        Warnings when the model holds no record of a loractl merge (merged by another tool, or never
+        merged: subtraction then cannot be checked).
+
+    Raises:
+        InputError: the record names other adapters or weights.
+    """
+    ops = {s.metadata.get("loractl.operation") for s in b.shards}
+    got = [(r.sha256, r.weight) for r in refs]
+    for s in b.shards:
+        if s.metadata.get("loractl.operation") != "merge":
+            continue
+        try:
+            recorded = json.loads(s.metadata.get("loractl.adapters", "[]"))
+            want = [(str(r["sha256"]), float(r["weight"])) for r in recorded]
+        except (ValueError, TypeError, KeyError):
+            raise InputError(f"{s.path}: its loractl.adapters metadata is not readable") from None
+        if got != want:
+            names = ", ".join(f"{Path(str(r.get('path', '?'))).name} ×{r.get('weight')}" for r in recorded)
+            raise InputError(
+                f"{s.path}: was merged by loractl with other adapters or weights ({names})",
+                hint="give the same adapters and --weight values, in the same order, as the merge",
+            )
+    if "merge" in ops:
+        return []
+    if "unmerge" in ops:
+        why = "was written by loractl unmerge: the adapters it names are already removed"
+    else:
+        why = "holds no loractl merge record (merged by another tool, or never merged)"
+    return [
+        f"{b.path} {why}; that these adapters are merged into it cannot be checked: the output is "
+        f"{b.path} minus their updates"
+    ]
 
 
 def _read_receipt(path: Path) -> tuple[dict[str, str], SafetensorsFile]:
@@ -1015,6 +1137,9 @@ def unmerge(
             plan = plan_merge(b, loaded, ws)
             refs = _refs(loaded, ws)
             dtypes: dict[str, str] = {}
+            warnings: list[str] = []
+            if rfile is None:
+                warnings = _merge_record(b, refs)
             if rfile is not None:
                 recorded = json.loads(rmeta.get("adapters", "[]"))
                 got = [(r.sha256, r.weight) for r in refs]
@@ -1096,14 +1221,19 @@ def unmerge(
                     return dict(shard_meta[names[i]])
                 return _loractl_metadata("unmerge", refs, src)
 
-            inputs = [b.path, *(a.path for a in loaded)] + ([rpath] if rfile is not None else [])
+            inputs = protected_paths(base=b, adapters=loaded, also=[rpath if rfile is not None else None])
+            mode = _shard_mode(b)
+            notes: list[str] = []
             with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-                written = _stream(b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir)
+                written = _stream(
+                    b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir, mode=mode
+                )
                 if b.is_dir:
                     meta = {k: v for k, v in b.index_metadata.items() if not k.startswith("loractl.")}
                     b.index_metadata = meta
-                    _write_index(tmp, b, files, {})
+                    _write_index(tmp, b, files, {}, mode)
                     _copy_other_files(b, tmp)
+                    notes = _copy_notes(b, output)
             return UnmergeResult(
                 output=output,
                 adapters=refs,
@@ -1112,6 +1242,8 @@ def unmerge(
                 tensors_changed=len(plan.changes),
                 bytes_written=written,
                 seconds=time.perf_counter() - t0,
+                notes=notes,
+                warnings=warnings,
             )
     finally:
         if rfile is not None:
@@ -1469,7 +1601,13 @@ def truncate(
     fmt = to or _writable(a.format)
     refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
     save_adapter(
-        result_adapter, output, to=fmt, force=force, inputs=[a.path], operation="truncate", sources=refs
+        result_adapter,
+        output,
+        to=fmt,
+        force=force,
+        inputs=protected_paths(adapters=[a]),
+        operation="truncate",
+        sources=refs,
     )
     return TruncateResult(Path(output), fmt, method, report, time.perf_counter() - t0)
 
@@ -1613,7 +1751,7 @@ def combine(
         output,
         to=fmt,
         force=force,
-        inputs=[a.path for a in loaded],
+        inputs=protected_paths(adapters=loaded),
         operation="combine",
         sources=refs,
     )
@@ -1922,6 +2060,7 @@ def convert(
     if pad_rank is not None and pad_rank < 1:
         raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
     b = open_base(base, progress=progress is not None) if base is not None else None
+    base_paths = protected_paths(base=b) if b is not None else []
     try:
         opts = ReadOptions(
             allow_pickle=allow_pickle,
@@ -1968,7 +2107,14 @@ def convert(
     out = _derived(a, mods)
     refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
     save_adapter(
-        out, output, to=to, force=force, inputs=[a.path], operation="convert", sources=refs, options=wopts
+        out,
+        output,
+        to=to,
+        force=force,
+        inputs=protected_paths(adapters=[a], also=base_paths),
+        operation="convert",
+        sources=refs,
+        options=wopts,
     )
     return ConvertResult(
         Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0

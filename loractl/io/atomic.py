@@ -1,38 +1,119 @@
 """Safe outputs: written beside the target under a temporary name, renamed into place when complete.
 
-An interrupted or failed run (Ctrl-C, disk full, a bad tensor midway) leaves neither a partial
-output nor a temporary file, and never touches the inputs.
+An interrupted or failed run (Ctrl-C, SIGTERM, disk full, a bad tensor midway) leaves neither a
+partial output nor a temporary file, and never touches the inputs. A run killed outright (SIGKILL)
+cannot clean up: the next run writing the same target removes what it left (:func:`remove_stale`).
+
+No output may be, contain or lie inside a path an operation reads (:func:`check_output`), with or
+without ``force``: paths are compared resolved (symlinks, ``..``) and by (device, inode), which
+also catches hard links, bind mounts and a case-insensitive filesystem's other spellings.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+import stat
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import OutputError
 
+log = logging.getLogger("loractl")
 
-def _same_or_nested(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+#: paths protected for every output written inside a :func:`protecting` block (a recipe's own file)
+_protected: ContextVar[tuple[Path, ...]] = ContextVar("loractl_protected", default=())
+#: names of the temporaries this process made (a later process given the same pid is told apart)
+_ours: set[str] = set()
+#: no temporary of this process is older than this
+_STARTED = time.time()
+_TEMP_RE = re.compile(r"\.loractl-(tmp|old)-(\d+)-[0-9a-f]+(\.spool)?")
 
 
-def check_output(target: Path, inputs: Sequence[Path], force: bool) -> None:
+@contextmanager
+def protecting(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
+    """Protect ``paths`` from every output written inside the block, as if each were an input."""
+    token = _protected.set(_protected.get() + tuple(Path(p) for p in paths))
+    try:
+        yield
+    finally:
+        _protected.reset(token)
+
+
+def _ident(p: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _chain(real: Path) -> list[Path]:
+    """``real`` and every folder above it."""
+    return [real, *real.parents]
+
+
+def clash(target: Path, protected: Iterable[str | os.PathLike[str]]) -> tuple[Path, str] | None:
+    """The first protected path that ``target`` is, contains or lies inside, and which of the three.
+
+    Both sides are resolved (symlinks, ``..``) and compared as paths, and compared by (device,
+    inode) along their chains of folders, so that a hard link, a bind mount or another spelling of
+    the same folder on a case-insensitive filesystem is caught too.
+    """
+    real = Path(os.path.realpath(target))
+    t_chain = _chain(real)
+    t_ids = [_ident(p) for p in t_chain]
+    t_id = t_ids[0]
+    for inp in protected:
+        inp = Path(inp)
+        r = Path(os.path.realpath(inp))
+        i_chain = _chain(r)
+        i_id = _ident(r)
+        if real == r or (t_id is not None and t_id == i_id):
+            return inp, "is"
+        if real in r.parents or (t_id is not None and t_id in [_ident(p) for p in i_chain[1:]]):
+            return inp, "contains"
+        if r in real.parents or (i_id is not None and i_id in t_ids[1:]):
+            return inp, "inside"
+    return None
+
+
+def refuse_inputs(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (or a path protected by
+    :func:`protecting`).
+
+    Raises:
+        OutputError: naming the output and the input.
+    """
+    found = clash(target, [*inputs, *_protected.get()])
+    if found is None:
+        return
+    inp, how = found
+    what = {
+        "is": f"is an input ({inp})",
+        "contains": f"contains an input ({inp})",
+        "inside": f"lies inside an input ({inp})",
+    }[how]
+    raise OutputError(
+        f"{target}: the output {what}; refusing to overwrite an input, with or without --force",
+        hint="write to another path",
+    )
+
+
+def check_output(target: Path, inputs: Sequence[str | os.PathLike[str]], force: bool) -> None:
     """Refuse an output that is (or contains, or lies inside) an input, or that exists without ``force``.
 
     Raises:
         OutputError: with the reason and what to do.
     """
-    real = target.resolve()
-    for inp in inputs:
-        if _same_or_nested(real, Path(inp).resolve()):
-            raise OutputError(
-                f"{target}: the output is one of the inputs ({inp}); refusing to overwrite an input",
-                hint="write to another path",
-            )
+    target = Path(target)
+    refuse_inputs(target, inputs)
     if target.exists() or target.is_symlink():
         if not force:
             raise OutputError(
@@ -65,11 +146,127 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's process, alive
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[str]:
+    """Remove the temporaries that a process stopped by SIGKILL (or a power cut) left beside ``target``.
+
+    A temporary is ``.{target.name}.loractl-tmp-<pid>-<hex>`` (``.spool`` for a receipt's spool,
+    ``.loractl-old-<pid>-<hex>`` for a replaced output not yet removed). It is stale when it belongs
+    to this user and process ``pid`` is gone (a pid equal to this process's own is stale when this
+    process did not make it and it is older than this process). A replaced output is put back when
+    the target is missing (the process was stopped between the two renames of a replacement).
+
+    Returns:
+        One line per temporary removed or output restored (also logged as warnings of ``loractl``).
+    """
+    target = Path(target)
+    prefix = f".{target.name}"
+    done: list[str] = []
+    try:
+        entries = sorted(e for e in os.listdir(target.parent) if e.startswith(prefix))
+    except OSError:
+        return done
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for name in entries:
+        m = _TEMP_RE.fullmatch(name[len(prefix) :])
+        if m is None:
+            continue
+        path = target.parent / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode) or (uid is not None and st.st_uid != uid):
+            continue
+        pid = int(m[2])
+        if pid == os.getpid():
+            stale = name not in _ours and st.st_mtime < _STARTED
+        else:
+            stale = not _alive(pid)
+        if not stale:
+            continue
+        if m[1] == "old" and not os.path.lexists(target):
+            try:
+                os.rename(path, target)
+            except OSError:
+                continue
+            line = f"restored {target} from {path}, left by process {pid} (stopped while replacing it)"
+        else:
+            _remove(path)
+            if os.path.lexists(path):
+                continue
+            line = f"removed stale temporary {path} left by process {pid}"
+        log.warning(line)
+        done.append(line)
+    return done
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Put ``tmp`` in place of ``target``, never leaving a moment without either the old or the new output."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(tmp, target)
+        return
+    target_is_dir = target.is_dir() and not target.is_symlink()
+    if not target_is_dir and not tmp.is_dir():
+        os.replace(tmp, target)  # one atomic step
+        return
+    if _exchange(tmp, target):  # tmp now holds the old output
+        _remove(tmp)
+        return
+    old = target.parent / f".{target.name}.loractl-old-{os.getpid()}-{secrets.token_hex(4)}"
+    _ours.add(old.name)
+    os.rename(target, old)
+    os.rename(tmp, target)
+    _remove(old)
+
+
+def temp_name(target: Path) -> Path:
+    """A new temporary name beside ``target``, recorded as this process's own."""
+    tmp = target.parent / f".{target.name}.loractl-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    _ours.add(tmp.name)
+    _ours.add(tmp.name + ".spool")
+    return tmp
+
+
 @contextmanager
 def atomic_output(
-    target: str | os.PathLike[str], *, is_dir: bool, inputs: Sequence[Path] = (), force: bool = False
+    target: str | os.PathLike[str],
+    *,
+    is_dir: bool,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    force: bool = False,
 ) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` if the block completes.
+
+    Stale temporaries of the same target left by killed processes are removed first
+    (:func:`remove_stale`).
 
     Args:
         target: the final output (a file or a folder).
@@ -79,7 +276,8 @@ def atomic_output(
     """
     target = Path(target)
     check_output(target, inputs, force)
-    tmp = target.parent / f".{target.name}.loractl-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    remove_stale(target)
+    tmp = temp_name(target)
     if is_dir:
         tmp.mkdir()
     try:
@@ -92,13 +290,7 @@ def atomic_output(
             _fsync_file(tmp)
         else:
             raise OutputError(f"{target}: nothing was written")
-        old = None
-        if target.exists() or target.is_symlink():
-            old = target.parent / f".{target.name}.loractl-old-{secrets.token_hex(4)}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            _remove(old)
+        _commit(tmp, target)
         _fsync_dir(target.parent)
     except OutputError as e:
         _remove(tmp)
@@ -117,6 +309,25 @@ def atomic_output(
     except BaseException:
         _remove(tmp)
         raise
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy the regular file ``src`` (not a link) to the new file ``dst`` with ``src``'s permission bits."""
+    from .safetensors import copy_range
+
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{src}: not a regular file; it is not copied")
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o777)
+            copy_range(fd, 0, out, st.st_size)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
 
 
 def _fsync_file(f: Path) -> None:

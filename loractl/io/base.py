@@ -5,7 +5,10 @@ Only headers are read here; tensors are read one at a time by the operations tha
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,133 @@ from .safetensors import SafetensorsFile, TensorInfo
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 RECEIPT_NAME = "loractl.receipt"
+
+#: The files of a base folder that merge copies beside the weights: what transformers and diffusers
+#: save with a model (configs, tokenizer and processor files, chat templates, the model's own code
+#: for ``trust_remote_code``, card and licence). Names are matched in lower case; docs/merge.md
+#: lists them. Nothing else is copied: no other weights (``pytorch_model.bin`` holds the *unmerged*
+#: model), no hidden files or folders (``.git``, ``.cache``), nothing unknown.
+COPIED_NAMES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "merges.txt",
+        "tekken.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "audio_tokenizer_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+        "readme.md",
+        "use_policy.md",
+    }
+)
+COPIED_PATTERNS = (
+    "vocab.*",  # vocab.json, vocab.txt
+    "tokenizer.*",  # tokenizer.model, tokenizer.model.v3
+    "*.model",  # sentencepiece: spiece.model, sentencepiece.bpe.model...
+    "*.tiktoken",
+    "*.spm",
+    "*.py",  # configuration_*.py, modeling_*.py, tokenization_*.py of trust_remote_code models
+    "license*",
+    "licence*",
+    "notice*",
+)
+#: folders copied, with the files copied from them
+COPIED_FOLDERS = {"additional_chat_templates": ("*.jinja",)}
+
+
+def is_copied(
+    name: str, patterns: tuple[str, ...] = COPIED_PATTERNS, names: frozenset[str] = COPIED_NAMES
+) -> bool:
+    """Is ``name`` (a file directly in a base folder) one merge copies? Never weights or hidden files."""
+    from .hub import WEIGHT_SUFFIXES
+
+    low = name.lower()
+    if low.startswith(".") or low.endswith(WEIGHT_SUFFIXES):
+        return False
+    return low in names or any(fnmatch.fnmatchcase(low, p) for p in patterns)
+
+
+def link_root(folder: Path) -> Path:
+    """The folder a link in ``folder`` may point into and still be copied: ``folder`` itself, or, for a
+    snapshot of the Hugging Face cache (``models--org--name/snapshots/<rev>/``), the repo's folder,
+    whose ``blobs/`` hold every file the snapshot links to."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real
+
+
+@dataclass
+class FolderFiles:
+    """What a base folder holds besides its weights, sorted into what merge copies and what it leaves out.
+
+    Attributes:
+        copied: relative paths to copy, each with the real file its bytes are read from (a link
+            inside the folder is copied as the file it points to, so the output stands alone).
+        left_out: names not copied (not on the list; hidden names are not mentioned).
+        links_out: names that are links pointing outside the folder: skipped, their target never read.
+    """
+
+    copied: dict[Path, Path] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+    links_out: list[str] = field(default_factory=list)
+
+
+def _sort_entry(root: Path, path: Path, rel: Path, out: FolderFiles) -> None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        real = Path(os.path.realpath(path))
+        if root != real and root not in real.parents:
+            out.links_out.append(rel.as_posix())
+            return
+        try:
+            st = os.stat(real)
+        except OSError:
+            out.left_out.append(rel.as_posix())
+            return
+        path = real
+    if not stat.S_ISREG(st.st_mode):  # a folder, a fifo, a device
+        out.left_out.append(rel.as_posix() + ("/" if stat.S_ISDIR(st.st_mode) else ""))
+        return
+    out.copied[rel] = path
+
+
+def folder_files(folder: Path, skip: set[str]) -> FolderFiles:
+    """Sort the files of a base folder (but the ``skip`` names: weights, index, receipt) by :func:`is_copied`."""
+    root = link_root(folder)
+    out = FolderFiles()
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") or name in skip:
+            continue
+        path = folder / name
+        if name in COPIED_FOLDERS and path.is_dir():
+            real = Path(os.path.realpath(path))
+            if root != real and root not in real.parents:
+                out.links_out.append(name + "/")
+                continue
+            for sub in sorted(os.listdir(real)):
+                if sub.startswith("."):
+                    continue
+                if is_copied(sub, COPIED_FOLDERS[name], frozenset()):
+                    _sort_entry(root, real / sub, Path(name) / sub, out)
+                else:
+                    out.left_out.append(f"{name}/{sub}")
+            continue
+        if is_copied(name):
+            _sort_entry(root, path, Path(name), out)
+        else:
+            out.left_out.append(name + ("/" if path.is_dir() else ""))
+    return out
 
 
 @dataclass
@@ -29,7 +159,8 @@ class BaseModel:
         index_metadata: the index's ``metadata`` (``total_size`` is recomputed on write).
         tensors: tensor name -> (shard number, where it lies).
         config: ``config.json`` when present.
-        other_files: files of the folder that are not weights (copied by merge), relative paths.
+        other_files: the files merge copies (see :data:`COPIED_NAMES`), relative paths.
+        files: those files with the real file each is read from, and what is left out (:class:`FolderFiles`).
     """
 
     path: Path
@@ -39,6 +170,7 @@ class BaseModel:
     tensors: dict[str, tuple[int, TensorInfo]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     other_files: list[Path] = field(default_factory=list)
+    files: FolderFiles = field(default_factory=FolderFiles)
 
     @property
     def is_dir(self) -> bool:
@@ -146,10 +278,7 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
                 base.config = json.loads(cfg.read_text())
             except (OSError, ValueError):
                 base.config = {}
-        skip = {p.name for p in shard_paths} | {index_name, RECEIPT_NAME}
-        base.other_files = sorted(
-            p.relative_to(path)
-            for p in path.rglob("*")
-            if p.is_file() and p.relative_to(path).as_posix() not in skip
-        )
+        skip = {p.name for p in shard_paths} | {index_name or "", RECEIPT_NAME}
+        base.files = folder_files(path, skip)
+        base.other_files = sorted(base.files.copied)
     return base

@@ -333,6 +333,8 @@ class SafetensorsWriter:
         entries: ``(name, dtype name, shape)`` in the order the tensors will be written.
         metadata: the ``__metadata__`` map of strings.
         direct: write with ``O_DIRECT`` where the filesystem allows it.
+        mode: the file's permission bits, set before any byte is written (e.g. the base's 0o600);
+            default 0o644 less the umask.
     """
 
     def __init__(
@@ -341,6 +343,7 @@ class SafetensorsWriter:
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: Mapping[str, str] | None = None,
         direct: bool = False,
+        mode: int | None = None,
     ) -> None:
         self.path = Path(path)
         self._entries = entries
@@ -362,6 +365,8 @@ class SafetensorsWriter:
         if self._fd < 0:
             self._fd = os.open(self.path, flags, 0o644)
         try:
+            if mode is not None:
+                os.fchmod(self._fd, mode)
             self._write_all(header_bytes(entries, metadata))
         except BaseException:
             self.close()
@@ -583,11 +588,15 @@ class SpooledWriter:
         self._entries.append((name, dtype_name(tensor.dtype), tuple(tensor.shape)))
         self._size += len(data)
 
-    def finish(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> int:
-        """Write the safetensors file at ``path``; returns its size."""
+    def finish(
+        self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None, mode: int | None = None
+    ) -> int:
+        """Write the safetensors file at ``path`` (with permission bits ``mode`` if given); returns its size."""
         path = Path(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             head = header_bytes(self._entries, metadata)
             write_fully(fd, memoryview(head), path)
             copy_range(self._fd, 0, fd, self._size)

@@ -432,21 +432,16 @@ def test_disk_full_while_writing_receipt_of_single_file_base(inputs, tools, monk
     snap.assert_unchanged()
 
 
-class _ShutilWithFullDisk:
-    """Stands for ``shutil`` inside loractl.api: copying a file fails with ENOSPC."""
-
-    def __getattr__(self, name: str):
-        return getattr(shutil, name)
-
-    def copyfile(self, src, dst, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+def _copy_file_on_full_disk(src, dst) -> None:
+    """Stands for ``copy_file`` inside loractl.api: copying a file fails with ENOSPC."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
 
 def test_disk_full_while_copying_config_files(cli, inputs, tools, bad_input, monkeypatch):
     """A full disk while config.json / tokenizer files are copied is an output error (exit 2), not a bug."""
     import loractl.api
 
-    monkeypatch.setattr(loractl.api, "shutil", _ShutilWithFullDisk())
+    monkeypatch.setattr(loractl.api, "copy_file", _copy_file_on_full_disk)
     snap = tools.Snapshot([inputs.root])
     out = inputs.work / "merged"
     r = cli("merge", inputs.base, inputs.adapter, "-o", out)
