@@ -76,19 +76,27 @@ def run() -> object:
 
     from ..errors import LoractlError
     from ._config import default_map, read_defaults
+    from ._errors import TERMINATED, Terminated, on_sigterm_clean_up
 
+    on_sigterm_clean_up()
     try:
-        table, _ = read_defaults()
-        cmd = typer.main.get_command(app)
-        params = {name: {p.name for p in sub.params if p.name} for name, sub in cmd.commands.items()}  # type: ignore[attr-defined]
-        dmap = default_map(table, params) if table else {}
-    except LoractlError as e:
-        sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
-        return e.exit_code
-    try:
-        cmd(prog_name="loractl", default_map=dmap)
-    except SystemExit as e:
-        return e.code
+        try:
+            table, _ = read_defaults()
+            cmd = typer.main.get_command(app)
+            params = {name: {p.name for p in sub.params if p.name} for name, sub in cmd.commands.items()}  # type: ignore[attr-defined]
+            dmap = default_map(table, params) if table else {}
+        except LoractlError as e:
+            sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
+            return e.exit_code
+        try:
+            cmd(prog_name="loractl", default_map=dmap)
+        except SystemExit as e:
+            return e.code
+    except Terminated:  # outside a command's body (parsing options): nothing was under way
+        sys.stderr.write(TERMINATED + "\n")
+        return 143
+    finally:  # the command is over: a SIGTERM now just ends the process
+        on_sigterm_clean_up(False)
     return 0
 
 
