@@ -58,12 +58,18 @@ def unmerge(
         how = (
             f"exact, with receipt {r.receipt}" if r.exact else "by subtraction: close to the base, not exact"
         )
-        console().print(
+        c = console()
+        c.print(
             f"unmerged {len(r.adapters)} adapter(s) into {r.output} ({r.tensors_changed} tensors, "
             f"{human_bytes(r.bytes_written)} in {r.seconds:.1f}s; {how})"
         )
+        for note in r.notes:
+            c.print(f"note: {note}")
 
     render("unmerge", result, as_json=json_out, quiet=quiet, human=human)
+    if not json_out:  # even with --quiet: the run could not check what it did
+        for w in result.warnings:
+            console(stderr=True).print(f"warning: {w}")
 
 
 def register(app: typer.Typer) -> None:
