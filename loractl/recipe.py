@@ -250,6 +250,7 @@ def load(
         if "output" in opts:
             out = Path(str(opts["output"]))
             full = out if out.is_absolute() else folder / out
+            _refuse_inputs(full, path, name, _line_of(text, i, "output"), opts)
             if str(full) in outputs:
                 raise UsageError(
                     f"{path}:{_line_of(text, i, 'output')}: steps {outputs[str(full)].name!r} and {name!r} write the same output"
@@ -268,6 +269,23 @@ def load(
     return Recipe(path, steps, variables)
 
 
+def _refuse_inputs(output: Path, recipe: Path, step: str, line: int, opts: Mapping[str, Any]) -> None:
+    """A step's output may not be, contain or lie inside the recipe's own file or the step's local
+    inputs, ``force`` or not: refused before any step runs."""
+    from .io.atomic import refuse_inputs
+
+    inputs = [recipe]
+    for key in PATH_KEYS:
+        values = opts.get(key)
+        for v in values if isinstance(values, list) else [values]:
+            if isinstance(v, str) and Path(v).is_absolute():  # a local input (resolved above), not a Hub id
+                inputs.append(Path(v))
+    try:
+        refuse_inputs(output, inputs)
+    except LoractlError as e:
+        raise UsageError(f"{recipe}:{line}: step {step!r}: {e.message}", hint=e.hint) from None
+
+
 def run(
     recipe: Recipe, *, dry_run: bool = False, on_step: Callable[[StepReport], None] | None = None
 ) -> RunResult:
@@ -275,6 +293,8 @@ def run(
 
     A ``check`` step whose adapter fails its checks fails the recipe with exit code 1.
     """
+    from .io.atomic import protecting
+
     result = RunResult(str(recipe.path), dry_run, ok=True)
     failed = False
     for step in recipe.steps:
@@ -287,7 +307,8 @@ def run(
         try:
             if step.output:  # recipes lay out their own output folders
                 Path(step.output).parent.mkdir(parents=True, exist_ok=True)
-            out = fn(**step.options)
+            with protecting([recipe.path]):  # no step may write over the recipe itself
+                out = fn(**step.options)
             report.result = out
             if step.kind == "check" and not out.ok:
                 raise CheckFailedError(
