@@ -210,8 +210,11 @@ def remove_stale(target: Path) -> list[str]:
     return done
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: Path, b: Path, flag: int) -> bool:
+    """Linux ``renameat2(a, b, flag)``; False where this libc, kernel or filesystem lacks it."""
     try:
         import ctypes
 
@@ -219,8 +222,8 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flag) == 0:
         return True
     err = ctypes.get_errno()
     if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot
@@ -228,8 +231,31 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _commit(tmp: Path, target: Path) -> None:
-    """Put ``tmp`` in place of ``target``, never leaving a moment without either the old or the new output."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step; False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _appeared(target: Path) -> OutputError:
+    return OutputError(
+        f"{target}: appeared while this run was writing it (another run?); it was not replaced",
+        hint="pass --force to replace it, or choose another -o",
+    )
+
+
+def _commit(tmp: Path, target: Path, force: bool) -> None:
+    """Put ``tmp`` in place of ``target``, never leaving a moment without either the old or the new
+    output; without ``force``, never over a target that appeared meanwhile (another run's)."""
+    if not force:
+        try:
+            if _renameat2(tmp, target, _RENAME_NOREPLACE):
+                return
+        except FileExistsError:
+            raise _appeared(target) from None
+        if target.exists() or target.is_symlink():
+            raise _appeared(target)
+        os.rename(tmp, target)
+        return
     if not (target.exists() or target.is_symlink()):
         os.rename(tmp, target)
         return
@@ -290,7 +316,7 @@ def atomic_output(
             _fsync_file(tmp)
         else:
             raise OutputError(f"{target}: nothing was written")
-        _commit(tmp, target)
+        _commit(tmp, target, force)
         _fsync_dir(target.parent)
     except OutputError as e:
         _remove(tmp)
