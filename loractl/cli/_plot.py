@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,25 @@ def _pyplot():
     return plt
 
 
-def heatmap(result: Any, path: Path) -> None:
+def _save(fig: Any, path: Path, inputs: Sequence[str | None]) -> None:
+    """Save atomically; the plot may replace an older plot, never an input (an adapter, the
+    adapter_config.json read beside an adapter file, the base)."""
+    from ..io.atomic import atomic_output
+
+    protected: list[Path] = []
+    for p in inputs:
+        if p is not None:
+            protected.append(Path(p))
+            if Path(p).is_file():
+                protected.append(Path(p).parent / "adapter_config.json")
+    fmt = path.suffix[1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise UsageError(f"{path}: cannot draw a plot as .{fmt}", hint="end the name in .png, .svg or .pdf")
+    with atomic_output(path, is_dir=False, inputs=protected, force=True) as tmp:
+        fig.savefig(tmp, dpi=100, format=fmt)
+
+
+def heatmap(result: Any, path: Path, inputs: Sequence[str | None] = ()) -> None:
     """The mean φ grid (the LoRA paper's Figure 3 style) as a PNG."""
     plt = _pyplot()
     grid = result.grid
@@ -42,11 +61,13 @@ def heatmap(result: Any, path: Path) -> None:
     ax.set_title(f"φ(i, j), mean over {len(result.modules)} modules")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path, inputs)
+    finally:
+        plt.close(fig)
 
 
-def spectrum_curves(result: Any, path: Path) -> None:
+def spectrum_curves(result: Any, path: Path, inputs: Sequence[str | None] = ()) -> None:
     """Energy kept against rank, one curve per module, as a PNG."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -64,5 +85,7 @@ def spectrum_curves(result: Any, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path, inputs)
+    finally:
+        plt.close(fig)

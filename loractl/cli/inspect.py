@@ -51,7 +51,7 @@ def inspect(
         if plot is not None:
             from ._plot import spectrum_curves
 
-            spectrum_curves(spec, plot)
+            spectrum_curves(spec, plot, inputs=[*adapters, base])
         render("inspect", spec, as_json=json_out, quiet=quiet, human=_human_spectrum)
         return
     if plot is not None:

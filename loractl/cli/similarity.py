@@ -89,7 +89,7 @@ def similarity(
     if plot is not None:
         from ._plot import heatmap
 
-        heatmap(result, plot)
+        heatmap(result, plot, inputs=adapters)
 
     def human(r: api.SimilarityResult) -> None:
         from rich.table import Table

@@ -503,3 +503,22 @@ def test_unmerge_of_an_unmerged_model_warns(cli, inputs, tools):
     r = cli("unmerge", back, inputs.adapter, "-o", inputs.work / "again")
     assert r.code == 0, r.stderr
     assert "was written by loractl unmerge" in r.stderr and r.stderr.startswith("warning: ")
+
+
+@pytest.mark.parametrize("command", ["similarity", "spectrum"])
+def test_a_plot_may_not_overwrite_an_input(cli, inputs, tools, command):
+    """--plot (similarity, inspect --spectrum [--base]) wrote over any path given, an input too."""
+    pytest.importorskip("matplotlib")
+    weights = inputs.adapter / ADAPTER_FILE
+    tree = Tree(inputs.root)
+    targets = [weights, inputs.adapter / "adapter_config.json"]
+    if command == "similarity":  # the second adapter is the folder
+        targets += [inputs.adapter / "phi.png"]
+    else:
+        targets += [inputs.base / SHARD1, inputs.base / "phi.png"]
+    for target in targets:
+        if command == "similarity":
+            r = cli("similarity", weights, inputs.adapter, "--plot", target)
+        else:
+            r = cli("inspect", weights, "--spectrum", "--base", inputs.base, "--plot", target)
+        _refused(r, names=[target], tree=tree, output=target, existed=True, tools=tools)
