@@ -976,7 +976,7 @@ def merge(
         if beside is not None and receipt_file is None and os.path.lexists(beside):
             # --force replaced the output; the receipt beside it belonged to the output replaced
             os.unlink(beside)
-            notes.append(f"removed {beside}: it was the receipt of the {output} replaced")
+            notes.append(f"removed {beside}: it was the receipt of the output replaced")
         n_modules = sum(len(a.modules) for a in loaded)
         return MergeResult(
             output=output,
