@@ -1986,15 +1986,23 @@ def check(
     max_rank: int | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
 ):  # -> checks.CheckResult
     """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, all-zero modules,
     shapes and coverage against ``base``, and what ``target`` — peft, vllm, llama.cpp, lorax — accepts).
 
     Returns:
-        :class:`loractl.checks.CheckResult`; ``ok`` is False when any finding is an error.
+        :class:`loractl.checks.CheckResult`; ``ok`` is False when any finding is an error (with
+        ``strict``, also when one is a warning).
     """
     from .checks import check as run_checks
 
     return run_checks(
-        adapter, base=base, target=target, max_rank=max_rank, format=format, allow_pickle=allow_pickle
+        adapter,
+        base=base,
+        target=target,
+        max_rank=max_rank,
+        format=format,
+        allow_pickle=allow_pickle,
+        strict=strict,
     )

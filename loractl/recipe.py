@@ -655,7 +655,7 @@ def run(
             out = fn(**step.options)
             report.result = out
             if step.kind == "check" and not out.ok:
-                raise CheckFailedError(f"{len(out.errors)} check finding(s) failed")
+                raise CheckFailedError(f"{len(out.failures)} check finding(s) failed")
             report.status = "ok"
         except LoractlError as e:
             report.status, report.exit_code = "failed", e.exit_code
