@@ -481,6 +481,8 @@ def _stream(
     pool = pool or BufferPool(_largest_job(base, files, jobs))
     total = sum(t.nbytes for _, items in files for t in items)
     done = 0
+    if progress is not None:  # the total, before the first tensor: a bar of known length from the start
+        progress(0, total)
     writers: list[SafetensorsWriter] = []
     syncs: list[Future[None]] = []
 
