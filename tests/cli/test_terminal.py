@@ -140,6 +140,13 @@ def test_bash_completion_of_commands_and_options() -> None:
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_bash_completion_of_format_choices_and_no_hidden_device() -> None:
+    assert _bash_complete("loractl merge --format ") == ["peft", "kohya", "diffusers", "loralib", "gguf"]
+    assert _bash_complete("loractl check x --format k") == ["kohya"]
+    assert _bash_complete("loractl merge --dev") == []  # --device is hidden until it works
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_bash_completion_with_a_real_tab_keypress(tmp_path: Path) -> None:
     """An interactive bash on a pty: type `loractl me<TAB>` and see the line completed to `merge`."""
     master, slave = pty.openpty()
