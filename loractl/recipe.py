@@ -166,22 +166,25 @@ class _Bad(Exception):
         return f"write {key} = {self.suggest} (without quotes)" if self.suggest is not None else None
 
 
-def _choices(kind: str, key: str) -> tuple[str, ...] | None:
-    """The values an enum-like option takes, from the constants the api itself checks against."""
+def _choices(kind: str, key: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The values an enum-like option takes, from the constants the api itself checks against:
+    (what the api accepts, what an error message lists)."""
     from . import api, checks
     from .formats import FORMATS
 
+    if key == "target":  # check() also takes llamacpp, llama-cpp... in any case
+        return checks.TARGETS + tuple(checks._TARGET_ALIASES), checks.TARGETS
     if key == "dtype":
-        return tuple(api.DTYPES) if kind == "merge" else tuple(k for k in api.DTYPES if k != "auto")
+        dtypes = tuple(api.DTYPES) if kind == "merge" else tuple(k for k in api.DTYPES if k != "auto")
+        return dtypes, dtypes
     table: dict[str, tuple[str, ...]] = {
         "format": FORMATS,
         "to": FORMATS,
         "method": api.COMBINE_METHODS,
         "majority_sign": ("total", "frequency"),
         "dylora_convention": api.DYLORA_CONVENTIONS,
-        "target": checks.TARGETS + tuple(checks._TARGET_ALIASES),
     }
-    return table.get(key)
+    return (table[key], table[key]) if key in table else None
 
 
 def _members(hint: Any) -> list[Any]:
@@ -226,7 +229,7 @@ def _toml_type(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, (int, float)):
-        return f"the number {value!r}"
+        return f"the number {value!r}" if math.isfinite(value) else f"the non-finite number {value!r}"
     if isinstance(value, str):
         return f"the string {value!r}"
     if isinstance(value, list):
@@ -275,7 +278,7 @@ def _typed(value: Any, hint: Any, *, whole_var: bool = False) -> Any:
         if float in members:
             return float(value)
     elif isinstance(value, float):
-        if float in members:
+        if float in members and math.isfinite(value):
             return value
     elif isinstance(value, str):
         if str in members or Path in members:
@@ -337,11 +340,18 @@ def _variables_used(steps: list[Any]) -> set[str]:
 
 
 def _decode(path: Path, data: bytes) -> str:
+    """The recipe's text; a byte order mark (Windows editors) is dropped.
+
+    Raises:
+        UsageError: bytes that are not UTF-8, naming the line and column.
+    """
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
         line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        col = len(data[start : e.start].decode("utf-8", "replace")) + 1
         raise UsageError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col})",
             hint="save the recipe as UTF-8",
@@ -443,10 +453,10 @@ def load(
         if kind not in STEP_KINDS:
             raise UsageError(f"{where}: step {i + 1} has run = {kind!r}; one of {', '.join(STEP_KINDS)}")
         name = raw.pop("name", f"{kind}{i + 1}")
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise UsageError(
-                f"{path}:{_line_of(text, i, spelled['name'])}: step {i + 1}: name must be a string, "
-                f"not {_toml_type(name)}"
+                f"{path}:{_line_of(text, i, spelled['name'])}: step {i + 1}: name must be a non-empty "
+                f"string, not {_toml_type(name)}"
             )
         if name in names:
             raise UsageError(f"{where}: two steps are named {name!r}")
@@ -496,6 +506,8 @@ def load(
                 continue
             kline = _line_of(text, i, spelled.get(key, key))
             values = opts[key] if isinstance(opts[key], list) else [opts[key]]
+            if not values:
+                raise UsageError(f"{path}:{kline}: step {name!r} ({kind}): {key} is an empty list")
             cli_flags = from_cli.get(key) or [False] * len(values)
             resolved = []
             for v, given in zip(values, cli_flags):
@@ -566,8 +578,10 @@ def _checked(kind: str, key: str, value: Any, hint: Any) -> Any:
         return out_items
     out = _typed(value, hint)
     choices = _choices(kind, key)
-    if choices is not None and out is not None and out not in choices:
-        raise _Bad(f"is {out!r}; one of {', '.join(choices)}")
+    if choices is not None and out is not None:
+        accepted, shown = choices
+        if (out.lower() if key == "target" else out) not in accepted:
+            raise _Bad(f"is {out!r}; one of {', '.join(shown)}")
     return out
 
 

@@ -104,6 +104,14 @@ def assert_refused(work: Path, text: str | bytes, line: int, key: str, *args: st
         (INSPECT + 'count = "x"\n', 5, "count", "count must be an integer, not the string 'x'"),
         (INSPECT + "count = 1979-05-27\n", 5, "count", "not the TOML date/time 1979-05-27"),
         (INSPECT + "count = 07:32:00\n", 5, "count", "not the TOML date/time 07:32:00"),
+        (INSPECT.replace(f'["{ADAPTER}"]', "[]"), 4, "adapters", "adapters is an empty list"),
+        (
+            CONVERT + 'to = "peft"\nalpha = nan\n',
+            7,
+            "alpha",
+            "alpha must be a number, not the non-finite number nan",
+        ),
+        (INSPECT + "count = 1e400\n", 5, "count", "count must be an integer, not the non-finite number inf"),
         (CHECK + 'target = "tgi"\n', 5, "target", "target is 'tgi'; one of peft, vllm, llama.cpp, lorax"),
         (CHECK + 'max-rank = "8"\n', 5, "max-rank", "max-rank must be an integer"),
         (CHECK + 'strict = "true"\n', 5, "strict", "strict must be true or false"),
@@ -111,7 +119,7 @@ def assert_refused(work: Path, text: str | bytes, line: int, key: str, *args: st
             f'[[step]]\nrun = "inspect"\nname = 3\nadapters = ["{ADAPTER}"]\n',
             3,
             "name",
-            "name must be a string, not the number 3",
+            "name must be a non-empty string, not the number 3",
         ),
     ],
 )
@@ -131,6 +139,18 @@ def test_non_utf8_bytes_name_the_line(work: Path) -> None:
     text = (TRUNCATE + "rank = 4\n# caf\xe9\n").encode("latin-1")
     err = assert_refused(work, text, 7, "byte 0xe9")
     assert "not UTF-8 text" in err
+
+
+def test_a_byte_order_mark_is_not_an_error_and_lines_count_without_it(work: Path) -> None:
+    (work / "r.toml").write_bytes(b"\xef\xbb\xbf" + (TRUNCATE + "rank = 2\n").encode())
+    assert recipe.load(work / "r.toml").steps[0].options["rank"] == 2
+    text = b"\xef\xbb\xbf" + (TRUNCATE + "rank = 4\n# \u00e9t\u00e9 ").encode() + b"\xff\n"
+    assert "column 7" in assert_refused(work, text, 7, "byte 0xff")  # columns in characters
+
+
+def test_target_takes_the_spellings_check_takes(work: Path) -> None:
+    (work / "r.toml").write_text(CHECK + 'target = "LLAMACPP"\n')
+    assert recipe.load(work / "r.toml").steps[0].options["target"] == "LLAMACPP"
 
 
 def test_invalid_toml_names_the_line(work: Path) -> None:
