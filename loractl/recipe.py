@@ -17,9 +17,13 @@ adapter = "@small"
 target = "vllm"
 ```
 
-Relative paths are taken from the recipe file's folder. Option names are the command-line
-option names (``--shard-size`` is ``shard-size`` or ``shard_size``). Defaults from ``[tool.loractl]``
-apply to steps as they do to commands; a step's own values win.
+Option names are the command-line option names (``--shard-size`` is ``shard-size`` or
+``shard_size``); each value must have the type of the api function's parameter (``rank = 4``, not
+``"4"``) and be one of its choices where it has them. A value that is exactly ``"${name}"`` takes
+that type (``rank = "${r}"``). Relative paths are taken from the recipe file's folder, except a path
+that starts with a variable given by ``--set``: that one is the caller's, from the current folder.
+Defaults from ``[tool.loractl]`` apply to steps as they do to commands; a step's own values win.
+``allow-pickle`` cannot be set in a recipe: ``loractl run --allow-pickle`` gives it to every step.
 """
 
 from __future__ import annotations
@@ -358,6 +362,74 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The recipe's text and its TOML document, with only ``[vars]`` and ``[[step]]`` at the top."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such recipe") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
+    text = _decode(path, data)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        at = re.search(r"at line (\d+)", str(e))
+        raise UsageError(f"{path}:{at[1] if at else 1}: not valid TOML ({e})") from None
+    unknown_top = set(doc) - {"vars", "step"}
+    if unknown_top:
+        raise UsageError(
+            f"{path}: unknown top-level key {sorted(unknown_top)[0]!r}; a recipe has [vars] and [[step]]"
+        )
+    return text, doc
+
+
+def _variables(path: Path, text: str, doc: dict[str, Any], overrides: Mapping[str, str]) -> dict[str, Any]:
+    """``[vars]`` (strings, numbers, booleans) with the ``--set`` values, each the name of a variable
+    the recipe defines or uses."""
+    raw = doc.get("vars") or {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: vars must be a table: [vars]")
+    variables: dict[str, Any] = {}
+    for k, v in raw.items():
+        if not isinstance(v, (str, int, float)):  # bool is an int
+            raise UsageError(
+                f"{path}:{_key_line(text, _VARS_HEADER, 0, k)}: [vars] {k} must be a string, number or "
+                f"boolean, not {_toml_type(v)}"
+            )
+        variables[k] = v
+    known = set(variables) | _variables_used(doc.get("step") or [])
+    for k, v in overrides.items():
+        if k not in known:
+            listed = ", ".join(sorted(known))
+            raise UsageError(
+                f"--set {k}={v}: {path} has no variable {k!r}",
+                hint=f"its variables: {listed}" if listed else "it uses no ${name} variables",
+            )
+        variables[k] = v
+    return variables
+
+
+def _defaults_for(
+    kind: str, table: Mapping[str, Any], params: Mapping[str, Any], hints: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``[tool.loractl]`` defaults that apply to a step of ``kind``, checked as a step's values."""
+    opts: dict[str, Any] = {}
+    for k, v in table.items():
+        key = k.replace("-", "_")
+        if key not in params:
+            continue
+        if key in TRUSTED_BY_FLAG:
+            raise UsageError(
+                f"[tool.loractl]: {k} cannot be set in a config file", hint=f"pass --{k.replace('_', '-')}"
+            )
+        try:
+            opts[key] = _checked(kind, key, v, hints[key])
+        except _Bad as e:
+            raise UsageError(f"[tool.loractl.{kind}]: {k} {e.reason}", hint=e.hint(k)) from None
+    return opts
+
+
 def load(
     path: str | Path,
     *,
@@ -388,47 +460,11 @@ def load(
             unknown ``--set`` name; each names the recipe's file and line.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such recipe") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
-    text = _decode(path, data)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        at = re.search(r"at line (\d+)", str(e))
-        raise UsageError(f"{path}:{at[1] if at else 1}: not valid TOML ({e})") from None
-    unknown_top = set(doc) - {"vars", "step"}
-    if unknown_top:
-        raise UsageError(
-            f"{path}: unknown top-level key {sorted(unknown_top)[0]!r}; a recipe has [vars] and [[step]]"
-        )
-    raw_vars = doc.get("vars") or {}
-    if not isinstance(raw_vars, dict):
-        raise UsageError(f"{path}: vars must be a table: [vars]")
-    variables: dict[str, Any] = {}
-    for k, v in raw_vars.items():
-        if isinstance(v, (str, int, float)):  # bool is an int
-            variables[k] = v
-        else:
-            raise UsageError(
-                f"{path}:{_key_line(text, _VARS_HEADER, 0, k)}: [vars] {k} must be a string, number or "
-                f"boolean, not {_toml_type(v)}"
-            )
+    text, doc = _read_toml(path)
     raw_steps = doc.get("step") or []
     if not isinstance(raw_steps, list) or not raw_steps:
         raise UsageError(f"{path}: no [[step]] tables: nothing to run")
-    known_vars = set(variables) | _variables_used(raw_steps)
-    for k, v in (overrides or {}).items():
-        if k not in known_vars:
-            listed = ", ".join(sorted(known_vars))
-            raise UsageError(
-                f"--set {k}={v}: {path} has no variable {k!r}",
-                hint=f"its variables: {listed}" if listed else "it uses no ${name} variables",
-            )
-        variables[k] = v
+    variables = _variables(path, text, doc, overrides or {})
     cli_names = set(overrides or {})
     folder = path.resolve().parent
     cwd = Path.cwd()
@@ -463,20 +499,7 @@ def load(
         params = _params(kind)
         hints = _hints(kind)
         label = f"step {name!r} ({kind})"
-        opts: dict[str, Any] = {}
-        for k, v in (defaults or {}).get(kind, {}).items():
-            key = k.replace("-", "_")
-            if key not in params:
-                continue
-            if key in TRUSTED_BY_FLAG:
-                raise UsageError(
-                    f"[tool.loractl]: {k} cannot be set in a config file",
-                    hint=f"pass --{k.replace('_', '-')}",
-                )
-            try:
-                opts[key] = _checked(kind, key, v, hints[key])
-            except _Bad as e:
-                raise UsageError(f"[tool.loractl.{kind}]: {k} {e.reason}", hint=e.hint(k)) from None
+        opts = _defaults_for(kind, (defaults or {}).get(kind, {}), params, hints)
         from_cli: dict[str, list[bool]] = {}
         for key, value in raw.items():
             k = spelled[key]
