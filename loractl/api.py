@@ -517,6 +517,8 @@ def _stream(
     pool = pool or BufferPool(_largest_job(base, files, jobs))
     total = sum(t.nbytes for _, items in files for t in items)
     done = 0
+    if progress is not None:  # the total, before the first tensor: a bar of known length from the start
+        progress(0, total)
     writers: list[SafetensorsWriter] = []
     syncs: list[Future[None]] = []
 
@@ -2132,15 +2134,23 @@ def check(
     max_rank: int | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
 ):  # -> checks.CheckResult
     """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, all-zero modules,
     shapes and coverage against ``base``, and what ``target`` — peft, vllm, llama.cpp, lorax — accepts).
 
     Returns:
-        :class:`loractl.checks.CheckResult`; ``ok`` is False when any finding is an error.
+        :class:`loractl.checks.CheckResult`; ``ok`` is False when any finding is an error (with
+        ``strict``, also when one is a warning).
     """
     from .checks import check as run_checks
 
     return run_checks(
-        adapter, base=base, target=target, max_rank=max_rank, format=format, allow_pickle=allow_pickle
+        adapter,
+        base=base,
+        target=target,
+        max_rank=max_rank,
+        format=format,
+        allow_pickle=allow_pickle,
+        strict=strict,
     )

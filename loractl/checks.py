@@ -156,20 +156,28 @@ class CheckResult:
     """What ``check`` found.
 
     Attributes:
-        ok: no finding is an error.
+        ok: no finding is an error (with ``strict``: no error and no warning).
         adapter: the adapter path given.
         target: the runtime checked for (``peft``, ``vllm``, ``llama.cpp``, ``lorax``), or None.
         findings: every finding, errors first, in the order the rules ran.
+        strict: warnings fail the check too.
     """
 
     ok: bool
     adapter: str
     target: str | None
     findings: list[Finding] = field(default_factory=list)
+    strict: bool = False
 
     @property
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def failures(self) -> list[Finding]:
+        """The findings that make ``ok`` False: errors, and with ``strict`` warnings too."""
+        failing = ("error", "warning") if self.strict else ("error",)
+        return [f for f in self.findings if f.severity in failing]
 
 
 @dataclass
@@ -207,42 +215,48 @@ def check(
     max_rank: int | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
 ) -> CheckResult:
     """Check an adapter and list every problem found.
 
     Rules, in order: the adapter reads (``integrity``, ``not-lora``); finite, non-zero factors
-    (``nan-inf``, ``all-zero``); ``max_rank`` (``rank-too-large``); with ``base``, each module's
+    (``nan-inf``, ``untrained-module``, ``all-zero``); ``max_rank`` (``rank-too-large``); with ``base``, each module's
     update fits the weight it resolves to (``shape-mismatch``, ``unmatched-module``); an init that
     changed the base (``base-changing-init``); then what ``target`` accepts (``peft-*``, ``vllm-*``,
     ``llamacpp-*``, ``lorax-*``).
 
     Args:
-        adapter_path: a PEFT folder or an adapter file.
-        base: a base model folder or file (shapes, coverage, and the architecture runtimes need).
+        adapter_path: a PEFT folder, an adapter file, or a Hub reference ``org/name[@revision]``.
+        base: a base model folder or file, or a Hub reference (shapes, coverage, and the
+            architecture runtimes need).
         target: ``peft``, ``vllm``, ``llama.cpp`` or ``lorax``.
         max_rank: the largest rank allowed.
         format: force the adapter's format instead of detecting it.
         allow_pickle: accept pickle files.
+        strict: warnings fail the check too (``ok`` is False when any finding is an error or a
+            warning).
 
     Returns:
-        The findings; ``ok`` is False when any is an error.
+        The findings; ``ok`` is False when any is an error (or, with ``strict``, a warning).
 
     Raises:
         UsageError: an unknown target or format, ``max_rank`` below 1.
-        InputError: the adapter path does not exist, or the base cannot be opened (these are
-            input errors, not findings: there is nothing to check).
+        InputError: the adapter path does not exist, the Hub reference cannot be resolved, or the
+            base cannot be opened (these are input errors, not findings: there is nothing to check).
     """
     from .io.base import open_base
+    from .io.hub import is_hub_ref, resolve_adapter
 
     tgt = _target(target)
     if max_rank is not None and max_rank < 1:
         raise UsageError(f"--max-rank {max_rank} must be at least 1")
-    if not Path(adapter_path).exists():
+    local = resolve_adapter(adapter_path) if is_hub_ref(adapter_path) else Path(adapter_path)
+    if not local.exists():
         raise InputError(f"{adapter_path}: no such file or folder", hint="check the adapter path")
     findings: list[Finding] = []
     b = open_base(base) if base is not None else None
     try:
-        adapter = _load(Path(adapter_path), format, allow_pickle, b, findings)
+        adapter = _load(local, format, allow_pickle, b, findings)
         if adapter is not None:
             ctx = _Ctx(str(adapter_path), adapter, b, str(base) if base is not None else None)
             rules: list[Callable[[_Ctx], Iterable[Finding]]] = [_values]
@@ -260,12 +274,9 @@ def check(
             b.close()
     order = {s: i for i, s in enumerate(SEVERITIES)}
     findings.sort(key=lambda f: order[f.severity])  # stable: rule order kept within a severity
-    return CheckResult(
-        ok=not any(f.severity == "error" for f in findings),
-        adapter=str(adapter_path),
-        target=tgt,
-        findings=findings,
-    )
+    result = CheckResult(ok=True, adapter=str(adapter_path), target=tgt, findings=findings, strict=strict)
+    result.ok = not result.failures
+    return result
 
 
 def _target(target: str | None) -> str | None:
@@ -336,16 +347,21 @@ def _parts(m: LoraModule) -> list[tuple[str, torch.Tensor | None]]:
 
 
 def _values(ctx: _Ctx) -> list[Finding]:
-    """``nan-inf`` and ``all-zero`` (errors), per module.
+    """``nan-inf`` (error, per module), ``untrained-module`` (warning, per module) and ``all-zero``
+    (error, the whole adapter).
 
     NaN/Inf in any factor makes the update NaN/Inf (a diverged training); counts are given per
     tensor. A module whose B (or A) is all zero has update ``s·B·A = 0``: PEFT initialises B to
-    zero (``LoraLayer.reset_lora_parameters``), so an all-zero B is an adapter that was never
-    trained or was saved broken.
+    zero (``LoraLayer.reset_lora_parameters``), and B stays zero in a module that gets no gradient
+    (MiniLM's ``pooler.dense`` when the loss uses the token embeddings): one such module is a
+    warning, the rest of the adapter is trained. When every module's update is zero (and nothing
+    is saved in full) the adapter changes nothing: saved before training, or never updated; that
+    is one ``all-zero`` error instead of a warning per module.
     """
     import torch
 
     out: list[Finding] = []
+    zero: list[Finding] = []
     src = _source(ctx.adapter)
     for name, m in ctx.adapter.modules.items():
         bad = []
@@ -367,16 +383,31 @@ def _values(ctx: _Ctx) -> list[Finding]:
             continue
         for label, t in (("lora_B", m.up), ("lora_A", m.down)):
             if t.is_floating_point() and not bool(t.any()):
-                out.append(
+                zero.append(
                     Finding(
-                        "all-zero",
-                        "error",
+                        "untrained-module",
+                        "warning",
                         name,
-                        f"{src}: module {name!r}: {label} is all zero, so its update s·B·A is zero "
-                        "(an untrained or broken adapter)",
+                        f"{src}: module {name!r}: {label} is all zero, so its update s·B·A is zero: the "
+                        "module was never trained (it got no gradient, e.g. a pooler the loss does not "
+                        "use) and changes nothing",
                     )
                 )
                 break
+    modules = len(ctx.adapter.modules)
+    if modules and len(zero) == modules and not ctx.adapter.modules_to_save:
+        out.append(
+            Finding(
+                "all-zero",
+                "error",
+                None,
+                f"{src}: every update is zero: lora_B (or lora_A) is all zero in all {modules} modules, "
+                "as PEFT initialises them; the adapter was saved before training, or training never "
+                "updated it",
+            )
+        )
+    else:
+        out.extend(zero)
     for key, t in ctx.adapter.modules_to_save.items():
         if t.is_floating_point():
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())

@@ -17,21 +17,29 @@ adapter = "@small"
 target = "vllm"
 ```
 
-Relative paths are taken from the recipe file's folder. Option names are the command-line
-option names (``--shard-size`` is ``shard-size`` or ``shard_size``). Defaults from ``[tool.loractl]``
-apply to steps as they do to commands; a step's own values win.
+Option names are the command-line option names (``--shard-size`` is ``shard-size`` or
+``shard_size``); each value must have the type of the api function's parameter (``rank = 4``, not
+``"4"``) and be one of its choices where it has them. A value that is exactly ``"${name}"`` takes
+that type (``rank = "${r}"``). Relative paths are taken from the recipe file's folder, except a path
+that starts with a variable given by ``--set``: that one is the caller's, from the current folder.
+Defaults from ``[tool.loractl]`` apply to steps as they do to commands; a step's own values win.
+``allow-pickle`` cannot be set in a recipe: ``loractl run --allow-pickle`` gives it to every step.
 """
 
 from __future__ import annotations
 
+import datetime
 import inspect as pyinspect
+import math
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+import types
+from collections import abc
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import CheckFailedError, LoractlError, UsageError
 
@@ -42,6 +50,9 @@ else:  # pragma: no cover
 
 STEP_KINDS = ("check", "truncate", "combine", "convert", "merge", "inspect")
 PATH_KEYS = ("adapter", "adapters", "base")
+#: options a recipe or a config file may not turn on: only the person at the command line can
+#: (``--allow-pickle``; for ``loractl run`` it then applies to every step)
+TRUSTED_BY_FLAG = ("allow_pickle",)
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -98,6 +109,7 @@ class StepReport:
     seconds: float = 0.0
     exit_code: int = 0
     message: str | None = None
+    hint: str | None = None
     result: Any = None
 
 
@@ -109,15 +121,16 @@ class RunResult:
     steps: list[StepReport] = field(default_factory=list)
 
 
-def _line_of(text: str, step_index: int, key: str | None = None) -> int:
-    """1-based line of the ``step_index``-th ``[[step]]`` table (or of ``key`` inside it)."""
+def _key_line(text: str, header: str, index: int, key: str | None = None) -> int:
+    """1-based line of the ``index``-th table whose header matches ``header`` (``[[step]]``,
+    ``[vars]``), or of ``key = ...`` inside it (``key`` as written, dashes or underscores)."""
     lines = text.splitlines()
     seen = -1
     start = 0
     for i, line in enumerate(lines):
-        if re.match(r"^\s*\[\[\s*step\s*\]\]", line):
+        if re.match(header, line):
             seen += 1
-            if seen == step_index:
+            if seen == index:
                 start = i
                 break
     if key is None:
@@ -125,139 +138,440 @@ def _line_of(text: str, step_index: int, key: str | None = None) -> int:
     for j in range(start + 1, len(lines)):
         if re.match(r"^\s*\[", lines[j]):
             break
-        if re.match(rf"^\s*{re.escape(key)}\s*=", lines[j]):
+        if re.match(rf"""^\s*["']?{re.escape(key)}["']?\s*=""", lines[j]):
             return j + 1
     return start + 1
 
 
-def _substitute(value: Any, variables: Mapping[str, str], where: str) -> Any:
+_STEP_HEADER = r"^\s*\[\[\s*step\s*\]\]"
+_VARS_HEADER = r"^\s*\[\s*vars\s*\]"
+
+
+def _line_of(text: str, step_index: int, key: str | None = None) -> int:
+    """1-based line of the ``step_index``-th ``[[step]]`` table (or of ``key`` inside it)."""
+    return _key_line(text, _STEP_HEADER, step_index, key)
+
+
+# --------------------------------------------------------------------------------------------
+# values: ${var} substitution, then the type the api function's annotation asks for
+# --------------------------------------------------------------------------------------------
+class _Bad(Exception):
+    """A value that does not fit its option; the caller names the file, line and key.
+
+    ``suggest``: the value as it should be written (``4`` for ``"4"``), when there is one.
+    """
+
+    def __init__(self, reason: str, suggest: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.suggest = suggest
+
+    def hint(self, key: str) -> str | None:
+        return f"write {key} = {self.suggest} (without quotes)" if self.suggest is not None else None
+
+
+def _choices(kind: str, key: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The values an enum-like option takes, from the constants the api itself checks against:
+    (what the api accepts, what an error message lists)."""
+    from . import api, checks
+    from .formats import FORMATS
+
+    if key == "target":  # check() also takes llamacpp, llama-cpp... in any case
+        return checks.TARGETS + tuple(checks._TARGET_ALIASES), checks.TARGETS
+    if key == "dtype":
+        dtypes = tuple(api.DTYPES) if kind == "merge" else tuple(k for k in api.DTYPES if k != "auto")
+        return dtypes, dtypes
+    table: dict[str, tuple[str, ...]] = {
+        "format": FORMATS,
+        "to": FORMATS,
+        "method": api.COMBINE_METHODS,
+        "majority_sign": ("total", "frequency"),
+        "dylora_convention": api.DYLORA_CONVENTIONS,
+    }
+    return (table[key], table[key]) if key in table else None
+
+
+def _members(hint: Any) -> list[Any]:
+    """The types of a union annotation (``int | None`` -> [int, NoneType])."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return [m for a in get_args(hint) for m in _members(a)]
+    return [hint]
+
+
+def _sequence_of(members: list[Any]) -> Any | None:
+    """The element type of a ``Sequence[X]`` / ``list[X]`` member, or None."""
+    for m in members:
+        if get_origin(m) in (list, Sequence, abc.Sequence):
+            return get_args(m)[0] if get_args(m) else Any
+    return None
+
+
+def _wanted(members: list[Any]) -> str:
+    """What a value of this annotation looks like, in TOML words."""
+    words = []
+    if bool in members:
+        words.append("true or false")
+    if int in members:
+        words.append("an integer")
+    if float in members and int not in members:
+        words.append("a number")
+    if Path in members:
+        words.append("a path")
+    elif str in members:
+        words.append("a string")
+    elem = _sequence_of(members)
+    if elem is not None:
+        inner = _wanted(_members(elem))
+        words.append(
+            "a list of "
+            + {"a number": "numbers", "a path": "paths", "an integer": "integers"}.get(inner, inner)
+        )
+    return " or ".join(words) or "a value loractl can take from a recipe"
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}" if math.isfinite(value) else f"the non-finite number {value!r}"
     if isinstance(value, str):
-
-        def repl(m: re.Match[str]) -> str:
-            if m[1] not in variables:
-                raise UsageError(
-                    f"{where}: unknown variable ${{{m[1]}}}", hint="define it in [vars] or with --set"
-                )
-            return str(variables[m[1]])
-
-        return VAR_RE.sub(repl, value)
+        return f"the string {value!r}"
     if isinstance(value, list):
-        return [_substitute(v, variables, where) for v in value]
-    return value
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return f"the TOML date/time {value.isoformat()}"
+    return type(value).__name__
 
 
-def load(
-    path: str | Path, *, overrides: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None
-) -> Recipe:
-    """Parse and validate a recipe; nothing runs.
+def _from_text(text: str, members: list[Any]) -> Any:
+    """A ``${var}`` value (text) as the annotated type, or _Bad."""
+    if str in members or Path in members:
+        return text
+    if bool in members and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if int in members and re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        return int(text)
+    if float in members:
+        try:
+            number = float(text)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise _Bad(f"is {text!r}, not {_wanted(members)}")
 
-    Args:
-        path: the TOML file.
-        overrides: ``--set name=value`` pairs (variables).
-        defaults: ``[tool.loractl]`` defaults, per command (``{"merge": {"dtype": "bf16"}}``).
+
+def _typed(value: Any, hint: Any, *, whole_var: bool = False) -> Any:
+    """``value`` checked against the annotation ``hint``; a whole ``${var}`` text is converted.
+
+    TOML values must already have the type (``rank = 4``, not ``rank = "4"``); an integer is
+    accepted where a float is; booleans are never numbers.
+    """
+    members = _members(hint)
+    if whole_var and isinstance(value, str):
+        return _from_text(value, members)
+    if isinstance(value, bool):
+        if bool in members:
+            return value
+    elif isinstance(value, int):
+        if int in members:
+            return value
+        if float in members:
+            return float(value)
+    elif isinstance(value, float):
+        if float in members and math.isfinite(value):
+            return value
+    elif isinstance(value, str):
+        if str in members or Path in members:
+            return value
+    suggest = None
+    if isinstance(value, str):
+        try:
+            suggest = _text_of(_from_text(value, members))
+        except _Bad:
+            pass
+    raise _Bad(f"must be {_wanted(members)}, not {_toml_type(value)}", suggest)
+
+
+def _text_of(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _substitute(value: str, variables: Mapping[str, Any], where: str) -> tuple[Any, bool]:
+    """``value`` with every ``${name}`` replaced; (result, whether ``value`` was exactly one ``${name}``).
+
+    A whole ``"${name}"`` gives the variable's own value (a number stays a number); inside a longer
+    string a variable is spliced in as text.
+    """
+
+    def known(name: str) -> Any:
+        if name not in variables:
+            raise UsageError(
+                f"{where}: unknown variable ${{{name}}}", hint="define it in [vars] or with --set"
+            )
+        return variables[name]
+
+    whole = VAR_RE.fullmatch(value)
+    if whole:
+        return known(whole[1]), True
+    return VAR_RE.sub(lambda m: _text_of(known(m[1])), value), False
+
+
+def _starts_with_cli_var(value: str, cli_names: Collection[str]) -> bool:
+    """Whether ``value`` begins with a ``${name}`` given by ``--set`` (then a path is the caller's)."""
+    m = VAR_RE.match(value)
+    return bool(m and m.start() == 0 and m[1] in cli_names)
+
+
+def _variables_used(steps: list[Any]) -> set[str]:
+    used: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            used.update(VAR_RE.findall(v))
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    walk(steps)
+    return used
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """The recipe's text; a byte order mark (Windows editors) is dropped.
 
     Raises:
-        UsageError: unreadable TOML, an unknown step kind or key, a missing required key or input,
-            a reference to an unknown or later step, two steps writing the same output; each names
-            the recipe's file and line.
+        UsageError: bytes that are not UTF-8, naming the line and column.
     """
-    path = Path(path)
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
-        text = path.read_text()
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        col = len(data[start : e.start].decode("utf-8", "replace")) + 1
+        raise UsageError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col})",
+            hint="save the recipe as UTF-8",
+        ) from None
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The recipe's text and its TOML document, with only ``[vars]`` and ``[[step]]`` at the top."""
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{path}: no such recipe") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
+    text = _decode(path, data)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path}: not valid TOML ({e})") from None
+        at = re.search(r"at line (\d+)", str(e))
+        raise UsageError(f"{path}:{at[1] if at else 1}: not valid TOML ({e})") from None
     unknown_top = set(doc) - {"vars", "step"}
     if unknown_top:
         raise UsageError(
             f"{path}: unknown top-level key {sorted(unknown_top)[0]!r}; a recipe has [vars] and [[step]]"
         )
-    variables = {k: str(v) for k, v in (doc.get("vars") or {}).items()}
-    for k, v in (overrides or {}).items():
+    return text, doc
+
+
+def _variables(path: Path, text: str, doc: dict[str, Any], overrides: Mapping[str, str]) -> dict[str, Any]:
+    """``[vars]`` (strings, numbers, booleans) with the ``--set`` values, each the name of a variable
+    the recipe defines or uses."""
+    raw = doc.get("vars") or {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: vars must be a table: [vars]")
+    variables: dict[str, Any] = {}
+    for k, v in raw.items():
+        if not isinstance(v, (str, int, float)):  # bool is an int
+            raise UsageError(
+                f"{path}:{_key_line(text, _VARS_HEADER, 0, k)}: [vars] {k} must be a string, number or "
+                f"boolean, not {_toml_type(v)}"
+            )
         variables[k] = v
+    known = set(variables) | _variables_used(doc.get("step") or [])
+    for k, v in overrides.items():
+        if k not in known:
+            listed = ", ".join(sorted(known))
+            raise UsageError(
+                f"--set {k}={v}: {path} has no variable {k!r}",
+                hint=f"its variables: {listed}" if listed else "it uses no ${name} variables",
+            )
+        variables[k] = v
+    return variables
+
+
+def _defaults_for(
+    kind: str, table: Mapping[str, Any], params: Mapping[str, Any], hints: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``[tool.loractl]`` defaults that apply to a step of ``kind``, checked as a step's values."""
+    opts: dict[str, Any] = {}
+    for k, v in table.items():
+        key = k.replace("-", "_")
+        if key not in params:
+            continue
+        if key in TRUSTED_BY_FLAG:
+            raise UsageError(
+                f"[tool.loractl]: {k} cannot be set in a config file", hint=f"pass --{k.replace('_', '-')}"
+            )
+        try:
+            opts[key] = _checked(kind, key, v, hints[key])
+        except _Bad as e:
+            raise UsageError(f"[tool.loractl.{kind}]: {k} {e.reason}", hint=e.hint(k)) from None
+    return opts
+
+
+def load(
+    path: str | Path,
+    *,
+    overrides: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> Recipe:
+    """Parse and validate a recipe; nothing runs.
+
+    Every value is checked against the type of the api function's parameter it goes to (``rank``
+    an integer, ``weights`` a list of numbers, ``dtype`` one of its choices...). A string that is
+    exactly ``"${name}"`` is replaced by the variable's value and converted to that type
+    (``rank = "${r}"`` with ``--set r=2``). Relative paths written in the recipe are taken from the
+    recipe's folder; a path that starts with a variable given by ``--set`` is taken from the
+    current folder, where the user typed it.
+
+    Args:
+        path: the TOML file.
+        overrides: ``--set name=value`` pairs (variables); each must be a variable of the recipe.
+        defaults: ``[tool.loractl]`` defaults, per command (``{"merge": {"dtype": "bf16"}}``).
+        allow_pickle: accept pickle adapters in every step (``loractl run --allow-pickle``); a
+            recipe cannot turn this on itself.
+
+    Raises:
+        UsageError: unreadable or non-UTF-8 TOML, an unknown step kind or key, a value of the wrong
+            type or not among its choices, ``allow-pickle`` in a step, a missing required key or
+            input, a reference to an unknown or later step, two steps writing the same output, an
+            unknown ``--set`` name; each names the recipe's file and line.
+    """
+    path = Path(path)
+    text, doc = _read_toml(path)
     raw_steps = doc.get("step") or []
     if not isinstance(raw_steps, list) or not raw_steps:
         raise UsageError(f"{path}: no [[step]] tables: nothing to run")
+    variables = _variables(path, text, doc, overrides or {})
+    cli_names = set(overrides or {})
     folder = path.resolve().parent
+    cwd = Path.cwd()
     steps: list[Step] = []
     names: dict[str, Step] = {}
     outputs: dict[str, Step] = {}
     for i, raw in enumerate(raw_steps):
         line = _line_of(text, i)
         where = f"{path}:{line}"
+        if not isinstance(raw, dict):
+            raise UsageError(f"{where}: step {i + 1} must be a table: [[step]]")
+        spelled: dict[str, str] = {}  # option name -> the key as written (for its line)
+        for k in raw:
+            key = k.replace("-", "_")
+            if key in spelled:
+                raise UsageError(
+                    f"{path}:{_line_of(text, i, k)}: step {i + 1} sets {spelled[key]!r} and {k!r}"
+                )
+            spelled[key] = k
         raw = {k.replace("-", "_"): v for k, v in raw.items()}
         kind = raw.pop("run", None)
         if kind not in STEP_KINDS:
             raise UsageError(f"{where}: step {i + 1} has run = {kind!r}; one of {', '.join(STEP_KINDS)}")
-        name = str(raw.pop("name", f"{kind}{i + 1}"))
+        name = raw.pop("name", f"{kind}{i + 1}")
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(
+                f"{path}:{_line_of(text, i, spelled['name'])}: step {i + 1}: name must be a non-empty "
+                f"string, not {_toml_type(name)}"
+            )
         if name in names:
             raise UsageError(f"{where}: two steps are named {name!r}")
         params = _params(kind)
-        opts: dict[str, Any] = {
-            k.replace("-", "_"): v
-            for k, v in (defaults or {}).get(kind, {}).items()
-            if k.replace("-", "_") in params
-        }
+        hints = _hints(kind)
+        label = f"step {name!r} ({kind})"
+        opts = _defaults_for(kind, (defaults or {}).get(kind, {}), params, hints)
+        from_cli: dict[str, list[bool]] = {}
         for key, value in raw.items():
-            kline = _line_of(text, i, key)
+            k = spelled[key]
+            kwhere = f"{path}:{_line_of(text, i, k)}"
+            if key in TRUSTED_BY_FLAG:
+                raise UsageError(
+                    f"{kwhere}: {label}: {k} cannot be set in a recipe",
+                    hint=f"pass --{key.replace('_', '-')} to loractl run: it then applies to every step",
+                )
             if key not in params or key in ("options",):
                 raise UsageError(
-                    f"{path}:{kline}: step {name!r} ({kind}) has no option {key!r}",
-                    hint=f"{kind} takes: {', '.join(k for k in params if k not in ('format',))}",
+                    f"{kwhere}: {label} has no option {k!r}",
+                    hint=f"{kind} takes: {', '.join(p.replace('_', '-') for p in params if p not in ('format', *TRUSTED_BY_FLAG))}",
                 )
-            opts[key] = _substitute(value, variables, f"{path}:{kline}")
+            try:
+                opts[key], from_cli[key] = _value(kind, key, value, hints[key], variables, cli_names, kwhere)
+            except _Bad as e:
+                raise UsageError(f"{kwhere}: {label}: {k} {e.reason}", hint=e.hint(k)) from None
+        if allow_pickle and "allow_pickle" in params:
+            opts["allow_pickle"] = True
         for pname, p in params.items():
             if p.default is pyinspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
                 if pname not in opts:
-                    raise UsageError(f"{where}: step {name!r} ({kind}) needs {pname!r}")
+                    raise UsageError(f"{where}: {label} needs {pname!r}")
         for key in PATH_KEYS:
             if key not in opts:
                 continue
+            kline = _line_of(text, i, spelled.get(key, key))
             values = opts[key] if isinstance(opts[key], list) else [opts[key]]
+            if not values:
+                raise UsageError(f"{path}:{kline}: step {name!r} ({kind}): {key} is an empty list")
+            cli_flags = from_cli.get(key) or [False] * len(values)
             resolved = []
-            for v in values:
-                if not isinstance(v, str):
-                    raise UsageError(f'{path}:{_line_of(text, i, key)}: {key} must be a path or "@step"')
+            for v, given in zip(values, cli_flags):
+                if not isinstance(v, (str, Path)):
+                    raise UsageError(f'{path}:{kline}: {key} must be a path or "@step"')
+                v = str(v)
                 if v.startswith("@"):
                     ref = names.get(v[1:])
                     if ref is None:
                         raise UsageError(
-                            f"{path}:{_line_of(text, i, key)}: step {name!r} uses {v!r}, which is not an "
-                            "earlier step's name"
+                            f"{path}:{kline}: step {name!r} uses {v!r}, which is not an earlier step's name"
                         )
                     if ref.output is None:
-                        raise UsageError(
-                            f"{path}:{_line_of(text, i, key)}: step {v[1:]!r} ({ref.kind}) writes no output"
-                        )
+                        raise UsageError(f"{path}:{kline}: step {v[1:]!r} ({ref.kind}) writes no output")
                     resolved.append(ref.output)
                     continue
                 p = Path(v)
-                full = p if p.is_absolute() else folder / p
+                full = p if p.is_absolute() else (cwd if given else folder) / p
                 if not full.exists():
                     if _is_hub_ref(v):
                         resolved.append(v)
                         continue
-                    raise UsageError(
-                        f"{path}:{_line_of(text, i, key)}: step {name!r}: input {v!r} does not exist"
-                    )
+                    raise UsageError(f"{path}:{kline}: step {name!r}: input {v!r} does not exist")
                 resolved.append(str(full))
             opts[key] = resolved if isinstance(opts[key], list) else resolved[0]
         if "output" in opts:
+            kline = _line_of(text, i, spelled.get("output", "output"))
             out = Path(str(opts["output"]))
-            full = out if out.is_absolute() else folder / out
-            _refuse_inputs(full, path, name, _line_of(text, i, "output"), opts)
+            full = (
+                out
+                if out.is_absolute()
+                else (cwd if (from_cli.get("output") or [False])[0] else folder) / out
+            )
+            _refuse_inputs(full, path, name, kline, opts)
             if str(full) in outputs:
                 raise UsageError(
-                    f"{path}:{_line_of(text, i, 'output')}: steps {outputs[str(full)].name!r} and {name!r} write the same output"
+                    f"{path}:{kline}: steps {outputs[str(full)].name!r} and {name!r} write the same output"
                 )
             if full.exists() and not opts.get("force"):
                 raise UsageError(
-                    f"{path}:{_line_of(text, i, 'output')}: step {name!r}: output {full} already exists",
+                    f"{path}:{kline}: step {name!r}: output {full} already exists",
                     hint="remove it, or set force = true in the step",
                 )
             opts["output"] = str(full)
@@ -266,7 +580,90 @@ def load(
         if step.output:
             outputs[step.output] = step
         steps.append(step)
-    return Recipe(path, steps, variables)
+    return Recipe(path, steps, {k: _text_of(v) for k, v in variables.items()})
+
+
+def _hints(kind: str) -> dict[str, Any]:
+    return get_type_hints(_api_function(kind))
+
+
+def _checked(kind: str, key: str, value: Any, hint: Any) -> Any:
+    """One scalar or list value against its annotation and, for enum-like options, its choices."""
+    elem = _sequence_of(_members(hint))
+    if isinstance(value, list):
+        if elem is None:
+            raise _Bad(f"must be {_wanted(_members(hint))}, not a list")
+        out_items = []
+        for n, v in enumerate(value, 1):
+            try:
+                out_items.append(_typed(v, elem))
+            except _Bad as e:
+                raise _Bad(f"item {n} {e.reason}") from None
+        return out_items
+    out = _typed(value, hint)
+    choices = _choices(kind, key)
+    if choices is not None and out is not None:
+        accepted, shown = choices
+        if (out.lower() if key == "target" else out) not in accepted:
+            raise _Bad(f"is {out!r}; one of {', '.join(shown)}")
+    return out
+
+
+def _value(
+    kind: str,
+    key: str,
+    value: Any,
+    hint: Any,
+    variables: Mapping[str, Any],
+    cli_names: Collection[str],
+    where: str,
+) -> tuple[Any, list[bool]]:
+    """A step's value: ``${var}`` substituted, checked against ``hint``; and, per item, whether it
+    starts with a ``--set`` variable (a path then taken from the current folder).
+
+    Raises:
+        _Bad: the value does not fit (the caller names the file, line and key).
+    """
+    is_list = isinstance(value, list)
+    members = _members(hint)
+    item_hint = _sequence_of(members) if is_list else hint
+    if item_hint is None:
+        raise _Bad(f"must be {_wanted(members)}, not a list")
+    items: list[Any] = []
+    given: list[bool] = []
+    for item in value if is_list else [value]:
+        given.append(isinstance(item, str) and _starts_with_cli_var(item, cli_names))
+        if isinstance(item, str):
+            source = item
+            item, whole = _substitute(item, variables, where)
+            if whole:
+                try:
+                    item = _typed(item, item_hint, whole_var=isinstance(item, str))
+                except _Bad as e:
+                    if isinstance(item, str) or not {str, Path} & set(_members(item_hint)):
+                        raise _Bad(f'{"item " if is_list else "= "}"{source}" {e.reason}') from None
+                    item = _text_of(item)  # a [vars] number where a path or name goes
+        items.append(item)
+    return _checked(kind, key, items if is_list else items[0], hint), given
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, outermost first."""
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing[::-1]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed step created, innermost first, if they are still empty."""
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:  # not empty (a file the step did not make) or already gone: leave it
+            return
 
 
 def _refuse_inputs(output: Path, recipe: Path, step: str, line: int, opts: Mapping[str, Any]) -> None:
@@ -291,7 +688,9 @@ def run(
 ) -> RunResult:
     """Run the steps in order; a failed step stops the recipe (finished steps' outputs stay).
 
-    A ``check`` step whose adapter fails its checks fails the recipe with exit code 1.
+    A ``check`` step whose adapter fails its checks fails the recipe with exit code 1. A failed
+    step's message names the recipe file and the step's line; the folders created for its output
+    are removed again.
     """
     from .io.atomic import protecting
 
@@ -304,22 +703,27 @@ def run(
             continue
         fn = _api_function(step.kind)
         t0 = time.perf_counter()
+        created: list[Path] = []
         try:
             if step.output:  # recipes lay out their own output folders
-                Path(step.output).parent.mkdir(parents=True, exist_ok=True)
+                parent = Path(step.output).parent
+                created = _missing_parents(parent)
+                parent.mkdir(parents=True, exist_ok=True)
             with protecting([recipe.path]):  # no step may write over the recipe itself
                 out = fn(**step.options)
             report.result = out
             if step.kind == "check" and not out.ok:
-                raise CheckFailedError(
-                    f"step {step.name!r}: {sum(f.severity == 'error' for f in out.findings)} check finding(s) failed"
-                )
+                raise CheckFailedError(f"{len(out.failures)} check finding(s) failed")
             report.status = "ok"
-            report.result = out
         except LoractlError as e:
-            report.status, report.exit_code, report.message = "failed", e.exit_code, e.message
+            report.status, report.exit_code = "failed", e.exit_code
+            report.message = f"{recipe.path}:{step.line}: step {step.name!r} ({step.kind}): {e.message}"
+            report.hint = e.hint
             failed = True
             result.ok = False
+        finally:
+            if report.status != "ok":
+                _remove_empty(created)
         report.seconds = time.perf_counter() - t0
         result.steps.append(report)
         if on_step is not None:

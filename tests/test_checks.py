@@ -166,7 +166,6 @@ def test_clean_adapter_infos(battery):
     [
         ("nan", "nan-inf", "model.layers.0.self_attn.q_proj", ["lora_A", "3 NaN"]),
         ("inf", "nan-inf", "model.layers.1.self_attn.v_proj", ["lora_B", "3 Inf"]),
-        ("zero_b", "all-zero", "model.layers.0.self_attn.v_proj", ["lora_B", "zero"]),
     ],
 )
 def test_value_defects(battery, name, code, module, words):
@@ -177,6 +176,18 @@ def test_value_defects(battery, name, code, module, words):
     assert (f.severity, f.module) == ("error", module)
     assert all(w in f.message for w in words), f.message
     assert_named(r)
+
+
+def test_one_zero_module_is_a_warning_and_fails_only_with_strict(battery):
+    r = check(battery["zero_b"], base=battery["base"])
+    assert r.ok and codes(r, "error") == set()
+    (f,) = find(r, "untrained-module")
+    assert (f.severity, f.module) == ("warning", "model.layers.0.self_attn.v_proj")
+    assert "lora_B is all zero" in f.message and "never trained" in f.message
+    assert_named(r)
+    strict = check(battery["zero_b"], base=battery["base"], strict=True)
+    assert not strict.ok and strict.strict and strict.failures == [f]
+    assert check(battery["clean"], base=battery["base"], strict=True).ok
 
 
 def test_truncated_file_is_an_integrity_finding(battery):
@@ -436,7 +447,8 @@ def test_all_findings_are_listed(battery, tmp_path):
         lambda t: _set(v1a, _poke(float("nan")))(_set(q0b, torch.zeros_like)(t)),
     )
     r = check(a, base=battery["base"], target="vllm", max_rank=4)
-    assert {"nan-inf", "all-zero", "rank-too-large", "vllm-dora"} <= codes(r, "error")
+    assert {"nan-inf", "rank-too-large", "vllm-dora"} <= codes(r, "error")
+    assert "untrained-module" in codes(r, "warning")
     assert len(find(r, "rank-too-large")) == 4
     sev = [f.severity for f in r.findings]
     assert sev == sorted(sev, key=["error", "warning", "info"].index)

@@ -77,12 +77,18 @@ def test_recipe_runs_steps_in_order_with_references(work: Path) -> None:
     assert all(same_bits(a[k], b[k]) for k in a)
 
 
-def test_dry_run_writes_nothing_and_set_overrides_vars(work: Path) -> None:
+def test_dry_run_writes_nothing_and_set_overrides_vars(
+    work: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caller = tmp_path_factory.mktemp("caller")
+    monkeypatch.chdir(caller)
     r = recipe.load(write(work / "r.toml", PIPE), overrides={"out": "elsewhere"})
     res = recipe.run(r, dry_run=True)
     assert [s.status for s in res.steps] == ["planned"] * 4
-    assert res.steps[0].output == str(work / "elsewhere" / "small")
-    assert not (work / "elsewhere").exists() and not (work / "out").exists()
+    # a --set path is the caller's: taken from the current folder, not the recipe's
+    assert res.steps[0].output == str(caller / "elsewhere" / "small")
+    assert not (caller / "elsewhere").exists() and not (work / "out").exists()
+    assert not (work / "elsewhere").exists()
 
 
 @pytest.mark.parametrize(
@@ -174,9 +180,9 @@ def test_tool_loractl_defaults_apply_and_the_command_line_wins(work: Path) -> No
     p = _cli("merge", "tiny-llama", "tiny-llama-lora", "-o", "m2", "--dtype", "bf16", "--json", cwd=work)
     assert json.loads(p.stdout)["dtype"] == "bf16"
     write(
-        work / "loractl.toml", 'force = true\n[merge]\ndtype = "auto"\n'
+        work / "loractl.toml", 'receipt = true\n[merge]\ndtype = "auto"\n'
     )  # loractl.toml wins over pyproject
-    p = _cli("merge", "tiny-llama", "tiny-llama-lora", "-o", "m2", "--json", cwd=work)
+    p = _cli("merge", "tiny-llama", "tiny-llama-lora", "-o", "m2", "--force", "--json", cwd=work)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["dtype"] == "auto"
     write(work / "loractl.toml", '[merge]\ndtpye = "bf16"\n')

@@ -2,22 +2,32 @@
 
 ```toml
 [tool.loractl]          # in pyproject.toml (in loractl.toml: the same keys at the top level)
-force = false           # a plain key applies to every command that has the option
+receipt = false         # a plain key applies to every command that has the option
 [tool.loractl.merge]
 dtype = "bf16"          # per command; option names as on the command line (dashes or underscores)
 shard-size = "5GB"
 ```
 
-Options given on the command line win over these defaults.
+Options given on the command line win over these defaults. A config file is found in the current
+folder, which may be a repository just cloned: it may set how loractl works, never what it trusts.
+``allow-pickle`` (reading pickles) and ``force`` (replacing an existing output) are refused there:
+only the person typing the command can give them.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+
+#: options only the command line may give (see the module's docstring)
+COMMAND_LINE_ONLY = {
+    "allow_pickle": "a config file in the current folder must not turn pickle reading on",
+    "force": "a config file in the current folder must not let commands replace existing outputs",
+}
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,8 +51,32 @@ def read_defaults(folder: Path | None = None) -> tuple[dict[str, Any], Path | No
         if table:
             if not isinstance(table, dict):
                 raise UsageError(f"{path}: [tool.loractl] must be a table")
+            _refuse_trust(table, path)
             return table, path
     return {}, None
+
+
+def _refuse_trust(table: dict[str, Any], path: Path) -> None:
+    """Raise on an option of :data:`COMMAND_LINE_ONLY`, at any level of the table."""
+    items = [(k, v) for k, v in table.items() if not isinstance(v, dict)]
+    items += [(k, v) for sub in table.values() if isinstance(sub, dict) for k, v in sub.items()]
+    for key, _value in items:
+        why = COMMAND_LINE_ONLY.get(key.replace("-", "_"))
+        if why is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        line = next(
+            (
+                i
+                for i, text in enumerate(path.read_text(errors="replace").splitlines(), 1)
+                if re.match(rf"""\s*["']?{re.escape(key)}["']?\s*=""", text)
+            ),
+            None,
+        )
+        raise UsageError(
+            f"{path}{f':{line}' if line else ''}: {key} cannot be set in a config file ({why})",
+            hint=f"pass {flag} on the command line instead, and remove it from {path.name}",
+        )
 
 
 def default_map(table: dict[str, Any], command_params: dict[str, set[str]]) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,21 @@ JSON = typer.Option(
 )
 QUIET = typer.Option(False, "-q", "--quiet", help="Print nothing but errors.")
 FORCE = typer.Option(False, "--force", help="Replace the output if it exists (never an input).")
-FORMAT = typer.Option(None, "--format", help="Adapter format instead of detecting it (peft).")
+#: the adapter formats (loractl.formats.FORMATS, without importing the library for --help)
+FORMATS = ("peft", "kohya", "diffusers", "loralib", "gguf")
+FORMAT_CHOICES = "|".join(FORMATS)
+
+
+def _complete_format(incomplete: str) -> list[str]:
+    return [f for f in FORMATS if f.startswith(incomplete)]
+
+
+FORMAT = typer.Option(
+    None,
+    "--format",
+    help="Adapter format instead of detecting it.",
+    autocompletion=_complete_format,
+)
 ALLOW_PICKLE = typer.Option(
     False, "--allow-pickle", help="Accept .bin/.pt/.ckpt pickles (read with torch.load(weights_only=True))."
 )

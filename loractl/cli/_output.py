@@ -64,38 +64,56 @@ def human_bytes(n: float | int | None) -> str:
     return f"{n:.1f} TB"
 
 
+#: a progress bar with size, speed and time left needs this many columns; narrower terminals get
+#: the bar and the percentage (or n of m) only
+FULL_PROGRESS_WIDTH = 80
+
+
+def _progress_columns(unit: str, width: int) -> tuple[list[Any], bool]:
+    """rich progress columns that fit a terminal ``width`` columns wide, and whether the bar expands.
+
+    From :data:`FULL_PROGRESS_WIDTH` on: description, bar, size done/total (or n/m), speed, time
+    left (at most 50 columns beside the bar, which gets the rest, up to 40). Below: description,
+    a bar filling the line, and the percentage (or n/m).
+    """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        TaskProgressColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    text = "[progress.description]{task.description}"
+    count = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
+    if width >= FULL_PROGRESS_WIDTH:
+        return [text, BarColumn(bar_width=min(40, width - 50)), *count, TimeRemainingColumn()], False
+    done = TaskProgressColumn() if unit == "bytes" else MofNCompleteColumn()
+    return [text, BarColumn(bar_width=None), done], True
+
+
 @contextmanager
 def progress_bar(
     description: str, *, enabled: bool, unit: str = "bytes"
 ) -> Iterator[Callable[[int, int], None] | None]:
     """A rich progress bar on stderr, only when stderr is a terminal and ``enabled``.
 
-    ``unit``: ``bytes`` (size and speed) or ``items`` (n of m).
+    ``unit``: ``bytes`` (size and speed) or ``items`` (n of m). The bar is drawn from the first
+    update on, which carries the total: never a bar of unknown length. It fits the terminal's
+    width (see :func:`_progress_columns`).
     """
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import Progress
 
-    columns = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        *columns,
-        TimeRemainingColumn(),
-        console=console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    con = console(stderr=True)
+    columns, expand = _progress_columns(unit, con.width)
+    with Progress(*columns, console=con, transient=True, expand=expand) as bar:
+        task = bar.add_task(description, total=None, visible=False)
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total, visible=True)
 
         yield update

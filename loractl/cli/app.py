@@ -18,6 +18,7 @@ from . import run as run_cmd
 from . import similarity as similarity_cmd
 from . import truncate as truncate_cmd
 from . import unmerge as unmerge_cmd
+from ._help import Command
 
 app = typer.Typer(
     name="loractl",
@@ -56,6 +57,8 @@ similarity_cmd.register(app)
 convert_cmd.register(app)
 run_cmd.register(app)
 check_cmd.register(app)
+for _info in app.registered_commands:  # plain metavars in --help: BASE ADAPTER..., --weight W
+    _info.cls = Command
 
 
 def main() -> None:

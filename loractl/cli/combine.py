@@ -37,7 +37,9 @@ class Sign(str, Enum):
 
 @handled
 def combine(
-    adapters: list[str] = typer.Argument(..., help="Two or more adapters for the same base."),
+    adapters: list[str] = typer.Argument(
+        ..., metavar="ADAPTER", help="Two or more adapters for the same base."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="The combined adapter to create."),
     weight: list[float] = typer.Option(None, "--weight", "-w", help="Weight per adapter (default 1)."),
     method: Method = typer.Option(

@@ -25,7 +25,9 @@ def _fmt_float(x: float) -> str:
 
 @handled
 def inspect(
-    adapters: list[str] = typer.Argument(..., help="One or more adapters (several: one comparison table)."),
+    adapters: list[str] = typer.Argument(
+        ..., metavar="ADAPTER", help="One or more adapters (several: one comparison table)."
+    ),
     base: str = typer.Option(
         None, "--base", help="A base model: coverage, size ratio and storage arithmetic."
     ),

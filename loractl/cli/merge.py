@@ -37,7 +37,9 @@ def merge(
     base: str = typer.Argument(
         ..., help="Base model: a folder (transformers/diffusers) or a .safetensors file."
     ),
-    adapters: list[str] = typer.Argument(..., help="One or more adapters, merged in order."),
+    adapters: list[str] = typer.Argument(
+        ..., metavar="ADAPTER", help="One or more adapters, merged in order."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="The merged model to create (folder, or file)."),
     weight: list[float] = typer.Option(None, "--weight", "-w", help="Merge weight per adapter (default 1)."),
     dtype: DType = typer.Option(
@@ -46,7 +48,9 @@ def merge(
     shard_size: str = typer.Option(
         None, "--shard-size", help="Re-shard the output, e.g. 5GB (default: as the base)."
     ),
-    device: Device = typer.Option(Device.cpu, "--device", help="Where to compute."),
+    device: Device = typer.Option(  # hidden until merges run on a GPU; --device cpu is accepted
+        Device.cpu, "--device", hidden=True, help="Where to compute."
+    ),
     receipt: bool = typer.Option(
         True,
         "--receipt/--no-receipt",

@@ -24,7 +24,17 @@ EPILOG = """Examples:
 def run(
     recipe: Path = typer.Argument(..., help="The TOML recipe."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; run nothing."),
-    set_: list[str] = typer.Option(None, "--set", help="Set a recipe variable: name=value (repeatable)."),
+    set_: list[str] = typer.Option(
+        None,
+        "--set",
+        metavar="NAME=VALUE",
+        help="Set a recipe variable (repeatable); a path given here is taken from the current folder.",
+    ),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="Accept .bin/.pt/.ckpt pickles in every step (read with torch.load(weights_only=True)).",
+    ),
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -35,16 +45,16 @@ def run(
 
     overrides = {}
     for item in set_ or []:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected name=value")
-        k, v = item.split("=", 1)
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise UsageError(f"--set {item!r}: expected name=value", hint="for example --set out=dist")
         overrides[k.strip()] = v
     table, _ = read_defaults()
     defaults = {k: v for k, v in table.items() if isinstance(v, dict)}
     globals_ = {k: v for k, v in table.items() if not isinstance(v, dict)}
     for kind in rec.STEP_KINDS:
         defaults[kind] = {**globals_, **defaults.get(kind, {})}
-    plan = rec.load(recipe, overrides=overrides, defaults=defaults)
+    plan = rec.load(recipe, overrides=overrides, defaults=defaults, allow_pickle=allow_pickle)
     c = console(stderr=True)
 
     def on_step(r: rec.StepReport) -> None:
@@ -59,16 +69,16 @@ def run(
         t = Table(show_edge=False, title=f"{r.recipe}{' (dry run)' if r.dry_run else ''}")
         for col in ("step", "run", "status", "output", "seconds"):
             t.add_column(col, justify="right" if col == "seconds" else "left")
-        for s in r.steps:
-            status = s.status + (f": {s.message}" if s.message else "")
-            t.add_row(s.name, s.kind, status, s.output or "-", f"{s.seconds:.1f}")
+        for s in r.steps:  # a failure's message is printed once, on stderr, below
+            t.add_row(s.name, s.kind, s.status, s.output or "-", f"{s.seconds:.1f}")
         console().print(t)
 
     render("run", result, as_json=json_out, quiet=quiet, human=human)
     failed = [s for s in result.steps if s.status == "failed"]
-    if failed:
-        if not json_out:
-            sys.stderr.write(f"error: step {failed[0].name!r} failed: {failed[0].message}\n")
+    if failed:  # on stderr with --json too: stdout holds the document, stderr says what went wrong
+        sys.stderr.write(
+            f"error: {failed[0].message}\n" + (f"hint: {failed[0].hint}\n" if failed[0].hint else "")
+        )
         raise typer.Exit(failed[0].exit_code)
 
 

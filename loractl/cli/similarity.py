@@ -27,7 +27,7 @@ class Factor(str, Enum):
 
 @handled
 def similarity(
-    adapters: list[str] = typer.Argument(..., help="Two adapters (or one with --base)."),
+    adapters: list[str] = typer.Argument(..., metavar="ADAPTER", help="Two adapters (or one with --base)."),
     base: str = typer.Option(
         None, "--base", help="With one adapter: Section 7.3 amplification against this base."
     ),

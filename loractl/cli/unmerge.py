@@ -22,7 +22,9 @@ EPILOG = """Examples:
 @handled
 def unmerge(
     merged: str = typer.Argument(..., help="The merged model (folder or file)."),
-    adapters: list[str] = typer.Argument(..., help="The adapters that were merged, in the same order."),
+    adapters: list[str] = typer.Argument(
+        ..., metavar="ADAPTER", help="The adapters that were merged, in the same order."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="The restored model to create."),
     weight: list[float] = typer.Option(None, "--weight", "-w", help="The merge weight used per adapter."),
     receipt: Path = typer.Option(

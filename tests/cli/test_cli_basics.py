@@ -74,6 +74,63 @@ def test_command_help_ends_with_examples(cli, command):
     assert re.search(rf"^\s*loractl {command}\b", tail, re.M), tail
 
 
+USAGE = {
+    "inspect": "ADAPTER...",
+    "merge": "BASE ADAPTER...",
+    "unmerge": "MERGED ADAPTER...",
+    "combine": "ADAPTER...",
+    "truncate": "ADAPTER",
+    "similarity": "ADAPTER...",
+    "convert": "ADAPTER",
+    "check": "ADAPTER",
+    "run": "RECIPE",
+}
+#: what typer shows unless told otherwise: types in angle brackets, required arguments in braces
+TYPER_NOISE = re.compile(r"<(str|int|float|path|list\[[a-z]+\])>|\{[a-z_]+\}|\[[a-z_]+\]\.\.\.")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_plain_metavars(cli, command):
+    r = cli(command, "--help")
+    assert r.code == 0, r.stderr
+    text = r.stdout
+    assert text.splitlines()[0] == f"Usage: loractl {command} [OPTIONS] {USAGE[command]}"
+    body = text[: text.rindex("Examples")]
+    assert not TYPER_NOISE.search(body), TYPER_NOISE.search(body)
+    assert "<" not in body and "{" not in body, body
+    for name in USAGE[command].replace("...", "").split():
+        assert re.search(rf"^  {name}(\.\.\.)?\s", body, re.M), body  # the Arguments section
+    if "--format" in body:
+        assert "--format peft|kohya|diffusers|loralib|gguf" in body
+
+
+def test_help_formats_are_the_library_formats():
+    from loractl.cli._options import FORMATS
+    from loractl.formats import FORMATS as LIBRARY
+
+    assert FORMATS == LIBRARY
+
+
+def test_docs_cli_md_has_plain_metavars():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    assert not TYPER_NOISE.search(text), TYPER_NOISE.search(text)
+    assert "$ loractl merge [OPTIONS] BASE ADAPTER..." in text
+    assert "--device" not in text
+
+
+def test_device_is_hidden_until_it_works(cli, inputs, tools, bad_input):
+    assert "--device" not in cli("merge", "--help").stdout
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--device", "cpu", "-q")
+    assert r.code == 0, r.stderr  # still accepted
+    snap = tools.Snapshot([inputs.root])
+    bad = inputs.work / "merged-cuda"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", bad, "--device", "cuda")
+    bad_input(r, output=bad, snapshot=snap, names=["--device cuda"])
+
+
 # --------------------------------------------------------------------------------------------
 # --json and -q
 # --------------------------------------------------------------------------------------------

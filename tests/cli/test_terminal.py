@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import re
 import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -46,16 +50,25 @@ def _read_all(
     return buf
 
 
-def _on_pty(*args: str) -> tuple[int, bytes, bytes]:
-    """Run ``python -m loractl ARGS`` with stderr on a pseudo-terminal; (exit code, stdout, stderr)."""
+def _on_pty(
+    *args: str, columns: int | None = None, stdout: bool = False, cwd: Path | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run ``python -m loractl ARGS`` (in ``cwd``) with stderr (and with ``stdout``, stdout too) on
+    a pseudo-terminal ``columns`` wide; (exit code, stdout, what the terminal received)."""
     master, slave = pty.openpty()
+    if columns is not None:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = _env()
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "loractl", *args],
         stdin=slave,
-        stdout=subprocess.PIPE,
+        stdout=slave if stdout else subprocess.PIPE,
         stderr=slave,
-        env=_env(),
+        env=env,
         close_fds=True,
+        cwd=cwd,
     )
     os.close(slave)
     err = _read_all(master, proc)
@@ -127,6 +140,13 @@ def test_bash_completion_of_commands_and_options() -> None:
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_bash_completion_of_format_choices_and_no_hidden_device() -> None:
+    assert _bash_complete("loractl merge --format ") == ["peft", "kohya", "diffusers", "loralib", "gguf"]
+    assert _bash_complete("loractl check x --format k") == ["kohya"]
+    assert _bash_complete("loractl merge --dev") == []  # --device is hidden until it works
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_bash_completion_with_a_real_tab_keypress(tmp_path: Path) -> None:
     """An interactive bash on a pty: type `loractl me<TAB>` and see the line completed to `merge`."""
     master, slave = pty.openpty()
@@ -172,3 +192,86 @@ def test_progress_bar_for_conversions_on_a_terminal_only(tmp_path: Path) -> None
         [sys.executable, "-m", "loractl", *args, "-o", str(tmp_path / "c2")], capture_output=True, env=_env()
     )
     assert p.returncode == 0 and p.stderr == b"" and p.stdout.startswith(b"converted 14 modules")
+
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _frames(terminal: bytes) -> list[str]:
+    """What the terminal showed, one entry per line drawn (ANSI escapes removed, split at \\r and \\n)."""
+    text = ANSI.sub(b"", terminal).decode()
+    return [f.rstrip() for f in re.split(r"[\r\n]", text) if f.strip()]
+
+
+@pytest.mark.parametrize("columns", [40, 80, 120])
+def test_progress_bar_fits_the_terminal(tmp_path: Path, columns: int) -> None:
+    code, _, err = _on_pty(*_merge_args(tmp_path), columns=columns)
+    assert code == 0
+    bars = [f for f in _frames(err) if f.startswith("merging")]
+    assert bars, err
+    assert all(len(f) <= columns for f in _frames(err)), _frames(err)
+    # every frame of the bar is one line: what it shows after the bar is on the same line
+    assert all(f.endswith(("%", "0:00:00", "0:00:01", "0:00:02", "-:--:--")) for f in bars), bars
+    if columns >= 80:
+        assert any(" kB " in f or " MB " in f for f in bars), bars  # size and speed when there is room
+
+
+@pytest.mark.parametrize("args, word", [(("merge",), "merging"), (("convert",), "converting")])
+def test_progress_bar_starts_with_its_total(tmp_path: Path, args: tuple[str, ...], word: str) -> None:
+    """No frame of a bar of unknown length ("0/?", a pulsing bar): the first frame knows the total."""
+    if args[0] == "merge":
+        argv = _merge_args(tmp_path)
+    else:
+        argv = ["convert", str(EXAMPLES / "tiny-llama-lora"), "--to", "peft", "-o", str(tmp_path / "c")]
+    code, _, err = _on_pty(*argv, columns=120)
+    assert code == 0
+    bars = [f for f in _frames(err) if f.startswith(word)]
+    assert bars and all("?" not in f for f in bars), bars
+    if word == "converting":
+        assert all("/14" in f for f in bars), bars
+
+
+def _check_rank4(tmp_path: Path, columns: int) -> list[str]:
+    """``loractl check tiny-llama-lora --max-rank 4`` (14 modules of rank 8) on a terminal."""
+    shutil.copytree(EXAMPLES / "tiny-llama-lora", tmp_path / "tiny-llama-lora")
+    code, _, term = _on_pty(
+        "check", "tiny-llama-lora", "--max-rank", "4", columns=columns, stdout=True, cwd=tmp_path
+    )
+    assert code == 1
+    return _frames(term)
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_check_keeps_module_names_and_fix_commands_whole(tmp_path: Path, columns: int) -> None:
+    lines = _check_rank4(tmp_path, columns)
+    fix = "loractl truncate tiny-llama-lora -o OUT --rank 4"
+    modules = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    for m in modules:
+        assert any(m in line for line in lines), lines
+    assert sum(fix in line for line in lines) == 14, lines  # one whole fix per finding
+    assert all(len(line) <= columns for line in lines), lines
+    assert "…" not in "".join(lines)
+    if columns == 200:  # a table: module, message and fix on one line
+        assert any(modules[0] in line and fix in line for line in lines), lines
+
+
+def test_findings_table_wraps_the_message_not_the_module_or_fix() -> None:
+    from rich.console import Console
+
+    from loractl.checks import Finding
+    from loractl.cli.check import findings_table
+
+    module = "base_model.model.encoder.layer.11.attention.self.query_key_value"
+    fix = "loractl truncate /data/adapters/some-long-name/adapter -o OUT --rank 16"
+    message = "module has rank 64, above --max-rank 16; " * 4
+    findings = [Finding("rank-too-large", "error", module, message, fix), Finding("x", "info", None, "short")]
+    for width in (80, 120, 240):
+        con = Console(width=width, record=True, soft_wrap=True, color_system=None)
+        con.print(findings_table(findings, width))
+        lines = con.export_text().splitlines()
+        assert any(module in line for line in lines) and any(fix in line for line in lines), lines
+        assert all(len(line.rstrip()) <= width for line in lines), lines
+        assert "…" not in con.export_text()
+        if width == 240:
+            assert any(module in line and fix in line for line in lines), lines  # one table row
+            assert sum("module has rank 64" in line for line in lines) > 1  # the message wrapped
