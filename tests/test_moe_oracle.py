@@ -199,6 +199,8 @@ def test_adapter_keys_and_shapes(arch, tmp_path):
         ([".".join(lay.experts.split(".")[-2:] + [names[-1]])], {}),  # e.g. "mlp.experts.down_proj"
         ([names[0]], {"rank_pattern": {"experts": 5, "mlp": 5}}),
     ]
+    if arch not in MAIN_ARCHS:
+        cases = cases[:2]
     for i, (targets, extra) in enumerate(cases):
         d = make_moe_adapter(model, tmp_path / f"a{i}", target_parameters=targets, r=3, lora_alpha=6, **extra)
         ad = read_st(d)
@@ -288,7 +290,7 @@ def test_per_expert_product_is_peft_einsum():
     g = torch.Generator().manual_seed(0)
     for n_exp, r, o, i in [
         (4, 3, 40, 32),
-        (8, 16, 256, 384),
+        (8, 16, 128, 96),
         (64, 8, 48, 96),
         (16, 32, 128, 64),
         (4, 64, 96, 80),
