@@ -69,7 +69,9 @@ def dequantize_blocks(
 ) -> torch.Tensor:
     """Reference dequantization: the float32 product of the FP8 value and its block's scale, cast once to dtype."""
     if q.dtype != FP8 or s.dtype != torch.float32 or tuple(s.shape) != _grid(tuple(q.shape), block):
-        raise ValueError(f"not a block-scaled FP8 weight: {q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}")
+        raise ValueError(
+            f"not a block-scaled FP8 weight: {q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}"
+        )
     return (q.to(torch.float32) * expand_scale(s, tuple(q.shape), block)).to(dtype)
 
 
@@ -88,7 +90,9 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     return q.reshape(gr * block[0], gc * block[1])[:rows, :cols].contiguous(), s.contiguous()
 
 
-def quantize_blocks_transformers(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks_transformers(
+    w: torch.Tensor, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' own quantizer (``integrations.finegrained_fp8.Fp8Quantize``, pure torch, runs on CPU).
     It only tiles shapes divisible by the block: it returns any other weight unquantized, so this raises."""
     from types import SimpleNamespace
@@ -96,7 +100,9 @@ def quantize_blocks_transformers(w: torch.Tensor, block: tuple[int, int]) -> tup
     import transformers as tf
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    op = Fp8Quantize(SimpleNamespace(quantization_config=tf.FineGrainedFP8Config(weight_block_size=tuple(block))))
+    op = Fp8Quantize(
+        SimpleNamespace(quantization_config=tf.FineGrainedFP8Config(weight_block_size=tuple(block)))
+    )
     out = op._quantize_one("w.weight", w)
     if "w.weight_scale_inv" not in out:
         raise ValueError(f"transformers' Fp8Quantize leaves {tuple(w.shape)} unquantized for block {block}")
@@ -289,7 +295,9 @@ def save_ct_fp8_base(
     qscheme = preset_name_to_scheme(scheme, ["Linear"])
     if block is not None:
         qscheme.weights.block_structure = list(block)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": qscheme}, ignore=list(ignore)))
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"group_0": qscheme}, ignore=list(ignore))
+    )
     with torch.no_grad():
         for _, mod in model.named_modules():
             if not hasattr(mod, "weight_scale"):

@@ -107,7 +107,9 @@ def test_transformers_mis_scales_partial_blocks_when_the_dim_divides_by_the_grid
     tensors, block, _ = read_fp8_base(base)
     ours = reference_dequantized(base, dtype)
     theirs = transformers_dequantized(base, dtype)
-    wrong = {k for k in _quantized_keys(tensors) if not transformers_derives_block(tuple(tensors[k].shape), block)}
+    wrong = {
+        k for k in _quantized_keys(tensors) if not transformers_derives_block(tuple(tensors[k].shape), block)
+    }
     assert wrong == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"}
     for k, v in ours.items():
         if k not in wrong:
@@ -200,7 +202,9 @@ def test_the_requantize_scale_rule_round_trips_for_every_float32_amax() -> None:
     again = 1.0 / (448.0 / (448.0 * s_tf))
     assert 0.1 < (again != s_tf).float().mean().item() < 0.13
     # and so transformers' quantizer is no requantization rule for loractl: its checkpoint does not round-trip
-    q, s1 = quantize_blocks_transformers(torch.randn(256, 384, generator=torch.Generator().manual_seed(0)), (32, 32))
+    q, s1 = quantize_blocks_transformers(
+        torch.randn(256, 384, generator=torch.Generator().manual_seed(0)), (32, 32)
+    )
     q2, s2 = quantize_blocks_transformers(dequantize_blocks(q, s1, (32, 32), F32), (32, 32))
     assert not torch.equal(s2, s1)
 
@@ -230,7 +234,8 @@ def test_requantized_merge_loads_in_transformers_within_fp8_rounding(
     for k in _quantized_keys(written):
         q, s = written[k], written[k + "_scale_inv"]
         assert q.dtype == FP8 and s.dtype == F32
-        assert same_bits(loaded[k], dequantize_blocks(q, s, block, BF16)), k  # transformers reads what we wrote
+        # transformers reads what we wrote
+        assert same_bits(loaded[k], dequantize_blocks(q, s, block, BF16)), k
         scale = expand_scale(s, tuple(q.shape), block)
         m32 = merged32[k]
         # FP8 e4m3 rounding of the float32 merge: half an ulp is 2**-4 relative (normal values) or
