@@ -98,6 +98,44 @@ def test_reference_dequantize_equals_transformers_bit_for_bit(
 
 
 @DTYPES
+def test_moe_experts_dequantize_per_expert_then_fuse(tmp_path: Path, dtype: torch.dtype) -> None:
+    # Qwen3-MoE checkpoints store each expert's projections (`experts.<e>.gate_proj.weight` + scale); transformers
+    # dequantizes each one, then fuses them into `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
+    import transformers as tf
+
+    cfg = tf.Qwen3MoeConfig(
+        hidden_size=256,
+        intermediate_size=384,
+        moe_intermediate_size=96,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        head_dim=64,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(cfg).to(BF16)
+    base = save_fp8_base(model, tmp_path / "fp8", (32, 32))
+    tensors, _, _ = read_fp8_base(base)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight_scale_inv" in tensors
+    assert tensors["model.layers.0.mlp.gate.weight"].dtype == BF16  # the router stays dense
+    ours = reference_dequantized(base, dtype)
+    theirs = transformers_dequantized(base, dtype)
+
+    def experts(name: str) -> torch.Tensor:
+        return torch.stack([ours[f"model.layers.0.mlp.experts.{e}.{name}.weight"] for e in range(4)])
+
+    gate_up = torch.cat([experts("gate_proj"), experts("up_proj")], dim=1)
+    assert same_bits(theirs["model.layers.0.mlp.experts.gate_up_proj"], gate_up)
+    assert same_bits(theirs["model.layers.0.mlp.experts.down_proj"], experts("down_proj"))
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate.weight", "lm_head.weight"):
+        assert same_bits(theirs[k], ours[k]), k
+
+
+@DTYPES
 def test_transformers_mis_scales_partial_blocks_when_the_dim_divides_by_the_grid(
     tmp_path: Path, dtype: torch.dtype
 ) -> None:
