@@ -10,7 +10,7 @@ factors. ``fan_in_fan_out`` (GPT-2 ``Conv1D``) stores the weight transposed, so 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,78 @@ class LoraModule:
         tensors = [self.down, self.up, self.bias, self.magnitude]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """B [out, r] and A [r, n] as 2-D matrices whose product (times the scale) is the update in
+        PEFT's [out, in] orientation (conv kernels flattened; embeddings as PEFT stores them)."""
+        r = self.rank
+        return self.up.reshape(self.up.shape[0], r), self.down.reshape(r, -1)
+
+    def with_factors(self, b: torch.Tensor, a: torch.Tensor, alpha: float, rslora: bool = False) -> LoraModule:
+        """A copy with new 2-D factors (reshaped back to conv kernels) in this module's dtypes."""
+        k = int(a.shape[0])
+        down = a.reshape(k, *self.down.shape[1:]).to(self.down.dtype).contiguous()
+        up = b.reshape(self.up.shape[0], k, *self.up.shape[2:]).to(self.up.dtype).contiguous()
+        return replace(self, down=down, up=up, alpha=alpha, rslora=rslora)
+
+    def normalized(self) -> LoraModule:
+        """The same update with alpha = r (scale 1): the scale folded into B (and the bias), in float64."""
+        s = self.scale
+        up = (self.up.double() * s).to(self.up.dtype)
+        bias = (self.bias.double() * s).to(self.bias.dtype) if self.bias is not None else None
+        return replace(self, up=up, bias=bias, alpha=float(self.rank), rslora=False)
+
+    def padded(self, rank: int) -> LoraModule:
+        """Zero-padded to ``rank``, B·A unchanged; alpha' = alpha·r'/r (rsLoRA: alpha·√(r'/r)) keeps the scale."""
+        import torch
+
+        r = self.rank
+        if rank == r:
+            return self
+        down = torch.cat([self.down, self.down.new_zeros(rank - r, *self.down.shape[1:])], 0)
+        up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], rank - r, *self.up.shape[2:])], 1)
+        alpha = self.alpha * (math.sqrt(rank / r) if self.rslora else rank / r)
+        return replace(self, down=down, up=up, alpha=alpha)
+
+    def cast(self, dtype: torch.dtype) -> LoraModule:
+        """Every tensor in ``dtype``."""
+        return replace(
+            self,
+            down=self.down.to(dtype),
+            up=self.up.to(dtype),
+            bias=self.bias.to(dtype) if self.bias is not None else None,
+            magnitude=self.magnitude.to(dtype) if self.magnitude is not None else None,
+        )
+
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        """The module's tensors under PEFT's names: lora_A, lora_B, and lora_B.bias and
+        lora_magnitude_vector where present."""
+        named = [
+            ("lora_A", self.down),
+            ("lora_B", self.up),
+            ("lora_B.bias", self.bias),
+            ("lora_magnitude_vector", self.magnitude),
+        ]
+        return [(label, t) for label, t in named if t is not None]
+
+
+@dataclass
+class NonFinite:
+    """A tensor of an adapter holding NaN or Inf values.
+
+    Attributes:
+        module: the module (for a saved tensor: the module it belongs to).
+        tensor: ``lora_A``, ``lora_B``, ``lora_B.bias``, ``lora_magnitude_vector``, or the saved tensor's key.
+        nan: how many values are NaN.
+        inf: how many are ±Inf.
+        numel: how many values it has.
+    """
+
+    module: str
+    tensor: str
+    nan: int
+    inf: int
+    numel: int
+
 
 @dataclass
 class Adapter:
@@ -126,6 +198,40 @@ class Adapter:
         return sum(m.parameters for m in self.modules.values()) + sum(
             t.numel() for t in self.modules_to_save.values()
         )
+
+    def derived(self, modules: dict[str, LoraModule]) -> Adapter:
+        """This adapter with other modules (truncated, combined, converted): its saved tensors, config
+        and files kept, its metadata without what described the old tensors (``sshs_*`` hashes,
+        ``loractl.*`` provenance)."""
+        return Adapter(
+            path=self.path,
+            format=self.format,
+            modules=modules,
+            modules_to_save=dict(self.modules_to_save),
+            config=dict(self.config),
+            metadata={k: v for k, v in self.metadata.items() if not k.startswith(("sshs_", "loractl."))},
+            files=list(self.files),
+            init=self.init,
+        )
+
+    def nonfinite(self) -> list[NonFinite]:
+        """Every float tensor holding NaN or Inf (factors of diverged training), in module order:
+        the one scan that ``load_adapter`` refuses on and ``check`` reports."""
+        import torch
+
+        found: list[NonFinite] = []
+
+        def scan(module: str, label: str, t: torch.Tensor) -> None:
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                nan = int(torch.isnan(t).sum())
+                found.append(NonFinite(module, label, nan, int(torch.isinf(t).sum()), t.numel()))
+
+        for m in self.modules.values():
+            for label, t in m.parts():
+                scan(m.name, label, t)
+        for key, t in self.modules_to_save.items():
+            scan(key.rsplit(".", 1)[0], key, t)
+        return found
 
     @property
     def nbytes(self) -> int:

@@ -1,720 +1,116 @@
-"""The operations users call, composed from ``formats`` (names), ``ops`` (math) and ``io`` (files).
+"""The operations users call: one function per command, each returning a small result dataclass and
+never printing (the CLI renders the results).
 
-Every function returns a small result dataclass and never prints; the CLI renders the results.
+This module is a facade. It checks the arguments, reads the inputs (:mod:`loractl.inputs`), asks
+:mod:`loractl.plan` which base tensor each adapter module changes, computes with :mod:`loractl.ops`,
+and writes with :mod:`loractl.io` (:mod:`~loractl.io.layout`, :mod:`~loractl.io.stream`,
+:mod:`~loractl.io.receipt`). docs/architecture.md draws the layers.
+
+Every function that takes adapters takes one path (or loaded :class:`~loractl.adapter.Adapter`) or a
+list of them, and one weight or a list of them. Errors are :class:`~loractl.errors.LoractlError`
+subclasses; their ``hint`` names keyword arguments (``force=True``) where the command line names
+options (``--force``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import fnmatch
+import functools
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from . import __version__
 from .adapter import Adapter, LoraModule
+from .checks import CheckResult
 from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
-from .formats import ReadOptions, WriteOptions, format_module
-from .formats import load_adapter as _load_adapter
-from .formats.names import NameResolver, ties_word_embeddings
-from .io.atomic import atomic_output, check_output, copy_file
-from .io.base import RECEIPT_NAME, BaseModel, open_base
-from .io.buffers import BufferPool
-from .io.quant import QuantizedWeight
-from .io.safetensors import (
-    FLOAT_DTYPES,
-    SafetensorsFile,
-    SafetensorsWriter,
-    SpooledWriter,
-    dtype_name,
-    torch_dtype,
+from .formats import FORMATS, WriteOptions, writable, write_adapter
+from .inputs import (
+    Adapters,
+    Weights,
+    as_list,
+    load_adapter,
+    load_adapters,
+    protected_paths,
+    read_options,
+    weights_for,
 )
+from .io.atomic import atomic_output, check_output
+from .io.base import RECEIPT_NAME, BaseModel, open_base
+from .io.layout import Files, copy_notes, copy_other_files, layout, parse_size, shard_mode, write_index
+from .io.receipt import Receipt, ReceiptWriter, receipt_beside, receipt_path, remove_stale, spool_beside
+from .io.safetensors import dtype_name, torch_dtype
+from .io.stream import Job, Progress, Stream
 from .ops import merge as merge_ops
-from .ops import residual
+from .plan import MergePlan, match, plan_merge
+from .provenance import AdapterRef, metadata, refs
+from .recipe import RunResult
 
-Progress = Callable[[int, int], None]
+__all__ = [
+    "AdapterInfo",
+    "AdapterRef",
+    "AdapterSpectrum",
+    "AmplificationModule",
+    "AmplificationResult",
+    "BaseFit",
+    "CombineResult",
+    "ConvertResult",
+    "Coverage",
+    "InspectResult",
+    "MergeResult",
+    "ModuleInfo",
+    "ModuleSimilarity",
+    "ModuleSpectrum",
+    "SimilarityResult",
+    "SpectrumResult",
+    "Storage",
+    "TruncateResult",
+    "TruncatedModule",
+    "UnmergeResult",
+    "amplification",
+    "check",
+    "combine",
+    "convert",
+    "inspect",
+    "load_adapter",
+    "merge",
+    "run",
+    "save_adapter",
+    "similarity",
+    "spectrum",
+    "truncate",
+    "unmerge",
+]
+
 DTYPES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-RECEIPT_VERSION = "1"
+DYLORA_CONVENTIONS = ("original", "kohya", "lycoris")
+COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare-linear", "dare-ties", "magnitude-prune")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _keeps_torch_threads(fn: _F) -> _F:
+    """Restore torch's thread count after ``fn``, whatever it set it to."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
-def load_adapter(
-    path: str | Path,
-    format: str | None = None,
-    allow_pickle: bool = False,
-    options: ReadOptions | None = None,
-) -> Adapter:
-    """Read an adapter in any supported layout and check that its tensors are finite.
-
-    Args:
-        path: a PEFT folder or a weights file.
-        format: force a format instead of detecting it.
-        allow_pickle: accept pickle files (read with ``torch.load(weights_only=True)``).
-        options: reader options (base names for kohya, rank/alpha for loralib...); ``allow_pickle``
-            is added to them.
-
-    Raises:
-        InputError: missing, unreadable, corrupt or non-finite adapter.
-    """
-    options = options or ReadOptions()
-    options.allow_pickle = options.allow_pickle or allow_pickle
-    adapter = _load_adapter(path, format=format, options=options)
-    source = adapter.files[0] if adapter.files else adapter.path
-    for m in adapter.modules.values():
-        for label, t in (
-            ("lora_A", m.down),
-            ("lora_B", m.up),
-            ("lora_B.bias", m.bias),
-            ("magnitude", m.magnitude),
-        ):
-            if t is not None and t.is_floating_point() and not t.is_meta:
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise InputError(
-                        f"{source}: module {m.name!r} tensor {label} holds {bad} NaN/Inf values",
-                        hint="the adapter is broken (diverged training?); it cannot be merged",
-                    )
-    for key, t in adapter.modules_to_save.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InputError(f"{source}: tensor {key!r} holds NaN/Inf values", hint="the adapter is broken")
-    return adapter
-
-
-def tensor_crc32(t: torch.Tensor) -> int:
-    """crc32 of a tensor's bytes (a cheap check that a restored tensor is the original)."""
-    import zlib
-
-    flat = t.detach().contiguous().view(-1)
-    if flat.numel() == 0:
-        return 0
-    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    """sha256 over the bytes of ``paths`` in order (an adapter's weights then its config)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# planning a merge: which adapter module touches which base tensor
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Contribution:
-    """One change to one base tensor."""
-
-    adapter: int
-    kind: str  # "lora", "bias" or "replace"
-    weight: float
-    module: LoraModule | None = None
-    tensor: torch.Tensor | None = None  # the replacement for "replace"
-
-
-@dataclass
-class MergePlan:
-    changes: dict[str, list[Contribution]]
-    unmatched: list[str]
-
-
-def _tie(base: BaseModel) -> bool:
-    return ties_word_embeddings(base.config)
-
-
-def plan_merge(
-    base: BaseModel,
-    adapters: Sequence[Adapter],
-    weights: Sequence[float],
-    quantized: dict[str, QuantizedWeight] | None = None,
-) -> MergePlan:
-    """Resolve every adapter module to a base tensor and check shapes (4-bit weights: their real shape).
-
-    Raises:
-        ShapeMismatchError: an update does not fit the weight it resolves to.
-        UnsupportedAdapterError: an adapter that changed the base during training (PiSSA, OLoRA...).
-    """
-    resolver = NameResolver(base.tensors, tie_word_embeddings=_tie(base))
-    quantized = quantized or {}
-
-    def shape_of(key: str) -> tuple[int, ...]:
-        return tuple(quantized[key].shape) if key in quantized else tuple(base.info(key).shape)
-
-    changes: dict[str, list[Contribution]] = {}
-    unmatched: list[str] = []
-    for i, (ad, w) in enumerate(zip(adapters, weights)):
-        if ad.init:
-            raise UnsupportedAdapterError(
-                f"{ad.path}: trained with init_lora_weights={ad.init!r}, which changes the base weights; "
-                "merging it into the original base would be wrong",
-                hint="convert it to a plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))",
-            )
-        # full replacements first: PEFT loads them into the model before any LoRA is merged
-        for key, t in ad.modules_to_save.items():
-            bkey = resolver.resolve_tensor(key.replace(".base_layer.", "."))
-            if bkey is None:
-                unmatched.append(f"{key} ({ad.path})")
-                continue
-            if shape_of(bkey) != tuple(t.shape):
-                raise ShapeMismatchError(
-                    f"{ad.path}: tensor {key!r} is {list(t.shape)} but base tensor {bkey!r} is "
-                    f"{list(shape_of(bkey))}",
-                    hint="is this adapter for another base model?",
-                )
-            changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=t))
-        for name, m in ad.modules.items():
-            key = resolver.resolve(name)
-            if key is None:
-                unmatched.append(f"{name} ({ad.path})")
-                continue
-            shape = shape_of(key)
-            if tuple(shape) != tuple(m.weight_shape):
-                raise ShapeMismatchError(
-                    f"{ad.path}: module {name!r}: adapter update is {list(m.weight_shape)} but base weight "
-                    f"{key!r} is {list(shape)}",
-                    hint="is this adapter for another base model?",
-                )
-            if key not in quantized and base.info(key).dtype not in FLOAT_DTYPES:
-                raise InputError(
-                    f"{base.path}: tensor {key!r} is {base.info(key).dtype}, not a float weight",
-                    hint="only bitsandbytes 4-bit (NF4/FP4) quantized bases are supported",
-                )
-            changes.setdefault(key, []).append(Contribution(i, "lora", w, module=m))
-            if m.bias is not None:
-                bkey = resolver.resolve(name, "bias")
-                if bkey is None:
-                    raise ShapeMismatchError(
-                        f"{ad.path}: module {name!r} has lora_B.bias but the base layer has no bias",
-                        hint="PEFT cannot merge lora_bias into a layer without bias either",
-                    )
-                changes.setdefault(bkey, []).append(Contribution(i, "bias", w, module=m))
-    return MergePlan(changes, unmatched)
-
-
-def _fused_ok(plan: MergePlan) -> bool:
-    """Can this merge run single-threaded with row-block products (:func:`ops.merge.fused_merge`) and
-    still give PEFT's bits? It can when, for every distinct module shape, that way of computing the
-    update gives the same bits as PEFT's whole product at the default thread count: checked here on
-    one real module of each shape (the BLAS picks its kernels by shape, not by value). On success the
-    process is left at one torch thread (the caller restores it); merges with DoRA, whose norms are
-    reductions, keep the default threads."""
-    threads = torch.get_num_threads()
-    samples: dict[tuple, Contribution] = {}
-    for contribs in plan.changes.values():
-        for c in contribs:
-            if c.kind != "lora" or c.module is None:
-                continue
-            if c.module.is_dora:
-                return False
-            m = c.module
-            key = (m.kind, tuple(m.up.shape), tuple(m.down.shape), m.fan_in_fan_out, m.up.dtype, m.down.dtype)
-            samples.setdefault(key, c)
-    for c in samples.values():  # one shape at a time: a 7B MLP update is 180 MB in float32
-        m = c.module
-        assert m is not None
-        torch.set_num_threads(threads)
-        ref = merge_ops.delta_weight(m, c.weight)
-        torch.set_num_threads(1)
-        if merge_ops.fused_eligible(m):
-            same = merge_ops.fused_product_equals(m, c.weight, ref)
-        else:  # computed whole, as merged_tensor does, but on one thread
-            got = merge_ops.delta_weight(m, c.weight)
-            same = got.shape == ref.shape and torch.equal(
-                residual.bits(got.contiguous()), residual.bits(ref.contiguous())
-            )
-            del got
-        del ref
-        if not same:
-            torch.set_num_threads(threads)
-            return False
-    torch.set_num_threads(1)
-    return True
-
-
-def _one_fused_lora(contribs: Sequence[Contribution]) -> bool:
-    """A tensor changed by exactly one LoRA module that the row-block path computes."""
-    return (
-        len(contribs) == 1
-        and contribs[0].kind == "lora"
-        and contribs[0].module is not None
-        and merge_ops.fused_eligible(contribs[0].module)
-    )
-
-
-def merged_tensor(
-    w0: torch.Tensor,
-    contributions: Sequence[Contribution],
-    out_dtype: torch.dtype,
-    *,
-    inplace: bool = False,
-    deltas: dict[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Apply the contributions to ``w0`` (a copy, or ``w0`` itself with ``inplace``), in order, exactly
-    as PEFT merges them in turn. ``deltas`` collects each LoRA update by position, for reuse."""
-    compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
-    dora = any(c.module is not None and c.module.is_dora for c in contributions)
-    w = w0 if inplace and compute == w0.dtype and not dora else w0.to(compute, copy=True)
-    base_c = w0.to(compute) if compute != w0.dtype else w0
-    for pos, c in enumerate(contributions):
-        if c.kind == "replace":
-            assert c.tensor is not None
-            w = c.tensor.to(compute, copy=True)
-        elif c.kind == "bias":
-            assert c.module is not None
-            w += merge_ops.bias_delta(c.module, c.weight)
-        else:
-            assert c.module is not None
-            delta = merge_ops.delta_weight(c.module, c.weight)
-            if deltas is not None:
-                deltas[pos] = delta
-            factor = merge_ops.dora_factor(c.module, base_c, delta) if c.module.is_dora else None
-            w = merge_ops.apply_delta(w, c.module, delta, factor)
-    return w.to(out_dtype) if w.dtype != out_dtype else w
-
-
-def unmerged_tensor(
-    m: torch.Tensor,
-    contributions: Sequence[Contribution],
-    orig_dtype: torch.dtype,
-    factors: dict[int, torch.Tensor] | None = None,
-    deltas: dict[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Remove the contributions from a merged tensor, last first (exact up to rounding).
-
-    Args:
-        m: the merged tensor.
-        contributions: as merged.
-        orig_dtype: the base tensor's dtype.
-        factors: DoRA factors by contribution position (from a receipt).
-        deltas: the updates by position, when the caller has them (else recomputed, to the same bits).
-    """
-    compute = m.dtype if _wider(m.dtype, orig_dtype) else orig_dtype
-    w = m.to(compute, copy=True)
-    for pos in range(len(contributions) - 1, -1, -1):
-        c = contributions[pos]
-        assert c.module is not None or c.kind == "replace"
-        if c.kind == "replace":
-            continue  # only a receipt can restore a replaced tensor
-        if c.kind == "bias":
-            w -= merge_ops.bias_delta(c.module, c.weight)  # type: ignore[arg-type]
-            continue
-        if deltas is not None and pos in deltas:
-            delta = deltas[pos]
-        else:
-            delta = merge_ops.delta_weight(c.module, c.weight)  # type: ignore[arg-type]
-        factor = None
-        if c.module.is_dora:  # type: ignore[union-attr]
-            if factors is None or pos not in factors:
-                raise UnsupportedAdapterError(
-                    f"module {c.module.name!r} is DoRA: its merge divides by norms of the original weight, "  # type: ignore[union-attr]
-                    "which cannot be recovered by subtraction",
-                    hint="unmerge with the receipt that merge wrote",
-                )
-            factor = factors[pos]
-        w = merge_ops.unapply_delta(w, c.module, delta, factor)  # type: ignore[arg-type]
-    return w.to(orig_dtype) if w.dtype != orig_dtype else w
-
-
-def _wider(a: torch.dtype, b: torch.dtype) -> bool:
-    return a.is_floating_point and b.is_floating_point and torch.finfo(a).bits > torch.finfo(b).bits
-
-
-# --------------------------------------------------------------------------------------------
-# writing a model in the base's layout, tensor by tensor
-# --------------------------------------------------------------------------------------------
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` (decimal, as transformers), ``2GiB``, ``500MB`` or a byte count."""
-    m = SIZE_RE.match(text)
-    if not m:
-        raise UsageError(f"cannot read size {text!r}", hint="use e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    num, unit = float(m[1]), m[2].upper()
-    power = "BKMGT".index(unit[0]) if unit and unit[0] in "KMGT" else 0
-    base = 1024 if "I" in unit else 1000
-    size = int(num * base**power)
-    if size <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return size
-
-
-@dataclass
-class OutTensor:
-    name: str
-    src: int  # shard number in the source
-    dtype: str  # dtype name written
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        from .io.safetensors import DTYPE_INFO
-
-        return math.prod(self.shape) * DTYPE_INFO[self.dtype][0]
-
-
-def _shard_name(stem: str, i: int, n: int) -> str:
-    return f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def layout(
-    base: BaseModel,
-    out_dtype: str | None,
-    shard_size: int | None,
-    quantized: dict[str, QuantizedWeight] | None = None,
-) -> list[tuple[str, list[OutTensor]]]:
-    """Output file names and their tensors: the base's own layout, or re-sharded to ``shard_size``.
-
-    4-bit weights are written dequantized (``out_dtype``, default bf16) with their real shape, and
-    their quantization statistics are left out.
-    """
-    from .io.quant import aux_keys
-
-    quantized = quantized or {}
-    aux = aux_keys(quantized)
-    files: list[tuple[str, list[OutTensor]]] = []
-    for i, s in enumerate(base.shards):
-        items = []
-        for info in s.tensors.values():  # in file order
-            if info.name in aux:
-                continue
-            if info.name in quantized:
-                items.append(OutTensor(info.name, i, out_dtype or "BF16", tuple(quantized[info.name].shape)))
-                continue
-            dt = out_dtype if (out_dtype and info.dtype in FLOAT_DTYPES) else info.dtype
-            items.append(OutTensor(info.name, i, dt, info.shape))
-        files.append((s.path.name, items))
-    if shard_size is None:
-        return files
-    if not base.is_dir:
-        raise UsageError("--shard-size needs a base folder (a single-file base is written as one file)")
-    stem = (
-        "diffusion_pytorch_model"
-        if base.shards[0].path.name.startswith("diffusion_pytorch_model")
-        else "model"
-    )
-    groups: list[list[OutTensor]] = [[]]
-    size = 0
-    for _, items in files:
-        for t in items:
-            if groups[-1] and size + t.nbytes > shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
-    if len(groups) == 1:
-        return [(f"{stem}.safetensors", groups[0])]
-    return [(_shard_name(stem, i, len(groups)), g) for i, g in enumerate(groups)]
-
-
-def _write_index(
-    folder: Path, base: BaseModel, files: list[tuple[str, list[OutTensor]]], extra: dict[str, Any], mode: int
-) -> None:
-    if len(files) == 1 and base.index_name is None:
-        return
-    name = base.index_name or ("model.safetensors.index.json")
-    meta = dict(base.index_metadata)
-    meta["total_size"] = sum(t.nbytes for _, items in files for t in items)
-    meta.update(extra)
-    weight_map = {t.name: fname for fname, items in files for t in items}
-    (folder / name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
-    os.chmod(folder / name, _mode_of(base.path / name) if base.index_name else mode)
-
-
-def _mode_of(path: Path) -> int:
-    return os.stat(path).st_mode & 0o777
-
-
-def _shard_mode(base: BaseModel) -> int:
-    """The permission bits the output's weight files (and receipt) get: the base's shards' (the
-    strictest of them, should they differ), so a 0600 base does not become a 0644 merged model."""
-    mode = 0o777
-    for s in base.shards:
-        mode &= _mode_of(s.path)
-    return mode
-
-
-def _copy_other_files(base: BaseModel, folder: Path, dequantized: bool = False) -> None:
-    """Copy the files of the base folder that a model folder needs (io.base.COPIED_NAMES), each with
-    its own permission bits; a link inside the folder is copied as the file it points to, one pointing
-    outside is never followed (io.base.folder_files). A dequantized copy's config.json loses its
-    quantization_config (transformers would otherwise load the bf16 weights as 4-bit layers)."""
-    from .io.quant import dequantized_config
-
-    os.chmod(folder, _mode_of(base.path) | 0o700)
-    for rel, src in base.files.copied.items():
-        dst = folder / rel
-        if not dst.parent.exists():
-            dst.parent.mkdir(parents=True)
-            os.chmod(dst.parent, _mode_of(src.parent) | 0o700)
-        if dequantized and rel.as_posix() == "config.json":
-            dst.write_text(json.dumps(dequantized_config(base.config), indent=2) + "\n")
-            os.chmod(dst, _mode_of(src))
-        else:
-            copy_file(src, dst)
-
-
-def _copy_notes(base: BaseModel, output: Path) -> list[str]:
-    """What the output's folder does not get from the base folder, and why."""
-    notes = []
-    if base.files.links_out:
-        notes.append(
-            f"not copied to {output}: {', '.join(base.files.links_out)}: a link to outside {base.path} "
-            "(never followed)"
-        )
-    left = base.files.left_out
-    if left:
-        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
-        notes.append(f"not copied to {output} (not part of a model folder; see docs/merge.md): {shown}")
-    return notes
-
-
-def _largest_job(base: BaseModel, files: list[tuple[str, list[OutTensor]]], jobs: Mapping[str, Any]) -> int:
-    """Bytes of the largest tensor a job reads or writes (the size of the streaming buffers)."""
-    sizes = [
-        max(t.nbytes, base.info(t.name).nbytes)
-        for _, items in files
-        for t in items
-        if t.name in jobs and t.name in base.tensors
-    ]
-    return max(sizes, default=0)
-
-
-def _stream(
-    base: BaseModel,
-    folder_or_file: Path,
-    files: list[tuple[str, list[OutTensor]]],
-    jobs: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-    metadata_for: Callable[[int, dict[str, str]], dict[str, str]],  # (file number, source metadata)
-    progress: Progress | None,
-    single_file: bool,
-    loaders: dict[str, Callable[[], torch.Tensor]] | None = None,
-    pool: BufferPool | None = None,
-    on_read: Callable[[str, torch.Tensor], None] | None = None,
-    mode: int | None = None,
-) -> int:
-    """Write ``files``: each tensor raw-copied from the base, or read (``loaders`` for tensors that
-    are not stored as such, e.g. 4-bit weights), computed and written (``mode``: the files' permission bits).
-
-    Reading the next tensor, computing this one and writing the previous overlap (two threads
-    beside the main one); at most three tensors are in memory at once, in buffers from ``pool``
-    that are reused from tensor to tensor (jobs may take their outputs from the same pool). Each
-    finished file is fsynced on a third thread while the next one is being written. ``on_read`` is
-    called on the reading thread with each tensor read for a job (e.g. to checksum it there).
-    """
-    pool = pool or BufferPool(_largest_job(base, files, jobs))
-    total = sum(t.nbytes for _, items in files for t in items)
-    done = 0
-    if progress is not None:  # the total, before the first tensor: a bar of known length from the start
-        progress(0, total)
-    writers: list[SafetensorsWriter] = []
-    syncs: list[Future[None]] = []
-
-    def read(t: OutTensor) -> torch.Tensor | None:
-        if loaders and t.name in loaders:
-            data = loaders[t.name]()
-        elif t.name not in jobs:
-            return None
-        else:
-            info = base.info(t.name)
-            data = base.read(t.name, out=pool.empty(info.shape, torch_dtype(info.dtype)))
-        if on_read is not None:
-            on_read(t.name, data)
-        return data
-
-    try:
-        with (
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="loractl-io") as io,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-sync") as syncer,
-        ):
-            for fi, (fname, items) in enumerate(files):
-                path = folder_or_file if single_file else folder_or_file / fname
-                src_meta = dict(base.shards[items[0].src].metadata) if items else {}
-                entries = [(t.name, t.dtype, t.shape) for t in items]
-                writer = SafetensorsWriter(path, entries, metadata_for(fi, src_meta), direct=True, mode=mode)
-                writers.append(writer)
-                pending_write: Future[None] | None = None
-                nxt: Future[torch.Tensor | None] | None = io.submit(read, items[0]) if items else None
-                for k, t in enumerate(items):
-                    assert nxt is not None
-                    data = nxt.result()
-                    nxt = io.submit(read, items[k + 1]) if k + 1 < len(items) else None
-                    if data is None:
-                        result = None
-                    else:
-                        result = jobs[t.name](data)
-                        if result.dtype != torch_dtype(t.dtype):
-                            result = result.to(torch_dtype(t.dtype))
-                        if result.untyped_storage().data_ptr() != data.untyped_storage().data_ptr():
-                            pool.release(data)
-                    if pending_write is not None:
-                        pending_write.result()
-
-                    def write(
-                        t: OutTensor = t,
-                        result: torch.Tensor | None = result,
-                        writer: SafetensorsWriter = writer,
-                    ) -> None:
-                        if result is None:
-                            src = base.file_of(t.name)
-                            writer.copy_from(t.name, src, src.tensors[t.name])
-                        else:
-                            writer.write(t.name, result)
-                            pool.release(result)
-
-                    pending_write = io.submit(write)
-                    del data, result
-                    done += t.nbytes
-                    if progress is not None:
-                        progress(done, total)
-                if pending_write is not None:
-                    pending_write.result()
-                writer.finish()
-                syncs.append(syncer.submit(writer.sync))
-            for f in syncs:
-                f.result()
-    finally:  # after the threads are done with them
-        for w in writers:
-            w.close()
-    return sum(w.path.stat().st_size for w in writers)
-
-
-# --------------------------------------------------------------------------------------------
-# merge
-# --------------------------------------------------------------------------------------------
-@dataclass
-class AdapterRef:
-    path: str
-    sha256: str
-    weight: float
-    format: str
-
-
-@dataclass
-class MergeResult:
-    """What ``merge`` did."""
-
-    output: Path
-    adapters: list[AdapterRef]
-    tensors_changed: int
-    tensors_copied: int
-    modules: int
-    unmatched: list[str]
-    receipt: Path | None
-    receipt_bytes: int
-    bytes_written: int
-    seconds: float
-    dtype: str
-    notes: list[str] = field(default_factory=list)
-
-
-def receipt_path(merged: Path) -> Path:
-    """Where the receipt of a merged model lies: ``MERGED/loractl.receipt`` or ``MERGED.loractl.receipt``.
-
-    Never a ``*.safetensors`` at the top of the folder, so no model loader picks it up as weights.
-    """
-    return merged / RECEIPT_NAME if merged.is_dir() else _receipt_beside(merged)
-
-
-def _receipt_beside(merged: Path) -> Path:
-    """The receipt of a single-file merged model: ``MERGED.loractl.receipt`` beside it."""
-    return merged.with_name(merged.name + ".loractl.receipt")
-
-
-def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if not weights:
-        return [1.0] * n
-    if len(weights) != n:
-        raise UsageError(
-            f"{len(weights)} --weight values for {n} adapters", hint="give one --weight per adapter"
-        )
-    for w in weights:
-        if not math.isfinite(w):
-            raise UsageError(f"--weight {w} is not a finite number")
-    return [float(w) for w in weights]
-
-
-def _as_list(adapters: Any) -> list[Any]:
-    """One adapter (a path or an :class:`Adapter`) or a sequence of them, as a list: a lone string
-    is one path, not a sequence of characters."""
-    if isinstance(adapters, (str, Path, Adapter)):
-        return [adapters]
-    return list(adapters)
-
-
-def _load_all(
-    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
-    format: str | None,
-    allow_pickle: bool,
-    base: BaseModel | None = None,
-    subfolder: str | None = None,
-    progress: bool = False,
-) -> list[Adapter]:
-    opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, progress=progress)
-    if base is not None:
-        opts.base_keys = list(base.tensors)
-        opts.base_config = base.config
-    return [a if isinstance(a, Adapter) else load_adapter(a, format=format, options=opts) for a in adapters]
-
-
-def protected_paths(
-    *, base: BaseModel | None = None, adapters: Sequence[Adapter] = (), also: Sequence[str | Path | None] = ()
-) -> list[Path]:
-    """Every path an operation reads, which no output may be, contain or lie inside, with or without
-    ``force`` (:func:`loractl.io.atomic.check_output`): the base (its folder or file and its weight
-    files), each adapter as given and the files it was read from (a PEFT adapter given as a file
-    was read with the ``adapter_config.json`` beside it), and ``also`` (a receipt read, a base given
-    only for names). A recipe's own file is added by :func:`loractl.io.atomic.protecting`."""
-    out: list[Path] = []
-    if base is not None:
-        out += [base.path, *(s.path for s in base.shards)]
-    for a in adapters:
-        out += [Path(a.path), *a.files]
-    out += [Path(p) for p in also if p is not None]
-    return out
-
-
-def _refs(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[AdapterRef]:
-    return [AdapterRef(str(a.path), file_sha256(a.files), w, a.format) for a, w in zip(adapters, weights)]
-
-
-def _loractl_metadata(op: str, refs: Sequence[AdapterRef], src: dict[str, str]) -> dict[str, str]:
-    meta = {k: v for k, v in src.items() if not k.startswith("loractl.")}
-    meta["loractl.version"] = __version__
-    meta["loractl.operation"] = op
-    meta["loractl.adapters"] = json.dumps(
-        [{"path": r.path, "sha256": r.sha256, "weight": r.weight} for r in refs], separators=(",", ":")
-    )
-    return meta
-
-
-def _single_component(adapter: Adapter) -> Adapter:
-    """A diffusers adapter for one pipeline component, its module names relative to that component
-    (what PEFT loads into the bare model)."""
-    from .formats.diffusers import component_adapters
-
-    parts = component_adapters(adapter)
-    if len(parts) != 1:
-        raise UsageError(
-            f"{adapter.path}: holds LoRAs for {len(parts)} components ({', '.join(sorted(parts))}); "
-            "a PEFT adapter is for one model",
-            hint="write --to diffusers to keep them together",
-        )
-    return next(iter(parts.values()))
-
-
 def save_adapter(
     adapter: Adapter,
     output: str | Path,
@@ -733,45 +129,183 @@ def save_adapter(
         output: a folder (PEFT) or a file path.
         to: the format name.
         force: replace an existing output.
-        inputs: paths the output must not be.
+        inputs: paths the output must not be, contain or lie inside.
         operation: recorded in the metadata (``truncate``, ``combine``, ``convert``...).
         sources: the adapters it was made from, recorded with their sha256 and weight.
         options: writer options (base names and config for kohya/GGUF).
+
+    Returns:
+        The output path.
+
+    Raises:
+        UsageError: an unknown format, or one that cannot hold the adapter.
+        OutputError: the output exists (without ``force``), is an input, or the disk is full.
     """
-    mod = format_module(to)
-    output = Path(output)
     options = options or WriteOptions()
-    options.metadata = {**_loractl_metadata(operation, sources, {}), **options.metadata}
-    options.target = output
-    if to == "peft" and adapter.format == "diffusers":
-        adapter = _single_component(adapter)
-    with atomic_output(output, is_dir=False, inputs=inputs, force=force) as tmp:
-        mod.write(adapter, tmp, options)
-    return output
+    options.metadata = {**metadata(operation, sources), **options.metadata}
+    return write_adapter(adapter, Path(output), to, options, force=force, inputs=inputs)
 
 
-def _keeps_torch_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Restore torch's thread count after ``fn``, whatever it set it to."""
-    import functools
+def _writes(adapter: Adapter, output: str | Path, fmt: str, operation: str, sources: list[AdapterRef], **kw: Any) -> None:
+    """Save a derived adapter, protecting every input it was made from."""
+    save_adapter(adapter, output, to=fmt, operation=operation, sources=sources, **kw)
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        threads = torch.get_num_threads()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
-    return wrapper
+# --------------------------------------------------------------------------------------------
+# merge and unmerge
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MergeResult:
+    """What ``merge`` did.
+
+    Attributes:
+        output: the merged model written.
+        adapters: the adapters merged, in order, with their weights.
+        tensors_changed: base tensors an adapter changed.
+        tensors_copied: tensors copied unchanged.
+        modules: adapter modules merged.
+        unmatched: modules skipped with ``allow_partial``.
+        receipt: the receipt written, or None.
+        receipt_bytes: its size.
+        bytes_written: bytes of the weight files written.
+        seconds: wall time.
+        dtype: the ``dtype`` asked for.
+        notes: what a user should know (files not copied, a 4-bit base written dequantized...).
+    """
+
+    output: Path
+    adapters: list[AdapterRef]
+    tensors_changed: int
+    tensors_copied: int
+    modules: int
+    unmatched: list[str]
+    receipt: Path | None
+    receipt_bytes: int
+    bytes_written: int
+    seconds: float
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _refuse_unmatched(b: BaseModel, plan: MergePlan, loaded: Sequence[Adapter], allow_partial: bool) -> None:
+    if plan.unmatched and not allow_partial:
+        shown = ", ".join(plan.unmatched[:3]) + (
+            f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else ""
+        )
+        raise InputError(
+            f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
+            hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
+        )
+    if not plan.changes:  # --allow-partial, and not one module matched: the output would be the base
+        raise InputError(
+            f"{b.path}: no adapter module matches a base weight ({', '.join(str(a.path) for a in loaded)}); "
+            "is it for this base?",
+            hint="check the adapter's module names with `loractl inspect ADAPTER --base BASE`",
+        )
+
+
+def _merge_jobs(
+    b: BaseModel, plan: MergePlan, files: Files, receipt: bool
+) -> tuple[dict[str, Job], dict[str, Callable[[], torch.Tensor]], dict[str, str]]:
+    """The job of every tensor a merge computes (changed by an adapter, or written in another dtype),
+    the loaders of quantized weights (read dequantized), and the tensors whose dtype changes."""
+    from .io import quant
+
+    fused = merge_ops.fused_ok(plan.changes.values())  # may leave torch at one thread: callers restore it
+    jobs: dict[str, Job] = {}
+    loaders: dict[str, Callable[[], torch.Tensor]] = {}
+    changed_dtypes: dict[str, str] = {}
+    for _, items in files:
+        for t in items:
+            q = b.quantized.get(t.name)
+            if q is not None:  # read dequantized, exactly as bitsandbytes' dequantize_4bit gives it
+                loaders[t.name] = functools.partial(lambda q: quant.dequantize(b, q).to(torch_dtype(q.st_dtype)), q)
+            elif t.name not in plan.changes and t.dtype == b.info(t.name).dtype:
+                continue
+            elif t.dtype != b.info(t.name).dtype:
+                changed_dtypes[t.name] = b.info(t.name).dtype
+            jobs[t.name] = functools.partial(
+                _merge_job,
+                contribs=plan.changes.get(t.name, []),
+                out_dtype=torch_dtype(t.dtype),
+                fused=fused,
+                receipt=receipt,
+                original=functools.partial(b.read, t.name),
+            )
+    return jobs, loaders, changed_dtypes
+
+
+def _merge_job(w0: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    return merge_ops.merge_tensor(w0, **kw)
+
+
+@dataclass
+class _Written:
+    bytes: int
+    receipt: Path | None
+    receipt_bytes: int
+    computed: int  # tensors computed (the others were copied)
+
+
+def _write_merge(
+    b: BaseModel,
+    output: Path,
+    files: Files,
+    plan: MergePlan,
+    sources: list[AdapterRef],
+    receipt: bool,
+    force: bool,
+    inputs: list[Path],
+    progress: Progress | None,
+    notes: list[str],
+) -> _Written:
+    """Stream the merged model to ``output`` (atomically), with its index, the base folder's other
+    files and, with ``receipt``, the receipt (inside a folder, or beside a single file)."""
+    from .io.quant import dequantized_config
+
+    jobs, loaders, changed_dtypes = _merge_jobs(b, plan, files, receipt)
+    mode = shard_mode(b)
+    stream = Stream(b, jobs, loaders, progress=progress, mode=mode)
+    rw: ReceiptWriter | None = None
+    receipt_file: Path | None = None
+    receipt_bytes = 0
+    try:
+        with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
+            if receipt:
+                rw = ReceiptWriter(spool_beside(tmp))
+                stream.on_read, stream.on_parts = rw.checksum, rw.add
+            nbytes = stream.write(tmp, files, lambda i, src: metadata("merge", sources, src), single_file=not b.is_dir)
+            if b.is_dir:
+                write_index(tmp, b, files, {"loractl.operation": "merge"}, mode)
+                copy_other_files(b, tmp, config=dequantized_config(b.config) if b.quantized else None)
+                notes += copy_notes(b, output)
+                if rw is not None:
+                    receipt_bytes = rw.finish(tmp / RECEIPT_NAME, sources, b, list(plan.changes), changed_dtypes, mode)
+                    receipt_file = output / RECEIPT_NAME
+            elif rw is not None:
+                # a single-file output's receipt lies beside it: placed just before the output itself,
+                # and removed again if the output does not make it into place
+                beside = receipt_beside(output)
+                with atomic_output(beside, is_dir=False, inputs=inputs, force=force) as rtmp:
+                    receipt_bytes = rw.finish(rtmp, sources, b, list(plan.changes), changed_dtypes, mode)
+                receipt_file = beside
+    except BaseException:
+        if receipt_file is not None and not b.is_dir:
+            receipt_file.unlink(missing_ok=True)
+        raise
+    finally:
+        if rw is not None:
+            rw.close()
+    return _Written(nbytes, receipt_file, receipt_bytes, len(jobs))
 
 
 @_keeps_torch_threads
 def merge(
     base: str | Path,
-    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
+    adapters: Adapters,
     output: str | Path,
     *,
-    weights: Sequence[float] | None = None,
+    weights: Weights = None,
     dtype: str = "auto",
     shard_size: str | int | None = None,
     receipt: bool = True,
@@ -787,10 +321,10 @@ def merge(
     Each adapter is merged in turn exactly as PEFT's ``merge_and_unload`` does (bit for bit).
 
     Args:
-        base: a base model folder or file.
-        adapters: adapters (paths or loaded), merged in this order.
+        base: a base model folder or file, or a Hub reference.
+        adapters: one adapter or a list (paths or loaded), merged in this order.
         output: the folder (or file, for a single-file base) to create.
-        weights: one merge weight per adapter (multiplies its scale); default 1.
+        weights: one merge weight per adapter (multiplies its scale), or one for a lone adapter; default 1.
         dtype: ``auto`` (the base's dtypes) or ``bf16``/``fp16``/``fp32`` for float tensors.
         shard_size: re-shard the output (e.g. ``"5GB"``); default: the base's own shards.
         receipt: write the receipt that lets ``unmerge`` restore the base bit for bit.
@@ -801,242 +335,78 @@ def merge(
         subfolder: the folder inside a Hub adapter repo.
         progress: called with (bytes done, bytes total); also turns on Hub download bars.
 
+    Returns:
+        What was merged and written.
+
     Raises:
         InputError: bad base or adapter, adapter that does not fit, unmatched modules.
         OutputError: output exists, is an input, or the disk is full.
     """
-    adapters = _as_list(adapters)
     t0 = time.perf_counter()
+    adapters = as_list(adapters)
     if not adapters:
         raise UsageError("no adapter given")
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ws = _weights(weights, len(adapters))
+    ws = weights_for(weights, len(adapters))
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     output = Path(output)
     with open_base(base, progress=progress is not None) as b:
-        from .io import quant
-
-        quantized = quant.find_quantized(b)
-        loaded = _load_all(
-            adapters, format, allow_pickle, base=b, subfolder=subfolder, progress=progress is not None
-        )
-        plan = plan_merge(b, loaded, ws, quantized)
-        if plan.unmatched and not allow_partial:
-            shown = ", ".join(plan.unmatched[:3]) + (
-                f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else ""
-            )
-            raise InputError(
-                f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
-                hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
-            )
-        if not plan.changes:  # --allow-partial, and not one module matched: the output would be the base
-            raise InputError(
-                f"{b.path}: no adapter module matches a base weight ({', '.join(str(a.path) for a in loaded)}); "
-                "is it for this base?",
-                hint="check the adapter's module names with `loractl inspect ADAPTER --base BASE`",
-            )
-        files = layout(b, DTYPES[dtype], size, quantized)
-        refs = _refs(loaded, ws)
+        opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, progress=progress is not None)
+        loaded = load_adapters(adapters, format, opts)
+        plan = plan_merge(b, loaded, ws)
+        _refuse_unmatched(b, plan, loaded, allow_partial)
+        files = layout(b, DTYPES[dtype], size)
         inputs = protected_paths(base=b, adapters=loaded)
         # a single-file output has its receipt beside it: checked as an output too, before any work,
         # whether or not one is written now (unmerge would take a receipt left there for this output's)
-        beside = None if b.is_dir else _receipt_beside(output)
+        beside = None if b.is_dir else receipt_beside(output)
         check_output(output, inputs, force)
         if beside is not None:
             check_output(beside, inputs, force)
-        mode = _shard_mode(b)
-        spool: SpooledWriter | None = None  # the receipt's corrections, streamed to disk
-        checksums: dict[str, int] = {}  # crc32 of each original tensor the receipt restores
-        changed_dtypes: dict[str, str] = {}
         notes: list[str] = []
-        need_receipt = receipt
-        if quantized:
-            need_receipt = False
+        if receipt and b.quantized:
+            receipt = False
             notes.append(
-                f"the base is 4-bit ({len(quantized)} bitsandbytes weights): they are written dequantized; "
+                f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
                 "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
             )
-        fast = _fused_ok(plan)  # may leave torch at one thread: @_keeps_torch_threads restores it
-
-        def make_job(key: str, out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-            contribs = plan.changes.get(key, [])
-
-            fused = fast and _one_fused_lora(contribs)
-
-            def job(w0: torch.Tensor) -> torch.Tensor:
-                if fused and w0.dtype == out_dtype:
-                    c = contribs[0]
-                    assert c.module is not None
-                    if not need_receipt:
-                        merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
-                        return w0
-                    # merged in place; the corrections the receipt needs come back encoded
-                    assert spool is not None
-                    parts = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
-                    if parts is None:  # most values differ: the whole original is smaller, read it again
-                        parts = {"full": b.read(key)}
-                    for k, v in parts.items():
-                        spool.add(f"{key}::{k}", v)
-                    return w0
-                if not contribs:
-                    merged = w0.to(out_dtype)
-                elif not need_receipt:  # nothing needs the original: merge into the buffer just read
-                    merged = merged_tensor(w0, contribs, out_dtype, inplace=True)
-                else:
-                    deltas: dict[int, torch.Tensor] = {}
-                    merged = merged_tensor(w0, contribs, out_dtype, deltas=deltas)
-                if need_receipt:
-                    parts: dict[str, torch.Tensor] = {}
-                    if any(c.kind == "replace" for c in contribs):
-                        parts["full"] = w0
-                    else:
-                        known = deltas if contribs else {}
-                        factors = _dora_factors(w0, contribs, known)
-                        rec = unmerged_tensor(merged, contribs, w0.dtype, factors, known)
-                        parts = residual.encode(w0, rec)
-                        for pos, f in factors.items():
-                            parts[f"dora{pos}"] = f.contiguous()
-                    assert spool is not None
-                    for k, v in parts.items():
-                        spool.add(f"{key}::{k}", v)
-                return merged
-
-            return job
-
-        jobs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-        loaders: dict[str, Callable[[], torch.Tensor]] = {}
-        for _, items in files:
-            for t in items:
-                q = quantized.get(t.name)
-                if q is not None:  # read dequantized, exactly as bitsandbytes' dequantize_4bit gives it
-                    loaders[t.name] = lambda q=q: quant.dequantize(b, q).to(torch_dtype(q.st_dtype))
-                    jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
-                    continue
-                src_dtype = b.info(t.name).dtype
-                if t.name in plan.changes or t.dtype != src_dtype:
-                    jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
-                    if t.dtype != src_dtype:
-                        changed_dtypes[t.name] = src_dtype
-
-        pool = BufferPool(_largest_job(b, files, jobs))
-
-        def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
-            return _loractl_metadata("merge", refs, src)
-
-        def checksum(key: str, w0: torch.Tensor) -> None:  # on the reading thread: zlib lets go of the GIL
-            checksums[key] = tensor_crc32(w0)
-
-        receipt_file: Path | None = None
-        receipt_bytes = 0
-        placed_receipt: Path | None = None
-        try:
-            with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-                if need_receipt:
-                    # beside the temporary output, never inside it: no file copied from the base can
-                    # land on it, and a killed run's spool is removed with its other temporaries
-                    spool = SpooledWriter(tmp.with_name(tmp.name + ".spool"))
-                written = _stream(
-                    b,
-                    tmp,
-                    files,
-                    jobs,
-                    metadata_for,
-                    progress,
-                    single_file=not b.is_dir,
-                    loaders=loaders,
-                    pool=pool,
-                    on_read=checksum if need_receipt else None,
-                    mode=mode,
-                )
-                if b.is_dir:
-                    _write_index(tmp, b, files, {"loractl.operation": "merge"}, mode)
-                    _copy_other_files(b, tmp, dequantized=bool(quantized))
-                    notes += _copy_notes(b, output)
-                    if need_receipt:
-                        assert spool is not None
-                        receipt_bytes = _write_receipt(
-                            tmp / RECEIPT_NAME, spool, refs, plan, b, changed_dtypes, checksums, mode
-                        )
-                        receipt_file = output / RECEIPT_NAME
-                elif need_receipt:
-                    # a single-file output's receipt lies beside it: placed just before the output itself,
-                    # and removed again if the output does not make it into place
-                    assert beside is not None and spool is not None
-                    with atomic_output(beside, is_dir=False, inputs=inputs, force=force) as rtmp:
-                        receipt_bytes = _write_receipt(
-                            rtmp, spool, refs, plan, b, changed_dtypes, checksums, mode
-                        )
-                    receipt_file = placed_receipt = beside
-        except BaseException:
-            if placed_receipt is not None:
-                placed_receipt.unlink(missing_ok=True)
-            raise
-        finally:
-            if spool is not None:
-                spool.close()
-        if beside is not None and receipt_file is None and os.path.lexists(beside):
-            # --force replaced the output; the receipt beside it belonged to the output replaced
-            os.unlink(beside)
+        sources = refs(loaded, ws)
+        written = _write_merge(b, output, files, plan, sources, receipt, force, inputs, progress, notes)
+        if beside is not None and written.receipt is None and remove_stale(beside):
             notes.append(f"removed {beside}: it was the receipt of the output replaced")
-        n_modules = sum(len(a.modules) for a in loaded)
         return MergeResult(
             output=output,
-            adapters=refs,
+            adapters=sources,
             tensors_changed=len(plan.changes),
-            tensors_copied=sum(len(items) for _, items in files) - len(jobs),
-            modules=n_modules - len(plan.unmatched),
+            tensors_copied=sum(len(items) for _, items in files) - written.computed,
+            modules=sum(len(a.modules) for a in loaded) - len(plan.unmatched),
             unmatched=plan.unmatched,
-            receipt=receipt_file,
-            receipt_bytes=receipt_bytes,
-            bytes_written=written,
+            receipt=written.receipt,
+            receipt_bytes=written.receipt_bytes,
+            bytes_written=written.bytes,
             seconds=time.perf_counter() - t0,
             dtype=dtype,
             notes=notes,
         )
 
 
-def _dora_factors(
-    w0: torch.Tensor, contribs: Sequence[Contribution], deltas: dict[int, torch.Tensor] | None = None
-) -> dict[int, torch.Tensor]:
-    """DoRA's per-row factors by contribution position (the updates reused from ``deltas`` when given)."""
-    out: dict[int, torch.Tensor] = {}
-    for pos, c in enumerate(contribs):
-        if c.kind == "lora" and c.module is not None and c.module.is_dora:
-            delta = deltas[pos] if deltas and pos in deltas else merge_ops.delta_weight(c.module, c.weight)
-            out[pos] = merge_ops.dora_factor(c.module, w0, delta)
-    return out
-
-
-def _write_receipt(
-    path: Path,
-    spool: SpooledWriter,
-    refs: Sequence[AdapterRef],
-    plan: MergePlan,
-    base: BaseModel,
-    changed_dtypes: dict[str, str],
-    checksums: dict[str, int],
-    mode: int,
-) -> int:
-    meta = {
-        "loractl.receipt": RECEIPT_VERSION,
-        "loractl.version": __version__,
-        "adapters": json.dumps([r.__dict__ for r in refs]),
-        "changed": json.dumps(sorted(plan.changes)),
-        "dtypes": json.dumps(changed_dtypes),
-        "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
-        "crc32": json.dumps(checksums),
-    }
-    size = spool.finish(path, meta, mode=mode)
-    spool.close()
-    return size
-
-
-# --------------------------------------------------------------------------------------------
-# unmerge
-# --------------------------------------------------------------------------------------------
 @dataclass
 class UnmergeResult:
+    """What ``unmerge`` did.
+
+    Attributes:
+        output: the model written.
+        adapters: the adapters removed, with their weights.
+        exact: a receipt made the result the original base, bit for bit.
+        receipt: the receipt used, or None.
+        tensors_changed: base tensors restored.
+        bytes_written: bytes of the weight files written.
+        seconds: wall time.
+        notes: what a user should know (files not copied...).
+        warnings: what could not be checked (no loractl merge record without a receipt).
+    """
+
     output: Path
     adapters: list[AdapterRef]
     exact: bool
@@ -1048,66 +418,74 @@ class UnmergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _merge_record(b: BaseModel, refs: Sequence[AdapterRef]) -> list[str]:
-    """Check the merge record loractl writes in every shard it merges (``loractl.operation`` and the
-    sha256 and weight of each adapter) against the adapters to unmerge; the honest signal that an
-    unmerge without receipt is undoing the right merge, read from headers only.
-
-    Returns:
-        Warnings when the model holds no record of a loractl merge (merged by another tool, or never
-        merged: subtraction then cannot be checked).
-
-    Raises:
-        InputError: the record names other adapters or weights.
-    """
-    ops = {s.metadata.get("loractl.operation") for s in b.shards}
-    got = [(r.sha256, r.weight) for r in refs]
-    for s in b.shards:
-        if s.metadata.get("loractl.operation") != "merge":
-            continue
-        try:
-            recorded = json.loads(s.metadata.get("loractl.adapters", "[]"))
-            want = [(str(r["sha256"]), float(r["weight"])) for r in recorded]
-        except (ValueError, TypeError, KeyError):
-            raise InputError(f"{s.path}: its loractl.adapters metadata is not readable") from None
-        if got != want:
-            names = ", ".join(f"{Path(str(r.get('path', '?'))).name} ×{r.get('weight')}" for r in recorded)
-            raise InputError(
-                f"{s.path}: was merged by loractl with other adapters or weights ({names})",
-                hint="give the same adapters and --weight values, in the same order, as the merge",
-            )
-    if "merge" in ops:
-        return []
-    if "unmerge" in ops:
-        why = "was written by loractl unmerge: the adapters it names are already removed"
-    else:
-        why = "holds no loractl merge record (merged by another tool, or never merged)"
-    return [
-        f"{b.path} {why}; that these adapters are merged into it cannot be checked: the output is "
-        f"{b.path} minus their updates"
-    ]
+def _refuse_subtraction(plan: MergePlan, loaded: Sequence[Adapter]) -> None:
+    """Without a receipt, a replaced tensor or a DoRA merge cannot be undone by subtraction."""
+    for key, contribs in plan.changes.items():
+        for c in contribs:
+            if c.kind == "replace":
+                raise UnsupportedAdapterError(
+                    f"{loaded[c.adapter].path}: replaces {key!r} (modules_to_save); the original is gone from "
+                    "the merged model",
+                    hint="unmerge with the receipt that merge wrote",
+                )
+            if c.module is not None and c.module.is_dora:
+                raise UnsupportedAdapterError(
+                    f"{loaded[c.adapter].path}: module {c.module.name!r} is DoRA: its merge scaled the weight by "
+                    "norms of the original, which subtraction cannot undo",
+                    hint="unmerge with the receipt that merge wrote (loractl merge writes one by default)",
+                )
 
 
-def _read_receipt(path: Path) -> tuple[dict[str, str], SafetensorsFile]:
-    f = SafetensorsFile(path)
-    if f.metadata.get("loractl.receipt") != RECEIPT_VERSION:
-        f.close()
-        raise InputError(f"{path}: not a loractl receipt (or from an incompatible version)")
-    return f.metadata, f
+def _unmerge_job(
+    m: torch.Tensor, *, name: str, contribs: list[merge_ops.Contribution], orig: torch.dtype, fused: bool, receipt: Receipt | None, merged: Path
+) -> tuple[torch.Tensor, None]:
+    parts = receipt.parts(name) if receipt is not None else {}
+    restored = merge_ops.unmerge_tensor(m, contribs, orig, parts, fused=fused)
+    if receipt is not None:
+        receipt.verify(name, restored, merged)
+    return restored, None
+
+
+def _unmerge_files(
+    b: BaseModel, merged: Path, plan: MergePlan, receipt: Receipt | None
+) -> tuple[Files, dict[str, Job]]:
+    """The layout of the restored model (dtypes as the receipt recorded them) and its jobs."""
+    dtypes = receipt.dtypes if receipt is not None else {}
+    files = layout(b, None, None)
+    for _, items in files:
+        for t in items:
+            t.dtype = dtypes.get(t.name, t.dtype)
+    fused = merge_ops.fused_ok(plan.changes.values())  # the merge's own check: row blocks give PEFT's bits
+    jobs: dict[str, Job] = {
+        t.name: functools.partial(
+            _unmerge_job,
+            name=t.name,
+            contribs=plan.changes.get(t.name, []),
+            orig=torch_dtype(t.dtype),
+            fused=fused,
+            receipt=receipt,
+            merged=merged,
+        )
+        for _, items in files
+        for t in items
+        if t.name in plan.changes or t.name in dtypes
+    }
+    return files, jobs
 
 
 @_keeps_torch_threads
 def unmerge(
     merged: str | Path,
-    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
+    adapters: Adapters,
     output: str | Path,
     *,
-    weights: Sequence[float] | None = None,
+    weights: Weights = None,
     receipt: str | Path | None = None,
     use_receipt: bool = True,
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
     progress: Progress | None = None,
 ) -> UnmergeResult:
     """Remove adapters from a merged model.
@@ -1116,131 +494,74 @@ def unmerge(
     the original base bit for bit; without it, the updates are subtracted (close, not exact) and
     DoRA adapters and ``modules_to_save`` are refused.
 
+    Args:
+        merged: the merged model (folder or file).
+        adapters: the adapters merged, in the merge's order.
+        output: the model to write.
+        weights: the merge's weights.
+        receipt: the receipt, when not where merge put it.
+        use_receipt: False subtracts even when a receipt is there.
+        force: replace an existing output.
+        format: force the adapters' format.
+        allow_pickle: accept pickle adapters.
+        subfolder: the folder inside a Hub adapter repo.
+        progress: called with (bytes done, bytes total).
+
+    Returns:
+        What was restored and whether it is exact.
+
     Raises:
-        InputError: the receipt belongs to other adapters, or an adapter cannot be unmerged.
+        InputError: the receipt belongs to other adapters, the merged model was changed after the
+            merge, or an adapter cannot be unmerged.
     """
-    adapters = _as_list(adapters)
     t0 = time.perf_counter()
+    adapters = as_list(adapters)
     if not adapters:
         raise UsageError("no adapter given")
-    ws = _weights(weights, len(adapters))
-    merged = Path(merged)
-    output = Path(output)
+    ws = weights_for(weights, len(adapters))
+    merged, output = Path(merged), Path(output)
     rpath = Path(receipt) if receipt is not None else receipt_path(merged)
     if receipt is not None and not rpath.exists():
         raise InputError(f"{rpath}: no such receipt")
-    rfile: SafetensorsFile | None = None
-    rmeta: dict[str, str] = {}
-    if use_receipt and rpath.exists():
-        rmeta, rfile = _read_receipt(rpath)
+    rec = Receipt(rpath) if use_receipt and rpath.exists() else None
     try:
         with open_base(merged) as b:
-            loaded = _load_all(adapters, format, allow_pickle, base=b)
+            loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder))
             plan = plan_merge(b, loaded, ws)
-            refs = _refs(loaded, ws)
-            dtypes: dict[str, str] = {}
+            sources = refs(loaded, ws)
             warnings: list[str] = []
-            if rfile is None:
-                warnings = _merge_record(b, refs)
-            if rfile is not None:
-                recorded = json.loads(rmeta.get("adapters", "[]"))
-                got = [(r.sha256, r.weight) for r in refs]
-                want = [(r["sha256"], float(r["weight"])) for r in recorded]
-                if got != want:
-                    raise InputError(
-                        f"{rpath}: this receipt was written for other adapters or weights "
-                        f"({', '.join(Path(r['path']).name + ' ×' + str(r['weight']) for r in recorded)})",
-                        hint="give the same adapters and --weight values, in the same order, as the merge",
-                    )
-                dtypes = json.loads(rmeta.get("dtypes", "{}"))
+            if rec is not None:
+                rec.check_adapters(sources)
             else:
-                for key, contribs in plan.changes.items():
-                    for c in contribs:
-                        if c.kind == "replace":
-                            raise UnsupportedAdapterError(
-                                f"{loaded[c.adapter].path}: replaces {key!r} (modules_to_save); the original is "
-                                "gone from the merged model",
-                                hint="unmerge with the receipt that merge wrote",
-                            )
-                        if c.module is not None and c.module.is_dora:
-                            raise UnsupportedAdapterError(
-                                f"{loaded[c.adapter].path}: module {c.module.name!r} is DoRA: its merge scaled the "
-                                "weight by norms of the original, which subtraction cannot undo",
-                                hint="unmerge with the receipt that merge wrote (loractl merge writes one by default)",
-                            )
-            files = layout(b, None, None)
-            for _, items in files:
-                for t in items:
-                    if t.name in dtypes:
-                        t.dtype = dtypes[t.name]
-            shard_meta = json.loads(rmeta.get("shard_metadata", "{}"))
-            crcs = {k: int(v) for k, v in json.loads(rmeta.get("crc32", "{}")).items()}
+                from .provenance import check_merge_record
 
-            entries: dict[str, list[str]] = {}  # base tensor -> its receipt entries
-            if rfile is not None:
-                for k in rfile.keys():
-                    entries.setdefault(k.split("::", 1)[0], []).append(k)
-            fast = _fused_ok(plan)  # the merge's own check: row-block products give PEFT's bits
-
-            def make_job(key: str, orig: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-                contribs = plan.changes.get(key, [])
-                fused = fast and _one_fused_lora(contribs)
-
-                def job(m: torch.Tensor) -> torch.Tensor:
-                    parts: dict[str, torch.Tensor] = {}
-                    if rfile is not None:
-                        parts = {k.split("::", 1)[1]: rfile.read(k) for k in entries.get(key, [])}
-                    if "full" in parts:
-                        return parts["full"]
-                    factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
-                    if fused and m.dtype == orig:
-                        c = contribs[0]
-                        assert c.module is not None
-                        rec = merge_ops.fused_unmerge(m, c.module, c.weight, out=m)
-                    else:
-                        rec = unmerged_tensor(m, contribs, orig, factors)
-                    restored = residual.decode(rec, parts)
-                    if key in crcs and tensor_crc32(restored) != crcs[key]:
-                        raise InputError(
-                            f"{merged}: tensor {key!r} does not come back to the original the receipt recorded",
-                            hint="the merged model was changed after the merge, or this machine computes the "
-                            "update differently from the one that merged; nothing was written",
-                        )
-                    return restored
-
-                return job
-
-            jobs = {}
-            for _, items in files:
-                for t in items:
-                    if t.name in plan.changes or t.name in dtypes:
-                        jobs[t.name] = make_job(t.name, torch_dtype(t.dtype))
-
+                warnings = check_merge_record(b.shards, b.path, sources)
+                _refuse_subtraction(plan, loaded)
+            files, jobs = _unmerge_files(b, merged, plan, rec)
             names = [s.path.name for s in b.shards]
 
             def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
-                if rfile is not None and names[i] in shard_meta:
-                    return dict(shard_meta[names[i]])
-                return _loractl_metadata("unmerge", refs, src)
+                if rec is not None and names[i] in rec.shard_metadata:
+                    return dict(rec.shard_metadata[names[i]])
+                return metadata("unmerge", sources, src)
 
-            inputs = protected_paths(base=b, adapters=loaded, also=[rpath if rfile is not None else None])
-            mode = _shard_mode(b)
+            inputs = protected_paths(base=b, adapters=loaded, also=[rpath if rec is not None else None])
+            mode = shard_mode(b)
             notes: list[str] = []
             with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-                written = _stream(
-                    b, tmp, files, jobs, metadata_for, progress, single_file=not b.is_dir, mode=mode
+                written = Stream(b, jobs, progress=progress, mode=mode).write(
+                    tmp, files, metadata_for, single_file=not b.is_dir
                 )
                 if b.is_dir:
-                    meta = {k: v for k, v in b.index_metadata.items() if not k.startswith("loractl.")}
-                    b.index_metadata = meta
-                    _write_index(tmp, b, files, {}, mode)
-                    _copy_other_files(b, tmp)
-                    notes = _copy_notes(b, output)
+                    b.index_metadata = {k: v for k, v in b.index_metadata.items() if not k.startswith("loractl.")}
+                    write_index(tmp, b, files, {}, mode)
+                    copy_other_files(b, tmp)
+                    notes = copy_notes(b, output)
             return UnmergeResult(
                 output=output,
-                adapters=refs,
-                exact=rfile is not None,
-                receipt=rpath if rfile is not None else None,
+                adapters=sources,
+                exact=rec is not None,
+                receipt=rpath if rec is not None else None,
                 tensors_changed=len(plan.changes),
                 bytes_written=written,
                 seconds=time.perf_counter() - t0,
@@ -1248,8 +569,8 @@ def unmerge(
                 warnings=warnings,
             )
     finally:
-        if rfile is not None:
-            rfile.close()
+        if rec is not None:
+            rec.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1257,6 +578,8 @@ def unmerge(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ModuleInfo:
+    """One module as ``inspect`` describes it (docs/json.md, ``module_list[]``)."""
+
     name: str
     kind: str
     rank: int
@@ -1268,7 +591,73 @@ class ModuleInfo:
 
 
 @dataclass
+class ShapeMismatch:
+    """A module whose update has another shape than the base weight it resolves to."""
+
+    module: str
+    adapter: list[int]
+    base: list[int]
+
+
+@dataclass
+class Incompatible:
+    """A module that resolves but cannot be merged for another reason (a ``lora_B.bias`` on a layer
+    without bias, an integer weight, a name that matches several base tensors)."""
+
+    module: str
+    message: str
+
+
+@dataclass
+class Coverage:
+    """How an adapter fits a base, by :func:`loractl.plan.match`: ``complete`` exactly when ``merge``
+    accepts it without ``allow_partial`` and ``check --base`` finds no fit error."""
+
+    matched: int
+    unmatched: list[str]
+    shape_mismatch: list[ShapeMismatch]
+    incompatible: list[Incompatible]
+    complete: bool
+
+
+@dataclass
+class Storage:
+    """The LoRA paper's storage arithmetic for ``count`` adapters of one base."""
+
+    count: int
+    base_plus_adapters: int
+    merged_copies: int
+    saving: float | None
+
+
+@dataclass
+class QuantizedBase:
+    """A bitsandbytes 4-bit base, as merge writes it (dequantized)."""
+
+    method: str
+    quant_types: list[str]
+    double_quant: bool
+    weights: int
+    merged_bytes: int
+
+
+@dataclass
+class BaseFit:
+    """An adapter against a base (``inspect --base``)."""
+
+    path: str
+    parameters: int
+    bytes: int
+    coverage: Coverage
+    ratio: float | None
+    storage: Storage
+    quantized: QuantizedBase | None = None
+
+
+@dataclass
 class AdapterInfo:
+    """One adapter as ``inspect`` describes it (docs/json.md, ``adapters[]``)."""
+
     path: str
     format: str
     kind: str
@@ -1281,7 +670,7 @@ class AdapterInfo:
     module_list: list[ModuleInfo]
     modules_to_save: list[str]
     init: str | None
-    base: dict[str, Any] | None = None
+    base: BaseFit | None = None
 
 
 @dataclass
@@ -1289,12 +678,72 @@ class InspectResult:
     adapters: list[AdapterInfo] = field(default_factory=list)
 
 
-def _dtype_short(t: torch.Tensor) -> str:
-    return dtype_name(t.dtype)
+def _coverage(b: BaseModel, a: Adapter) -> Coverage:
+    fit = match(b, a)
+    return Coverage(
+        matched=len(fit.weights),
+        unmatched=[p.module for p in fit.unmatched],
+        shape_mismatch=[
+            ShapeMismatch(p.module, p.adapter_shape or [], p.base_shape or []) for p in fit.problems if p.kind == "shape"
+        ],
+        incompatible=[Incompatible(p.module, p.message) for p in fit.problems if p.kind not in ("shape", "unmatched")],
+        complete=fit.complete,
+    )
+
+
+def _base_fit(b: BaseModel, a: Adapter, count: int) -> BaseFit:
+    from .io import quant
+
+    quantized = b.quantized
+    base_bytes = b.nbytes
+    # a merged copy of a 4-bit base is written dequantized (bf16)
+    merged_bytes = quant.dequantized_nbytes(b, 2, quantized) if quantized else base_bytes
+    aux = quant.aux_keys(quantized)
+    total = base_bytes + count * a.nbytes
+    return BaseFit(
+        path=str(b.path),
+        parameters=sum(q.numel for q in quantized.values())
+        + sum(info.numel for n, (_, info) in b.tensors.items() if n not in aux and n not in quantized),
+        bytes=base_bytes,
+        coverage=_coverage(b, a),
+        ratio=a.nbytes / base_bytes if base_bytes else None,
+        storage=Storage(count, total, count * merged_bytes, 1 - total / (count * merged_bytes) if merged_bytes else None),
+        quantized=QuantizedBase(
+            "bitsandbytes-4bit",
+            sorted({q.quant_type for q in quantized.values()}),
+            any(q.double_quant for q in quantized.values()),
+            len(quantized),
+            merged_bytes,
+        )
+        if quantized
+        else None,
+    )
+
+
+def _describe(path: str | Path, a: Adapter) -> AdapterInfo:
+    mods = [
+        ModuleInfo(m.name, m.kind, m.rank, m.alpha, m.scale, list(m.weight_shape), dtype_name(m.up.dtype), m.is_dora)
+        for m in a.modules.values()
+    ]
+    ranks = [m.rank for m in mods] or [0]
+    return AdapterInfo(
+        path=str(path),
+        format=a.format,
+        kind=a.kind,
+        rslora=a.rslora,
+        modules=len(mods),
+        rank={"min": min(ranks), "max": max(ranks)},
+        parameters=a.parameters,
+        bytes=a.nbytes,
+        dtypes=sorted({dtype_name(t.dtype) for m in a.modules.values() for t in (m.up, m.down)}),
+        module_list=mods,
+        modules_to_save=sorted(a.modules_to_save),
+        init=a.init,
+    )
 
 
 def inspect(
-    adapters: Sequence[str | Path],
+    adapters: Adapters,
     *,
     base: str | Path | None = None,
     count: int = 100,
@@ -1305,54 +754,30 @@ def inspect(
     """Describe adapters: format, kind, per-module rank/alpha/scale, sizes; with a base, coverage and storage.
 
     Args:
-        adapters: adapter paths.
+        adapters: one adapter path or a list.
         base: a base model to check coverage against and to size storage with.
         count: N in "one base + N adapters vs N merged copies".
+        format: force the adapters' format.
+        allow_pickle: accept pickle adapters.
+        subfolder: the folder inside a Hub adapter repo.
+
+    Returns:
+        One description per adapter, in order.
+
+    Raises:
+        InputError: a missing, unreadable or non-finite adapter; a base that cannot be opened.
     """
     if count < 1:
         raise UsageError("--count must be at least 1")
     result = InspectResult()
     b = open_base(base) if base is not None else None
     try:
-        for path in adapters:
-            opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder)
+        opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder)
+        for path in as_list(adapters):
+            a = path if isinstance(path, Adapter) else load_adapter(path, format=format, options=opts)
+            info = _describe(a.path if isinstance(path, Adapter) else path, a)
             if b is not None:
-                opts.base_keys, opts.base_config = list(b.tensors), b.config
-            a = _load_adapter(path, format=format, options=opts)
-            mods = [
-                ModuleInfo(
-                    name=m.name,
-                    kind=m.kind,
-                    rank=m.rank,
-                    alpha=m.alpha,
-                    scale=m.scale,
-                    shape=list(m.weight_shape),
-                    dtype=_dtype_short(m.up),
-                    dora=m.is_dora,
-                )
-                for m in a.modules.values()
-            ]
-            ranks = [m.rank for m in mods] or [0]
-            dtypes = sorted(
-                {_dtype_short(m.up) for m in a.modules.values()}
-                | {_dtype_short(m.down) for m in a.modules.values()}
-            )
-            info = AdapterInfo(
-                path=str(path),
-                format=a.format,
-                kind=a.kind,
-                rslora=a.rslora,
-                modules=len(mods),
-                rank={"min": min(ranks), "max": max(ranks)},
-                parameters=a.parameters,
-                bytes=a.nbytes,
-                dtypes=dtypes,
-                module_list=mods,
-                modules_to_save=sorted(a.modules_to_save),
-                init=a.init,
-            )
-            if b is not None:
-                info.base = _coverage(b, a, count)
+                info.base = _base_fit(b, a, count)
             result.adapters.append(info)
     finally:
         if b is not None:
@@ -1360,110 +785,9 @@ def inspect(
     return result
 
 
-def _coverage(b: BaseModel, a: Adapter, count: int) -> dict[str, Any]:
-    from .io import quant
-
-    quantized = quant.find_quantized(b)
-    resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
-    matched, unmatched, mismatch = 0, [], []
-    for name, m in a.modules.items():
-        key = resolver.resolve(name)
-        if key is None:
-            unmatched.append(name)
-            continue
-        shape = tuple(quantized[key].shape) if key in quantized else tuple(b.info(key).shape)
-        if shape != tuple(m.weight_shape):
-            mismatch.append({"module": name, "adapter": list(m.weight_shape), "base": list(shape)})
-        else:
-            matched += 1
-    base_bytes = b.nbytes
-    # a merged copy of a 4-bit base is written dequantized (bf16)
-    merged_bytes = quant.dequantized_nbytes(b, 2, quantized) if quantized else base_bytes
-    out: dict[str, Any] = {
-        "path": str(b.path),
-        "parameters": sum(q.numel for q in quantized.values())
-        + sum(
-            info.numel
-            for n, (_, info) in b.tensors.items()
-            if n not in quant.aux_keys(quantized) and n not in quantized
-        ),
-        "bytes": base_bytes,
-        "coverage": {"matched": matched, "unmatched": unmatched, "shape_mismatch": mismatch},
-        "ratio": a.nbytes / base_bytes if base_bytes else None,
-        "storage": {
-            "count": count,
-            "base_plus_adapters": base_bytes + count * a.nbytes,
-            "merged_copies": count * merged_bytes,
-            "saving": 1 - (base_bytes + count * a.nbytes) / (count * merged_bytes) if merged_bytes else None,
-        },
-        "quantized": None,
-    }
-    if quantized:
-        out["quantized"] = {
-            "method": "bitsandbytes-4bit",
-            "quant_types": sorted({q.quant_type for q in quantized.values()}),
-            "double_quant": any(q.double_quant for q in quantized.values()),
-            "weights": len(quantized),
-            "merged_bytes": merged_bytes,
-        }
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # adapter algebra: truncate, combine, similarity, spectra (all from the factors)
 # --------------------------------------------------------------------------------------------
-DYLORA_CONVENTIONS = ("original", "kohya", "lycoris")
-COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare-linear", "dare-ties", "magnitude-prune")
-
-
-def matrices(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """B [out, r] and A [r, n] of a module as 2-D matrices whose product (times the scale) is the
-    update in PEFT's [out, in] orientation (conv kernels flattened; embeddings as PEFT stores them)."""
-    r = m.rank
-    return m.up.reshape(m.up.shape[0], r), m.down.reshape(r, -1)
-
-
-def with_factors(
-    m: LoraModule, b: torch.Tensor, a: torch.Tensor, alpha: float, rslora: bool = False
-) -> LoraModule:
-    """A copy of ``m`` with new 2-D factors (reshaped back to conv kernels) in ``m``'s dtypes."""
-    k = int(a.shape[0])
-    down = a.reshape(k, *m.down.shape[1:]).to(m.down.dtype).contiguous()
-    up = b.reshape(m.up.shape[0], k, *m.up.shape[2:]).to(m.up.dtype).contiguous()
-    return LoraModule(
-        name=m.name,
-        kind=m.kind,
-        down=down,
-        up=up,
-        alpha=alpha,
-        rslora=rslora,
-        fan_in_fan_out=m.fan_in_fan_out,
-        bias=m.bias,
-        magnitude=m.magnitude,
-    )
-
-
-def _derived(adapter: Adapter, modules: dict[str, LoraModule]) -> Adapter:
-    return Adapter(
-        path=adapter.path,
-        format=adapter.format,
-        modules=modules,
-        modules_to_save=dict(adapter.modules_to_save),
-        config=dict(adapter.config),
-        metadata={k: v for k, v in adapter.metadata.items() if not k.startswith(("sshs_", "loractl."))},
-        files=list(adapter.files),
-        init=adapter.init,
-    )
-
-
-def _writable(fmt: str) -> str:
-    try:
-        mod = format_module(fmt)
-    except UsageError:
-        return "peft"
-    return fmt if hasattr(mod, "write") else "peft"
-
-
 @dataclass
 class TruncatedModule:
     name: str
@@ -1487,6 +811,48 @@ def _check_fraction(flag: str, value: float | None) -> None:
         raise UsageError(f"{flag} {value} is outside (0, 1]", hint="give a fraction such as 0.9")
 
 
+def _truncation_rule(
+    rank: int | None, rules: dict[str, float | None]
+) -> dict[str, float]:
+    """The one dynamic rule given (``energy``, ``sv_ratio``, ``sv_cumulative``, ``sv_fro``), checked."""
+    given = {k: v for k, v in rules.items() if v is not None}
+    if rank is None and not given:
+        raise UsageError("say how far to truncate: --rank, --energy, --sv-ratio, --sv-cumulative or --sv-fro")
+    if len(given) > 1:
+        raise UsageError(f"give one dynamic rule, not {len(given)} ({', '.join(given)})")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank} must be at least 1")
+    for flag in ("energy", "sv_cumulative", "sv_fro"):
+        _check_fraction("--" + flag.replace("_", "-"), rules[flag])
+    if rules["sv_ratio"] is not None and rules["sv_ratio"] < 1:
+        raise UsageError(f"--sv-ratio {rules['sv_ratio']} must be at least 1 (keep σᵢ ≥ σ₁/P)")
+    return given
+
+
+def _dylora(a: Adapter, rank: int, convention: str | None, force: bool) -> tuple[str, float]:
+    """The DyLoRA convention of a nested truncation and the factor it multiplies alpha by.
+
+    ``original`` (Valipour et al.: s = alpha/R, alpha kept), ``kohya`` (sd-scripts'
+    extract_lora_from_dylora.py keeps alpha; R a multiple of the unit), ``lycoris`` (LyCORIS scales by
+    alpha/blocks used: alpha' = alpha·block, R a multiple of the block)."""
+    from .formats.kohya import dylora_unit
+
+    unit = dylora_unit(a)
+    convention = convention or ("kohya" if unit is not None else "original")
+    if convention not in DYLORA_CONVENTIONS:
+        raise UsageError(f"unknown --dylora-convention {convention!r}; one of {', '.join(DYLORA_CONVENTIONS)}")
+    if unit is None and not force:
+        raise UsageError(
+            f"{a.path}: not a DyLoRA adapter (no networks.dylora metadata): its first components are "
+            "not trained to stand alone, so a nested truncation would not be a valid adapter",
+            hint="use the default SVD truncation, or --force if you know it was trained nested",
+        )
+    block = (unit or 4) if convention == "lycoris" else (unit or 1)
+    if convention in ("kohya", "lycoris") and rank % block:
+        raise UsageError(f"{a.path}: --rank {rank} is not a multiple of the DyLoRA unit {block}")
+    return convention, float(block) if convention == "lycoris" else 1.0
+
+
 def truncate(
     adapter: str | Path | Adapter,
     output: str | Path,
@@ -1502,46 +868,34 @@ def truncate(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
 ) -> TruncateResult:
     """Lower an adapter's rank.
 
     Default: for each module the best rank-k approximation of its update (Eckart–Young), computed
-    from the factors (QR of B and Aᵀ, SVD of the r×r core); k is ``rank``, or the smallest rank
+    from the factors (:func:`loractl.ops.truncate.svd_truncate`); k is ``rank``, or the smallest rank
     meeting the dynamic rule (``energy``: Σσ²ₖ/Σσ² ≥ F; ``sv_ratio`` P: σᵢ ≥ σ₁/P; ``sv_cumulative``:
-    Σσₖ/Σσ ≥ F; ``sv_fro``: √(Σσ²ₖ/Σσ²) ≥ F) with ``rank`` as a cap. Modules already at or below
-    the rank are kept as they are; truncated ones are written with alpha = new rank (scale 1, the
-    singular values split as √σ between B and A).
+    Σσₖ/Σσ ≥ F; ``sv_fro``: √(Σσ²ₖ/Σσ²) ≥ F) with ``rank`` as a cap. Modules already at or below the
+    rank are kept as they are; truncated ones are written with alpha = new rank.
 
-    ``nested`` (DyLoRA): keep the first ``rank`` components exactly, A[:R] and B[:, :R]; the new
-    alpha follows ``dylora_convention``: ``original`` (Valipour et al.: s = alpha/R, alpha kept),
-    ``kohya`` (sd-scripts' extract_lora_from_dylora.py keeps alpha; R a multiple of the unit),
-    ``lycoris`` (LyCORIS scales by alpha/blocks used: alpha' = alpha·block, R a multiple of the block).
+    ``nested`` (DyLoRA): keep the first ``rank`` components exactly, A[:R] and B[:, :R]; the new alpha
+    follows ``dylora_convention`` (``original``, ``kohya``, ``lycoris``: see :func:`_dylora`).
+
+    Returns:
+        Each module's rank before and after and the energy kept.
 
     Raises:
-        UsageError: no rule, rank < 1, a fraction outside (0, 1], a rank above the adapter's,
-            nested truncation of an adapter that is not DyLoRA (unless ``force``), a rank that is not
-            a multiple of the DyLoRA unit.
+        UsageError: no rule, rank < 1, a fraction outside (0, 1], a rank above the adapter's, nested
+            truncation of an adapter that is not DyLoRA (unless ``force``), a rank that is not a
+            multiple of the DyLoRA unit.
     """
-    from .ops.factored import balanced_factors, choose_rank, energy_kept, factored_svd
+    from .ops.truncate import nested_truncate, svd_truncate
 
     t0 = time.perf_counter()
-    rules = {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro}
-    given = {k: v for k, v in rules.items() if v is not None}
-    if rank is None and not given:
-        raise UsageError("say how far to truncate: --rank, --energy, --sv-ratio, --sv-cumulative or --sv-fro")
-    if len(given) > 1:
-        raise UsageError(f"give one dynamic rule, not {len(given)} ({', '.join(given)})")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank {rank} must be at least 1")
-    for flag in ("energy", "sv_cumulative", "sv_fro"):
-        _check_fraction("--" + flag.replace("_", "-"), rules[flag])
-    if sv_ratio is not None and sv_ratio < 1:
-        raise UsageError(f"--sv-ratio {sv_ratio} must be at least 1 (keep σᵢ ≥ σ₁/P)")
+    given = _truncation_rule(rank, {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro})
     owned = not isinstance(adapter, Adapter)  # loaded here, so its tensors may be let go of
-    a = (
-        adapter
-        if isinstance(adapter, Adapter)
-        else load_adapter(adapter, format=format, allow_pickle=allow_pickle)
+    a = adapter if isinstance(adapter, Adapter) else load_adapter(
+        adapter, format=format, options=read_options(allow_pickle=allow_pickle, subfolder=subfolder)
     )
     max_rank = max((m.rank for m in a.modules.values()), default=0)
     if rank is not None and rank > max_rank and not given:
@@ -1549,83 +903,24 @@ def truncate(
             f"{a.path}: --rank {rank} is larger than the adapter's largest rank {max_rank}",
             hint="truncation lowers the rank; use convert --pad-rank to raise it",
         )
-    out_modules: dict[str, LoraModule] = {}
-    report: list[TruncatedModule] = []
     if nested:
         if given or rank is None:
             raise UsageError("--nested keeps the first R components: give --rank R (no dynamic rule)")
-        from .formats.kohya import dylora_unit
-
-        unit = dylora_unit(a)
-        convention = dylora_convention or ("kohya" if unit is not None else "original")
-        if convention not in DYLORA_CONVENTIONS:
-            raise UsageError(
-                f"unknown --dylora-convention {convention!r}; one of {', '.join(DYLORA_CONVENTIONS)}"
-            )
-        if unit is None and not force:
-            raise UsageError(
-                f"{a.path}: not a DyLoRA adapter (no networks.dylora metadata): its first components are "
-                "not trained to stand alone, so a nested truncation would not be a valid adapter",
-                hint="use the default SVD truncation, or --force if you know it was trained nested",
-            )
-        block = unit or 1
-        if convention == "lycoris":
-            block = unit or 4
-        if convention in ("kohya", "lycoris") and rank % block:
-            raise UsageError(f"{a.path}: --rank {rank} is not a multiple of the DyLoRA unit {block}")
-        for name, m in a.modules.items():
-            k = min(rank, m.rank)
-            b2, a2 = matrices(m)
-            alpha = m.alpha * block if convention == "lycoris" and k < m.rank else m.alpha
-            nm = with_factors(m, b2[:, :k], a2[:k], alpha, rslora=m.rslora)
-            e = _energy_of_prefix(m, k)
-            out_modules[name] = nm if k < m.rank else m
-            report.append(TruncatedModule(name, m.rank, k, e, math.sqrt(e)))
+        convention, factor = _dylora(a, rank, dylora_convention, force)
         method = f"nested-{convention}"
-    else:
-        for name, m in a.modules.items():
-            b2, a2 = matrices(m)
-            u, s_vals, vh = factored_svd(b2, a2, m.scale)  # once per module: rank rule and factors
-            k = choose_rank(s_vals, rank=rank, **given)
-            if k >= m.rank:
-                out_modules[name] = m
-                k = m.rank
-            else:
-                nb, na = balanced_factors(u, s_vals, vh, k)
-                out_modules[name] = with_factors(m, nb, na, alpha=float(k))
-                if owned:  # the input's factors are not needed again: the output grows as it shrinks
-                    m.down = torch.empty_like(m.down, device="meta")
-                    m.up = torch.empty_like(m.up, device="meta")
-            e = energy_kept(s_vals, k)
-            report.append(TruncatedModule(name, m.rank, k, e, math.sqrt(e)))
-        method = "svd"
-    result_adapter = _derived(a, out_modules)
-    fmt = to or _writable(a.format)
-    refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
-    save_adapter(
-        result_adapter,
-        output,
-        to=fmt,
-        force=force,
-        inputs=protected_paths(adapters=[a]),
-        operation="truncate",
-        sources=refs,
-    )
-    return TruncateResult(Path(output), fmt, method, report, time.perf_counter() - t0)
-
-
-def _energy_of_prefix(m: LoraModule, k: int) -> float:
-    """‖s·B[:, :k]·A[:k]‖²_F / ‖s·B·A‖²_F, from the factors."""
-    if k >= m.rank:
-        return 1.0
-    b2, a2 = matrices(m)
-    b2, a2 = b2.double(), a2.double()
-
-    def fro2(b: torch.Tensor, a: torch.Tensor) -> float:
-        return float(torch.trace((b.T @ b) @ (a @ a.T)))
-
-    total = fro2(b2, a2)
-    return fro2(b2[:, :k], a2[:k]) / total if total > 0 else 1.0
+    out: dict[str, LoraModule] = {}
+    report: list[TruncatedModule] = []
+    for name, m in a.modules.items():
+        t = nested_truncate(m, rank, factor) if nested else svd_truncate(m, rank, **given)  # type: ignore[arg-type]
+        out[name] = t.module
+        report.append(TruncatedModule(name, m.rank, t.rank, t.energy_kept, math.sqrt(t.energy_kept)))
+        if owned and not nested and t.module is not m:  # the input's factors are not needed again
+            m.down = torch.empty_like(m.down, device="meta")
+            m.up = torch.empty_like(m.up, device="meta")
+    fmt = to or writable(a.format)
+    sources = refs([a])
+    save_adapter(a.derived(out), output, to=fmt, force=force, inputs=protected_paths(adapters=[a]), operation="truncate", sources=sources)
+    return TruncateResult(Path(output), fmt, method if nested else "svd", report, time.perf_counter() - t0)
 
 
 @dataclass
@@ -1639,43 +934,11 @@ class CombineResult:
     seconds: float
 
 
-def combine(
-    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
-    output: str | Path,
-    *,
-    weights: Sequence[float] | None = None,
-    method: str = "cat",
-    rank: int | None = None,
-    density: float | None = None,
-    majority_sign: str = "total",
-    seed: int | None = None,
-    to: str | None = None,
-    force: bool = False,
-    format: str | None = None,
-    allow_pickle: bool = False,
-) -> CombineResult:
-    """One adapter from several, module by module over the union of their modules.
-
-    ``cat`` is exact: B = [w₁s₁B₁ | w₂s₂B₂ | …], A = [A₁; A₂; …], rank Σrᵢ, scale 1. ``svd`` is the
-    exact weighted sum Σwᵢsᵢ BᵢAᵢ truncated optimally to ``rank`` (from factors). ``linear``, ``ties``,
-    ``dare-linear``, ``dare-ties``, ``magnitude-prune`` reproduce PEFT's ``add_weighted_adapter``
-    (``linear``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``) module
-    by module, ``seed`` seeding DARE's draws. A module missing from an adapter counts as zero.
-
-    Raises:
-        UsageError: unknown method, weights not matching adapters, a method's missing option.
-        ShapeMismatchError: adapters whose modules disagree in shape (adapters for different bases).
-        UnsupportedAdapterError: DoRA adapters (their magnitude vectors do not combine linearly).
-    """
-    adapters = _as_list(adapters)
-    from .ops import combine as comb
-
-    t0 = time.perf_counter()
+def _combine_options(method: str, n: int, density: float | None, majority_sign: str, rank: int | None) -> None:
     if method not in COMBINE_METHODS:
         raise UsageError(f"unknown --method {method!r}; one of {', '.join(COMBINE_METHODS)}")
-    if len(adapters) < 2:
+    if n < 2:
         raise UsageError("combine needs at least two adapters")
-    ws = _weights(weights, len(adapters))
     if method in ("ties", "dare-linear", "dare-ties", "magnitude-prune"):
         if density is None:
             raise UsageError(f"--method {method} needs --density (the fraction of entries kept)")
@@ -1686,7 +949,67 @@ def combine(
         raise UsageError("--method svd needs --rank")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank {rank} must be at least 1")
-    loaded = _load_all(adapters, format, allow_pickle)
+
+
+def _same_module(name: str, loaded: Sequence[Adapter]) -> list[LoraModule | None]:
+    """Each adapter's module ``name`` (None where it has none), checked to update the same weight."""
+    mods = [a.modules.get(name) for a in loaded]
+    first = next(i for i, m in enumerate(mods) if m is not None)
+    ref = mods[first]
+    assert ref is not None
+    for i, m in enumerate(mods):
+        if m is not None and (m.kind, tuple(m.weight_shape), m.fan_in_fan_out) != (
+            ref.kind,
+            tuple(ref.weight_shape),
+            ref.fan_in_fan_out,
+        ):
+            raise ShapeMismatchError(
+                f"module {name!r}: {loaded[first].path} has {ref.kind} {list(ref.weight_shape)} but "
+                f"{loaded[i].path} has {m.kind} {list(m.weight_shape)}",
+                hint="the adapters are for different base models",
+            )
+    return mods
+
+
+def combine(
+    adapters: Adapters,
+    output: str | Path,
+    *,
+    weights: Weights = None,
+    method: str = "cat",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int | None = None,
+    to: str | None = None,
+    force: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+) -> CombineResult:
+    """One adapter from several, module by module over the union of their modules.
+
+    ``cat`` is exact: B = [w₁s₁B₁ | w₂s₂B₂ | …], A = [A₁; A₂; …], rank Σrᵢ, scale 1. ``svd`` is the
+    exact weighted sum Σwᵢsᵢ BᵢAᵢ truncated optimally to ``rank`` (from factors). ``linear``, ``ties``,
+    ``dare-linear``, ``dare-ties``, ``magnitude-prune`` reproduce PEFT's ``add_weighted_adapter``
+    (``linear``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``) module
+    by module, ``seed`` seeding DARE's draws. A module missing from an adapter counts as zero.
+
+    Returns:
+        The combined adapter's method, module count and ranks.
+
+    Raises:
+        UsageError: unknown method, weights not matching adapters, a method's missing option.
+        ShapeMismatchError: adapters whose modules disagree in shape (adapters for different bases).
+        UnsupportedAdapterError: DoRA adapters (their magnitude vectors do not combine linearly).
+    """
+    from .ops.combine import combine_modules
+
+    t0 = time.perf_counter()
+    adapters = as_list(adapters)
+    _combine_options(method, len(adapters), density, majority_sign, rank)
+    ws = weights_for(weights, len(adapters))
+    loaded = load_adapters(adapters, format, read_options(allow_pickle=allow_pickle, subfolder=subfolder))
     for a in loaded:
         dora = [m.name for m in a.modules.values() if m.is_dora]
         if dora:
@@ -1694,78 +1017,31 @@ def combine(
                 f"{a.path}: module {dora[0]!r} is DoRA; magnitude vectors do not combine linearly",
                 hint="merge DoRA adapters into the base instead",
             )
-    names = sorted({n for a in loaded for n in a.modules})
+    # PEFT's svd_rank default: the largest configured r of the adapters
+    peft_rank = rank or max(m.rank for a in loaded for m in a.modules.values())
     out: dict[str, LoraModule] = {}
-    for name in names:
-        present = [(i, a.modules[name]) for i, a in enumerate(loaded) if name in a.modules]
-        ref = present[0][1]
-        for i, m in present[1:]:
-            if (m.kind, tuple(m.weight_shape), m.fan_in_fan_out) != (
-                ref.kind,
-                tuple(ref.weight_shape),
-                ref.fan_in_fan_out,
-            ):
-                raise ShapeMismatchError(
-                    f"module {name!r}: {loaded[present[0][0]].path} has {ref.kind} {list(ref.weight_shape)} but "
-                    f"{loaded[i].path} has {m.kind} {list(m.weight_shape)}",
-                    hint="the adapters are for different base models",
-                )
-        b_ref, a_ref = matrices(ref)
-        mods = []
-        for i, a in enumerate(loaded):
-            if name in a.modules:
-                b2, a2 = matrices(a.modules[name])
-                mods.append((b2, a2, a.modules[name].scale, ws[i]))
-            else:
-                mods.append(
-                    (b_ref.new_zeros(b_ref.shape[0], 0), a_ref.new_zeros(0, a_ref.shape[1]), 1.0, ws[i])
-                )
+    for name in sorted({n for a in loaded for n in a.modules}):
         try:
-            if method == "cat":
-                nb, na = comb.combine_cat([m for m in mods if m[1].shape[0] > 0])
-            elif method == "svd":
-                nb, na = comb.combine_svd([m for m in mods if m[1].shape[0] > 0], rank)  # type: ignore[arg-type]
-            else:
-                nb, na = comb.combine_peft(
-                    mods,
-                    method,
-                    density=density,
-                    majority_sign=majority_sign,  # type: ignore[arg-type]
-                    rank=rank or max(a.modules[n].rank for a in loaded for n in a.modules),
-                    generator_seed=seed,
-                )
-        except ValueError as e:
-            hint = (
-                "use --method cat, which is exact for any ranks"
-                if "rank" in str(e) and method == "linear"
-                else None
+            out[name] = combine_modules(
+                _same_module(name, loaded),
+                ws,
+                method,
+                rank=rank if method in ("cat", "svd") else peft_rank,
+                density=density,
+                majority_sign=majority_sign,  # type: ignore[arg-type]
+                seed=seed,
             )
+        except ValueError as e:
+            hint = "use --method cat, which is exact for any ranks" if "rank" in str(e) and method == "linear" else None
             raise UsageError(f"module {name!r}: {e}", hint=hint) from None
-        out[name] = with_factors(ref, nb, na, alpha=float(nb.shape[1]))
-        out[name].bias = None
-        out[name].magnitude = None
-    base_adapter = _derived(loaded[0], out)
-    base_adapter.modules_to_save = {}
-    fmt = to or _writable(loaded[0].format)
-    refs = _refs(loaded, ws)
-    save_adapter(
-        base_adapter,
-        output,
-        to=fmt,
-        force=force,
-        inputs=protected_paths(adapters=loaded),
-        operation="combine",
-        sources=refs,
-    )
+    combined = loaded[0].derived(out)
+    combined.modules_to_save = {}
+    fmt = to or writable(loaded[0].format)
+    sources = refs(loaded, ws)
+    save_adapter(combined, output, to=fmt, force=force, inputs=protected_paths(adapters=loaded), operation="combine", sources=sources)
     ranks = [m.rank for m in out.values()] or [0]
     return CombineResult(
-        Path(output),
-        fmt,
-        method,
-        len(out),
-        {"min": min(ranks), "max": max(ranks)},
-        refs,
-        time.perf_counter() - t0,
+        Path(output), fmt, method, len(out), {"min": min(ranks), "max": max(ranks)}, sources, time.perf_counter() - t0
     )
 
 
@@ -1787,6 +1063,25 @@ class SimilarityResult:
     grid: list[list[float]] | None = None
 
 
+def _compared_factors(
+    a1: Adapter, a2: Adapter, names: list[str], factor: str, i: int | None, j: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """For each module: the two compared factors and the ranks i, j (checked)."""
+    pairs = []
+    for n in names:
+        m1, m2 = a1.modules[n], a2.modules[n]
+        (b1, f1), (b2, f2) = m1.matrices(), m2.matrices()
+        x1, x2 = (f1, f2) if factor == "A" else (b1, b2)
+        if (factor == "A" and x1.shape[1] != x2.shape[1]) or (factor == "B" and x1.shape[0] != x2.shape[0]):
+            raise ShapeMismatchError(f"module {n!r}: the two adapters' {factor} factors have different dimensions")
+        ii = m1.rank if i is None else i
+        jj = m2.rank if j is None else j
+        if not (1 <= ii <= m1.rank and 1 <= jj <= m2.rank):
+            raise UsageError(f"module {n!r}: i={ii}, j={jj} must be within the ranks {m1.rank} and {m2.rank}")
+        pairs.append((x1, x2, ii, jj))
+    return pairs
+
+
 @_keeps_torch_threads
 def similarity(
     first: str | Path | Adapter,
@@ -1799,6 +1094,7 @@ def similarity(
     module: str | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
 ) -> SimilarityResult:
     """The LoRA paper's normalized subspace similarity per module (Hu et al. 2021, Sec. 7.2):
     φ(A₁, A₂, i, j) = ‖U₁ᵢᵀ U₂ⱼ‖²_F / min(i, j), Uₓ the right-singular vectors of the A factors
@@ -1807,38 +1103,23 @@ def similarity(
 
     Only the factor compared is read from the files. Modules are done on two threads.
 
+    Returns:
+        φ per module and its mean.
+
     Raises:
         UsageError: i or j out of range, an unknown factor, no module in common (or matching ``module``).
     """
-    import fnmatch
-
     from .ops.similarity import grid_from_overlap, overlap, phi_from_overlap
 
     if factor not in ("A", "B"):
         raise UsageError(f"--factor must be A or B, not {factor!r}")
-    opts = ReadOptions(allow_pickle=allow_pickle, only_factor="down" if factor == "A" else "up")
-    a1, a2 = (
-        a if isinstance(a, Adapter) else load_adapter(a, format=format, options=opts) for a in (first, second)
-    )
+    opts = read_options(allow_pickle=allow_pickle, subfolder=subfolder, only_factor="down" if factor == "A" else "up")
+    a1, a2 = (a if isinstance(a, Adapter) else load_adapter(a, format=format, options=opts) for a in (first, second))
     common = [n for n in a1.modules if n in a2.modules and (module is None or fnmatch.fnmatchcase(n, module))]
     if not common:
         what = f" matching {module!r}" if module else ""
         raise UsageError(f"{a1.path} and {a2.path} have no module in common{what}")
-    pairs: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
-    for n in common:
-        m1, m2 = a1.modules[n], a2.modules[n]
-        b1, f1 = matrices(m1)
-        b2, f2 = matrices(m2)
-        x1, x2 = (f1, f2) if factor == "A" else (b1, b2)
-        if (factor == "A" and x1.shape[1] != x2.shape[1]) or (factor == "B" and x1.shape[0] != x2.shape[0]):
-            raise ShapeMismatchError(
-                f"module {n!r}: the two adapters' {factor} factors have different dimensions"
-            )
-        ii = m1.rank if i is None else i
-        jj = m2.rank if j is None else j
-        if not (1 <= ii <= m1.rank and 1 <= jj <= m2.rank):
-            raise UsageError(f"module {n!r}: i={ii}, j={jj} must be within the ranks {m1.rank} and {m2.rank}")
-        pairs.append((x1, x2, ii, jj))
+    pairs = _compared_factors(a1, a2, common, factor, i, j)
 
     def one(pair: tuple[torch.Tensor, torch.Tensor, int, int]) -> tuple[float, torch.Tensor | None]:
         x1, x2, ii, jj = pair
@@ -1849,14 +1130,9 @@ def similarity(
     torch.set_num_threads(1)
     with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         results = list(pool.map(one, pairs))
-    mods = [
-        ModuleSimilarity(n, phi, g.tolist() if g is not None else None)
-        for n, (phi, g) in zip(common, results)
-    ]
+    mods = [ModuleSimilarity(n, phi, g.tolist() if g is not None else None) for n, (phi, g) in zip(common, results)]
     grids = [g for _, g in results if g is not None]
-    mean_grid = None
-    if grids and all(g.shape == grids[0].shape for g in grids):
-        mean_grid = torch.stack(grids).mean(0).tolist()
+    mean_grid = torch.stack(grids).mean(0).tolist() if grids and all(g.shape == grids[0].shape for g in grids) else None
     return SimilarityResult(
         adapters=[str(a1.path), str(a2.path)],
         factor=factor,
@@ -1895,44 +1171,49 @@ def amplification(
     seed: int = 0,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
 ) -> AmplificationResult:
     """The LoRA paper's Section 7.3 per module: how strongly ΔW amplifies directions of W.
 
     With U, V the top-r singular vectors of ΔW: ‖UᵀWV‖_F (W on ΔW's subspace), the same for W's own
     top-r directions and for a random subspace, ‖ΔW‖_F, and the amplification ‖ΔW‖_F / ‖UᵀWV‖_F.
-    Base tensors are read one at a time.
-    """
-    import fnmatch
+    Base tensors are read one at a time (dequantized where the base is quantized).
 
+    Raises:
+        InputError: a module that does not fit the base (the rule of :func:`loractl.plan.match`).
+        UsageError: no module matches ``module``.
+    """
     from .ops.similarity import amplification as amp
 
     out: list[AmplificationModule] = []
     with open_base(base) as b:
-        (a,) = _load_all([adapter], format, allow_pickle, base=b)
-        resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
+        (a,) = load_adapters([adapter], format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder))
+        fit = match(b, a)
         g = torch.Generator().manual_seed(seed)
         for name, m in a.modules.items():
             if module is not None and not fnmatch.fnmatchcase(name, module):
                 continue
-            key = resolver.resolve(name)
-            if key is None:
-                raise InputError(f"{b.path}: module {name!r} of {a.path} matches no base weight")
-            w = b.read(key).double()
-            if tuple(w.shape) != tuple(m.weight_shape):
-                raise ShapeMismatchError(
-                    f"{a.path}: module {name!r}: adapter update is {list(m.weight_shape)} but base weight "
-                    f"{key!r} is {list(w.shape)}",
-                    hint="is this adapter for another base model?",
-                )
+            problem = next((p for p in fit.problems if p.module == name), None)
+            if problem is not None:
+                error = ShapeMismatchError if problem.kind == "shape" else InputError
+                raise error(problem.message, hint="is this adapter for another base model?")
+            w = _base_weight(b, fit.weights[name]).double()
             if m.kind == "embedding" or m.fan_in_fan_out:
                 w = w.T
-            w = w.reshape(w.shape[0], -1)
-            b2, a2 = matrices(m)
-            r = amp(w, b2, a2, m.scale, generator=g)
+            b2, a2 = m.matrices()
+            r = amp(w.reshape(w.shape[0], -1), b2, a2, m.scale, generator=g)
             out.append(AmplificationModule(name=name, rank=m.rank, **r))
     if not out:
         raise UsageError(f"no module of {adapter} matches {module!r}")
     return AmplificationResult(str(adapter), str(base), out)
+
+
+def _base_weight(b: BaseModel, key: str) -> torch.Tensor:
+    """A base weight as the model computes with it: dequantized when it is stored quantized."""
+    from .io import quant
+
+    q = b.quantized.get(key)
+    return quant.dequantize(b, q) if q is not None else b.read(key)
 
 
 @dataclass
@@ -1945,44 +1226,47 @@ class ModuleSpectrum:
 
 
 @dataclass
+class AdapterSpectrum:
+    path: str
+    modules: list[ModuleSpectrum]
+
+
+@dataclass
 class SpectrumResult:
-    adapters: list[dict[str, Any]]
+    adapters: list[AdapterSpectrum]
 
 
 def spectrum(
-    adapters: str | Path | Adapter | Sequence[str | Path | Adapter],
+    adapters: Adapters,
     *,
     base: str | Path | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    subfolder: str | None = None,
 ) -> SpectrumResult:
     """Singular values of each module's update (from factors), entropy effective rank, energy kept
-    at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts)."""
-    adapters = _as_list(adapters)
+    at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts).
+
+    Returns:
+        One spectrum per module of each adapter.
+    """
     from .ops.factored import effective_rank, energy_kept, factored_svd
 
+    b = open_base(base) if base is not None else None
+    try:
+        loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder))
+    finally:
+        if b is not None:
+            b.close()
     result = []
-    if base is not None:
-        with open_base(base) as b:
-            loaded = _load_all(adapters, format, allow_pickle, base=b)
-    else:
-        loaded = _load_all(adapters, format, allow_pickle)
     for a in loaded:
         mods = []
         for name, m in a.modules.items():
-            b2, a2 = matrices(m)
-            _, s_vals, _ = factored_svd(b2, a2, m.scale)
+            _, s_vals, _ = factored_svd(*m.matrices(), m.scale)
             ks = sorted({min(2**p, m.rank) for p in range(m.rank.bit_length() + 1)})
-            mods.append(
-                ModuleSpectrum(
-                    name=name,
-                    rank=m.rank,
-                    singular_values=[float(x) for x in s_vals],
-                    effective_rank=effective_rank(s_vals),
-                    energy={str(k): energy_kept(s_vals, k) for k in ks},
-                )
-            )
-        result.append({"path": str(a.path), "modules": mods})
+            energy = {str(k): energy_kept(s_vals, k) for k in ks}
+            mods.append(ModuleSpectrum(name, m.rank, [float(x) for x in s_vals], effective_rank(s_vals), energy))
+        result.append(AdapterSpectrum(str(a.path), mods))
     return SpectrumResult(result)
 
 
@@ -2001,22 +1285,19 @@ class ConvertResult:
     seconds: float
 
 
-def normalized(m: LoraModule) -> LoraModule:
-    """The same update with alpha = r (scale 1): the scale folded into B, computed in float64."""
-    up = (m.up.double() * m.scale).to(m.up.dtype)
-    bias = (m.bias.double() * m.scale).to(m.bias.dtype) if m.bias is not None else None
-    return LoraModule(m.name, m.kind, m.down, up, float(m.rank), False, m.fan_in_fan_out, bias, m.magnitude)
-
-
-def padded(m: LoraModule, rank: int) -> LoraModule:
-    """Zero-pad to ``rank`` keeping B·A; alpha' = alpha·r'/r (rsLoRA: alpha·√(r'/r)) keeps the scale."""
-    r = m.rank
-    if rank == r:
-        return m
-    down = torch.cat([m.down, m.down.new_zeros(rank - r, *m.down.shape[1:])], 0)
-    up = torch.cat([m.up, m.up.new_zeros(m.up.shape[0], rank - r, *m.up.shape[2:])], 1)
-    alpha = m.alpha * (math.sqrt(rank / r) if m.rslora else rank / r)
-    return LoraModule(m.name, m.kind, down, up, alpha, m.rslora, m.fan_in_fan_out, m.bias, m.magnitude)
+def _converted(m: LoraModule, dtype: str | None, normalize: bool, pad_rank: int | None, source: Path) -> LoraModule:
+    if pad_rank is not None and m.rank > pad_rank:
+        raise UsageError(
+            f"{source}: module {m.name!r} has rank {m.rank}, above --pad-rank {pad_rank}",
+            hint=f"truncate it first: loractl truncate {source} -o smaller --rank {pad_rank}",
+        )
+    if dtype is not None:
+        m = m.cast(torch_dtype(DTYPES[dtype]))  # type: ignore[arg-type]
+    if normalize:
+        m = m.normalized()
+    if pad_rank is not None:
+        m = m.padded(pad_rank)
+    return m
 
 
 def convert(
@@ -2047,13 +1328,18 @@ def convert(
         normalize: one alpha convention for all modules: alpha = r, the scale folded into B.
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
         rank, alpha: r and alpha for formats that do not store them (loralib).
+        force: replace an existing output.
+        format: force the source format.
+        allow_pickle: accept a pickle adapter.
+        subfolder: the folder inside a Hub adapter repo.
         progress: called with (modules done, modules total); also turns on Hub download bars.
+
+    Returns:
+        The formats and what was changed.
 
     Raises:
         UsageError: unknown format or dtype, a pad rank below a module's rank.
     """
-    from .formats import FORMATS
-
     t0 = time.perf_counter()
     if to not in FORMATS:
         raise UsageError(f"unknown --to {to!r}; one of {', '.join(FORMATS)}")
@@ -2062,69 +1348,36 @@ def convert(
     if pad_rank is not None and pad_rank < 1:
         raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
     b = open_base(base, progress=progress is not None) if base is not None else None
-    base_paths = protected_paths(base=b) if b is not None else []
     try:
-        opts = ReadOptions(
-            allow_pickle=allow_pickle,
-            rank=rank,
-            alpha=alpha,
-            subfolder=subfolder,
-            progress=progress is not None,
+        base_paths = protected_paths(base=b) if b is not None else []
+        opts = read_options(
+            b, allow_pickle=allow_pickle, rank=rank, alpha=alpha, subfolder=subfolder, progress=progress is not None
         )
-        wopts = WriteOptions()
-        if b is not None:
-            opts.base_keys = wopts.base_keys = list(b.tensors)
-            opts.base_config = wopts.base_config = b.config
+        wopts = WriteOptions(base_keys=opts.base_keys, base_config=opts.base_config)
         a = load_adapter(adapter, format=format, options=opts)
     finally:
         if b is not None:
             b.close()
     mods: dict[str, LoraModule] = {}
     for name, m in a.modules.items():
-        if pad_rank is not None and m.rank > pad_rank:
-            raise UsageError(
-                f"{a.path}: module {name!r} has rank {m.rank}, above --pad-rank {pad_rank}",
-                hint=f"truncate it first: loractl truncate {a.path} -o smaller --rank {pad_rank}",
-            )
-        if dtype is not None:
-            dt = torch_dtype(DTYPES[dtype])  # type: ignore[arg-type]
-            m = LoraModule(
-                m.name,
-                m.kind,
-                m.down.to(dt),
-                m.up.to(dt),
-                m.alpha,
-                m.rslora,
-                m.fan_in_fan_out,
-                m.bias.to(dt) if m.bias is not None else None,
-                m.magnitude.to(dt) if m.magnitude is not None else None,
-            )
-        if normalize:
-            m = normalized(m)
-        if pad_rank is not None:
-            m = padded(m, pad_rank)
-        mods[name] = m
+        mods[name] = _converted(m, dtype, normalize, pad_rank, a.path)
         if progress is not None:
             progress(len(mods), len(a.modules))
-    out = _derived(a, mods)
-    refs = [AdapterRef(str(a.path), file_sha256(a.files), 1.0, a.format)]
     save_adapter(
-        out,
+        a.derived(mods),
         output,
         to=to,
         force=force,
         inputs=protected_paths(adapters=[a], also=base_paths),
         operation="convert",
-        sources=refs,
+        sources=refs([a]),
         options=wopts,
     )
-    return ConvertResult(
-        Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0
-    )
+    return ConvertResult(Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------
-# check
+# check and recipes
 # --------------------------------------------------------------------------------------------
 def check(
     adapter: str | Path,
@@ -2135,22 +1388,44 @@ def check(
     format: str | None = None,
     allow_pickle: bool = False,
     strict: bool = False,
-):  # -> checks.CheckResult
-    """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, all-zero modules,
-    shapes and coverage against ``base``, and what ``target`` — peft, vllm, llama.cpp, lorax — accepts).
+) -> CheckResult:
+    """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, untrained
+    modules, fit to ``base`` by the rule merge applies, and what ``target`` — peft, vllm, llama.cpp,
+    lorax — accepts). See :func:`loractl.checks.check`.
 
     Returns:
-        :class:`loractl.checks.CheckResult`; ``ok`` is False when any finding is an error (with
-        ``strict``, also when one is a warning).
+        The findings; ``ok`` is False when any is an error (with ``strict``, also a warning).
     """
     from .checks import check as run_checks
 
     return run_checks(
-        adapter,
-        base=base,
-        target=target,
-        max_rank=max_rank,
-        format=format,
-        allow_pickle=allow_pickle,
-        strict=strict,
+        adapter, base=base, target=target, max_rank=max_rank, format=format, allow_pickle=allow_pickle, strict=strict
     )
+
+
+def run(
+    recipe: str | Path,
+    *,
+    vars: Mapping[str, str] | None = None,
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+) -> RunResult:
+    """Run a TOML recipe of steps (``check``, ``truncate``, ``combine``, ``convert``, ``merge``,
+    ``inspect``), validated before anything runs; a failed step stops it (see :mod:`loractl.recipe`).
+
+    Args:
+        recipe: the TOML file.
+        vars: values for the recipe's ``${name}`` variables (the command line's ``--set``).
+        dry_run: validate and plan only.
+        allow_pickle: let every step read pickle adapters.
+
+    Returns:
+        Each step's status, output and result; ``ok`` is False when a step failed.
+
+    Raises:
+        UsageError: the recipe does not validate (naming its file, line and key).
+    """
+    from . import recipe as rec
+
+    plan = rec.load(recipe, overrides=dict(vars or {}), allow_pickle=allow_pickle)
+    return rec.run(plan, dry_run=dry_run)

@@ -434,7 +434,7 @@ def test_spectrum_equals_dense_singular_values(llama, tmp_path: Path) -> None:
     ad = make_adapter(model, tmp_path / "ad", r=8, lora_alpha=16, target_modules=["q_proj"])
     res = api.spectrum([ad])
     a = api.load_adapter(ad)
-    for m in res.adapters[0]["modules"]:
+    for m in res.adapters[0].modules:
         s = torch.linalg.svdvals(dense(a.modules[m.name]))[:8]
         assert torch.allclose(torch.tensor(m.singular_values, dtype=torch.float64), s, rtol=1e-9, atol=1e-12)
         assert list(m.energy) == ["1", "2", "4", "8"] and math.isclose(m.energy["8"], 1.0)

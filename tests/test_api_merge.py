@@ -10,8 +10,9 @@ import torch
 from conftest import build_model, make_adapter, peft_merged, read_st, same_bits, save_base
 
 from loractl import api
-from loractl.errors import UnsupportedAdapterError
+from loractl.errors import InputError, UnsupportedAdapterError
 from loractl.ops import merge as merge_ops
+from loractl.provenance import file_sha256
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -146,7 +147,7 @@ def test_output_layout_matches_base(tmp_path: Path) -> None:
         meta = f.metadata()
     assert meta["loractl.operation"] == "merge"
     recorded = json.loads(meta["loractl.adapters"])
-    assert recorded[0]["sha256"] == api.file_sha256(api.load_adapter(adapters[0]).files)
+    assert recorded[0]["sha256"] == file_sha256(api.load_adapter(adapters[0]).files)
     assert meta["format"] == "pt"  # the input's own metadata is kept
 
 
@@ -224,7 +225,7 @@ def test_unmerge_without_receipt_refuses_dora(tmp_path: Path) -> None:
 def test_unmerge_refuses_receipt_of_other_adapters(tmp_path: Path) -> None:
     arch, base, adapters = _setup(tmp_path, "llama-plain", torch.float32, n_adapters=2)
     api.merge(base, adapters[:1], tmp_path / "merged")
-    with pytest.raises(api.InputError, match="receipt"):
+    with pytest.raises(InputError, match="receipt"):
         api.unmerge(tmp_path / "merged", adapters[1:], tmp_path / "restored")
 
 
@@ -355,8 +356,9 @@ def test_inspect_scale_equals_peft_scaling(tmp_path: Path, case: str) -> None:
     assert ours.keys() == theirs.keys()
     for name, (s, r, a) in theirs.items():
         assert ours[name] == (s, r, a), name
-    assert info.base is not None and info.base["coverage"]["matched"] == len(ours)
-    assert info.base["coverage"]["unmatched"] == [] and info.base["coverage"]["shape_mismatch"] == []
+    assert info.base is not None and info.base.coverage.matched == len(ours)
+    assert info.base.coverage.unmatched == [] and info.base.coverage.shape_mismatch == []
+    assert info.base.coverage.complete
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -408,6 +410,6 @@ def test_unmerge_refuses_a_merged_model_changed_after_the_merge(tmp_path: Path) 
     sd[k] = (sd[k].float() + 0.5).to(sd[k].dtype)
     shard.unlink()
     save_file(sd, shard, metadata={"format": "pt"})
-    with pytest.raises(api.InputError, match="does not come back to the original"):
+    with pytest.raises(InputError, match="does not come back to the original"):
         api.unmerge(merged, adapters, tmp_path / "back")
     assert not (tmp_path / "back").exists()

@@ -68,11 +68,12 @@ def test_merge_into_4bit_base_equals_peft_on_dequantized_model(
     assert isinstance(again.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
     info = api.inspect([ad], base=tmp_path / "q4").adapters[0].base
-    assert info is not None and info["coverage"]["matched"] == 3 and not info["coverage"]["shape_mismatch"]
-    assert info["quantized"]["quant_types"] == [quant_type] and info["quantized"]["double_quant"] is double
+    assert info is not None and info.coverage.matched == 3 and not info.coverage.shape_mismatch
+    assert info.quantized is not None
+    assert info.quantized.quant_types == [quant_type] and info.quantized.double_quant is double
     bf16_bytes = sum(v.numel() * v.element_size() for v in read_st(bf16).values())
-    assert info["quantized"]["merged_bytes"] == bf16_bytes
-    assert info["bytes"] < bf16_bytes
+    assert info.quantized.merged_bytes == bf16_bytes
+    assert info.bytes < bf16_bytes
 
 
 def test_check_against_a_4bit_base_uses_the_real_shapes(tmp_path: Path) -> None:

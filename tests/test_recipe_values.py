@@ -89,7 +89,7 @@ def assert_refused(work: Path, text: str | bytes, line: int, key: str, *args: st
             "one of original, kohya, lycoris",
         ),
         (MERGE + 'receipt = "no"\n', 7, "receipt", "receipt must be true or false, not the string 'no'"),
-        (MERGE + "weights = 0.5\n", 7, "weights", "weights must be a list of numbers, not the number 0.5"),
+        (MERGE + 'weights = "0.5"\n', 7, "weights", "weights must be a number or a list of numbers, not the string '0.5'"),
         (MERGE + 'weights = [1, "x"]\n', 7, "weights", "weights item 2 must be a number, not the string 'x'"),
         (MERGE + 'dtype = "bfloat16"\n', 7, "dtype", "dtype is 'bfloat16'; one of auto, bf16, fp16, fp32"),
         (MERGE + "shard-size = true\n", 7, "shard-size", "shard-size must be an integer or a string"),

@@ -72,7 +72,7 @@ def spectrum_curves(result: Any, path: Path, inputs: Sequence[str | None] = ()) 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for a in result.adapters:
-        for m in a["modules"]:
+        for m in a.modules:
             s2 = [x * x for x in m.singular_values]
             total = sum(s2) or 1.0
             acc, ys = 0.0, []

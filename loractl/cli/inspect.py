@@ -117,37 +117,38 @@ def inspect(
                 )
             c.print(t)
             if a.base is not None:
-                b = a.base
-                cov = b["coverage"]
-                st = b["storage"]
-                c.print(
-                    f"  base {b['path']}: {b['parameters']:,} parameters, {human_bytes(b['bytes'])}; "
-                    f"adapter/base = {b['ratio']:.4%}"
-                )
-                if b.get("quantized"):
-                    qz = b["quantized"]
-                    c.print(
-                        f"  4-bit base ({qz['method']}, {'/'.join(qz['quant_types'])}"
-                        f"{', double-quantized' if qz['double_quant'] else ''}): {qz['weights']} weights; "
-                        f"a merged copy weighs {human_bytes(qz['merged_bytes'])} (bf16)"
-                    )
-                c.print(
-                    f"  coverage: {cov['matched']} modules match, {len(cov['unmatched'])} unmatched, "
-                    f"{len(cov['shape_mismatch'])} with the wrong shape"
-                )
-                for name in cov["unmatched"][:10]:
-                    c.print(f"    unmatched: {name}")
-                for mm in cov["shape_mismatch"][:10]:
-                    c.print(
-                        f"    shape mismatch: {mm['module']}: adapter {mm['adapter']} vs base {mm['base']}"
-                    )
-                c.print(
-                    f"  storage for {st['count']}: one base + {st['count']} adapters = "
-                    f"{human_bytes(st['base_plus_adapters'])} vs {st['count']} merged copies = "
-                    f"{human_bytes(st['merged_copies'])}"
-                )
+                _human_base(c, a.base)
 
     render("inspect", result, as_json=json_out, quiet=quiet, human=human)
+
+
+def _human_base(c, b) -> None:  # b: api.BaseFit
+    cov, st = b.coverage, b.storage
+    c.print(
+        f"  base {b.path}: {b.parameters:,} parameters, {human_bytes(b.bytes)}; adapter/base = {b.ratio:.4%}"
+    )
+    if b.quantized is not None:
+        qz = b.quantized
+        c.print(
+            f"  4-bit base ({qz.method}, {'/'.join(qz.quant_types)}"
+            f"{', double-quantized' if qz.double_quant else ''}): {qz.weights} weights; "
+            f"a merged copy weighs {human_bytes(qz.merged_bytes)} (bf16)"
+        )
+    c.print(
+        f"  coverage: {cov.matched} modules match, {len(cov.unmatched)} unmatched, "
+        f"{len(cov.shape_mismatch)} with the wrong shape"
+        + (f", {len(cov.incompatible)} that cannot be merged" if cov.incompatible else "")
+    )
+    for name in cov.unmatched[:10]:
+        c.print(f"    unmatched: {name}")
+    for mm in cov.shape_mismatch[:10]:
+        c.print(f"    shape mismatch: {mm.module}: adapter {mm.adapter} vs base {mm.base}")
+    for bad in cov.incompatible[:10]:
+        c.print(f"    cannot merge: {bad.message}")
+    c.print(
+        f"  storage for {st.count}: one base + {st.count} adapters = {human_bytes(st.base_plus_adapters)} "
+        f"vs {st.count} merged copies = {human_bytes(st.merged_copies)}"
+    )
 
 
 def _human_spectrum(r) -> None:  # r: api.SpectrumResult
@@ -155,11 +156,11 @@ def _human_spectrum(r) -> None:  # r: api.SpectrumResult
 
     c = console()
     for a in r.adapters:
-        c.print(f"[bold]{a['path']}[/bold]: singular values of each module's update s·B·A")
+        c.print(f"[bold]{a.path}[/bold]: singular values of each module's update s·B·A")
         t = Table(show_edge=False)
         for col in ("module", "rank", "eff. rank", "σ₁", "σ_r", "energy kept at rank k"):
             t.add_column(col, justify="left" if col in ("module", "energy kept at rank k") else "right")
-        for m in a["modules"]:
+        for m in a.modules:
             sv = m.singular_values
             energy = "  ".join(f"{k}:{v:.3f}" for k, v in m.energy.items())
             t.add_row(m.name, str(m.rank), f"{m.effective_rank:.2f}", f"{sv[0]:.4g}", f"{sv[-1]:.4g}", energy)

@@ -239,3 +239,51 @@ def load_adapter(path: str | Path, format: str | None = None, options: ReadOptio
         raise FormatError(f"{weights}: holds no tensors")
     fmt = format or detect(keys, metadata, weights)
     return format_module(fmt).read(path, weights, tensors, metadata, options)
+
+
+def writable(fmt: str) -> str:
+    """The format to write an adapter read as ``fmt`` back in: itself when loractl writes it, else PEFT."""
+    try:
+        mod = format_module(fmt)
+    except UsageError:
+        return "peft"
+    return fmt if hasattr(mod, "write") else "peft"
+
+
+def write_adapter(
+    adapter: Adapter,
+    output: Path,
+    to: str,
+    options: WriteOptions,
+    *,
+    force: bool = False,
+    inputs: Collection[Path] = (),
+) -> Path:
+    """Write ``adapter`` in format ``to`` at ``output``, atomically (a temporary path renamed into
+    place), refusing an output that is one of ``inputs`` or exists without ``force``.
+
+    A diffusers adapter written as PEFT must be for one pipeline component (a PEFT adapter is for one
+    model); its module names become relative to that component.
+
+    Raises:
+        UsageError: a diffusers adapter for several components written as PEFT.
+        OutputError: see :func:`loractl.io.atomic.atomic_output`.
+    """
+    from ..io.atomic import atomic_output
+
+    mod = format_module(to)
+    options.target = output
+    if to == "peft" and adapter.format == "diffusers":
+        from .diffusers import component_adapters
+
+        parts = component_adapters(adapter)
+        if len(parts) != 1:
+            raise UsageError(
+                f"{adapter.path}: holds LoRAs for {len(parts)} components ({', '.join(sorted(parts))}); "
+                "a PEFT adapter is for one model",
+                hint="write --to diffusers to keep them together",
+            )
+        adapter = next(iter(parts.values()))
+    with atomic_output(output, is_dir=False, inputs=list(inputs), force=force) as tmp:
+        mod.write(adapter, tmp, options)
+    return output

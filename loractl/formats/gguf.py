@@ -120,6 +120,37 @@ MODEL_TYPES = {
     "gemma2": "gemma2",
     "phi3": "phi3",
 }
+#: ``config.json`` architectures that llama.cpp's ``convert_lora_to_gguf.py`` can convert: it builds its
+#: ``LoraModel`` on ``ModelBase.from_model_architecture(hparams["architectures"][0])`` and exits
+#: with "Model ... is not supported" otherwise. The common text models registered with
+#: ``@ModelBase.register(...)`` in convert_hf_to_gguf.py / conversion/*.py (llama.py, qwen.py,
+#: gemma.py, phi.py, gpt2.py, gpt_neox.py, starcoder.py). Not exhaustive: llama.cpp registers many
+#: more architectures; extend this set when a user's base is missing. This writer handles
+#: :data:`HF_ARCHITECTURES`, a subset.
+CONVERTIBLE_ARCHITECTURES = frozenset(
+    {
+        "LLaMAForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "GPT2LMHeadModel",
+        "GPTNeoXForCausalLM",
+        "Starcoder2ForCausalLM",
+    }
+)
+#: architectures llama.cpp converts with ``LlamaModel`` (``undo_permute = True``), which permutes q/k
+#: rows (``LlamaModel.permute``) in ``modify_tensors`` (conversion/llama.py); for those this writer's
+#: :class:`ArchSpec` has ``permute_qk``
+PERMUTED_ARCHITECTURES = frozenset({"LLaMAForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"})
 _LAYER_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")  # ModelBase.find_hparam
 _PROVENANCE_SKIP = ("general.", "adapter.", "GGUF.")
 

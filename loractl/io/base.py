@@ -10,11 +10,15 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError
 from .safetensors import SafetensorsFile, TensorInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .quant import QuantizedWeight
 
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
@@ -183,6 +187,13 @@ class BaseModel:
     @property
     def nbytes(self) -> int:
         return sum(info.nbytes for _, info in self.tensors.values())
+
+    @cached_property
+    def quantized(self) -> dict[str, QuantizedWeight]:
+        """The weights stored quantized (bitsandbytes 4-bit), by weight name; found and checked once."""
+        from .quant import find_quantized
+
+        return find_quantized(self)
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name][1]

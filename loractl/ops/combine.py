@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
 
+from ..adapter import LoraModule
 from .factored import balanced_factors, truncate_factors
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "combine_cat",
     "combine_svd",
     "combine_peft",
+    "combine_modules",
 ]
 
 #: ``(B [m, r], A [r, n], s, w)``: factors, scale and combination weight of one module.
@@ -328,3 +331,41 @@ def combine_peft(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator_seed)
         return _peft_svd(present, method, new_rank, density, majority_sign, clamp, full_matrices)
+
+
+def combine_modules(
+    modules: Sequence[LoraModule | None],
+    weights: Sequence[float],
+    method: str,
+    *,
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: Literal["total", "frequency"] = "total",
+    seed: int | None = None,
+) -> LoraModule:
+    """One module of ``combine``: the module of each adapter (None where an adapter lacks it) combined
+    with ``weights`` by ``method`` (``cat`` and ``svd``: :func:`combine_cat`, :func:`combine_svd`; the
+    others: :func:`combine_peft`). The result has scale 1 (alpha = its rank), no bias, no magnitude.
+
+    Raises:
+        ValueError: ranks that ``method`` cannot combine, or a rank or density it needs.
+    """
+    ref = next(m for m in modules if m is not None)
+    b_ref, a_ref = ref.matrices()
+    parts: list[Module] = []
+    for m, w in zip(modules, weights):
+        if m is None:
+            parts.append((b_ref.new_zeros(b_ref.shape[0], 0), a_ref.new_zeros(0, a_ref.shape[1]), 1.0, w))
+        else:
+            b2, a2 = m.matrices()
+            parts.append((b2, a2, m.scale, w))
+    present = [p for p in parts if p[1].shape[0] > 0]
+    if method == "cat":
+        nb, na = combine_cat(present)
+    elif method == "svd":
+        if rank is None:
+            raise ValueError("method svd needs a rank")
+        nb, na = combine_svd(present, rank)
+    else:
+        nb, na = combine_peft(parts, method, density=density, majority_sign=majority_sign, rank=rank, generator_seed=seed)
+    return replace(ref.with_factors(nb, na, alpha=float(nb.shape[1])), bias=None, magnitude=None)

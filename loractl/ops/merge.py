@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from ..adapter import LoraModule
+from ..errors import UnsupportedAdapterError
 from . import residual as residual_ops
 
 _T = TypeVar("_T")
@@ -198,7 +200,7 @@ def _fused_factors(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Te
     sum of ``B @ (A·s)`` is then exactly ``s`` times that of ``B @ A``, and ``(B @ A) * s`` rounds
     nothing, so both give the same bits. That holds unless a product ``b·a`` is subnormal (it lost bits
     in PEFT's order) or something overflows; both are ruled out from the factors' extreme magnitudes
-    before folding, and the caller's check (``api._fused_ok``) compares the result with PEFT's order.
+    before folding, and the caller's check (:func:`fused_ok`) compares the result with PEFT's order.
     """
     a, b = _factors32(m)
     s = m.scale * weight if weight != 1.0 else m.scale
@@ -264,7 +266,7 @@ def fused_merge(
     of three passes over whole tensors in memory; the addition is the very torch op of PEFT's
     ``W += ΔW`` (computed in the promoted dtype, rounded once to W's). The product of a row block
     equals the same rows of the whole product only when the BLAS computes them alike; callers check
-    that first (see ``api._fused_ok``) and use :func:`delta_weight` where it does not hold. The two
+    that first (see :func:`fused_ok`) and use :func:`delta_weight` where it does not hold. The two
     halves of the rows are done on two threads (torch and numpy let go of the GIL); a block's bits do
     not depend on the thread that computes it.
 
@@ -363,3 +365,231 @@ def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Te
 
     _on_two_threads(rows, step, rows_from)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# whole tensors: every contribution to one base tensor, in merge order
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Contribution:
+    """One change to one base tensor.
+
+    Attributes:
+        adapter: the adapter's position in the merge.
+        kind: ``lora`` (add the module's update), ``bias`` (add ``lora_B.bias``·s to a bias) or
+            ``replace`` (a saved full tensor).
+        weight: the merge weight of the adapter.
+        module: the LoRA module, for ``lora`` and ``bias``.
+        tensor: the replacement, for ``replace``.
+    """
+
+    adapter: int
+    kind: str
+    weight: float
+    module: LoraModule | None = None
+    tensor: torch.Tensor | None = None
+
+
+#: the receipt's parts of one tensor, by part name (:mod:`loractl.ops.residual`, ``dora<k>``)
+Parts = dict[str, torch.Tensor]
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> bool:
+    return a.is_floating_point and b.is_floating_point and torch.finfo(a).bits > torch.finfo(b).bits
+
+
+def merged_tensor(
+    w0: torch.Tensor,
+    contributions: Sequence[Contribution],
+    out_dtype: torch.dtype,
+    *,
+    inplace: bool = False,
+    deltas: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Apply the contributions to ``w0`` (a copy, or ``w0`` itself with ``inplace``), in order, exactly
+    as PEFT merges them in turn. ``deltas`` collects each LoRA update by position, for reuse."""
+    compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
+    dora = any(c.module is not None and c.module.is_dora for c in contributions)
+    w = w0 if inplace and compute == w0.dtype and not dora else w0.to(compute, copy=True)
+    base_c = w0.to(compute) if compute != w0.dtype else w0
+    for pos, c in enumerate(contributions):
+        if c.kind == "replace":
+            assert c.tensor is not None
+            w = c.tensor.to(compute, copy=True)
+        elif c.kind == "bias":
+            assert c.module is not None
+            w += bias_delta(c.module, c.weight)
+        else:
+            assert c.module is not None
+            delta = delta_weight(c.module, c.weight)
+            if deltas is not None:
+                deltas[pos] = delta
+            factor = dora_factor(c.module, base_c, delta) if c.module.is_dora else None
+            w = apply_delta(w, c.module, delta, factor)
+    return w.to(out_dtype) if w.dtype != out_dtype else w
+
+
+def unmerged_tensor(
+    m: torch.Tensor,
+    contributions: Sequence[Contribution],
+    orig_dtype: torch.dtype,
+    factors: dict[int, torch.Tensor] | None = None,
+    deltas: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Remove the contributions from a merged tensor, last first (exact up to rounding).
+
+    Args:
+        m: the merged tensor.
+        contributions: as merged.
+        orig_dtype: the base tensor's dtype.
+        factors: DoRA factors by contribution position (from a receipt).
+        deltas: the updates by position, when the caller has them (else recomputed, to the same bits).
+
+    Raises:
+        UnsupportedAdapterError: a DoRA contribution without its factors.
+    """
+    compute = m.dtype if _wider(m.dtype, orig_dtype) else orig_dtype
+    w = m.to(compute, copy=True)
+    for pos in range(len(contributions) - 1, -1, -1):
+        c = contributions[pos]
+        if c.kind == "replace":
+            continue  # only a receipt can restore a replaced tensor
+        assert c.module is not None
+        if c.kind == "bias":
+            w -= bias_delta(c.module, c.weight)
+            continue
+        delta = deltas[pos] if deltas is not None and pos in deltas else delta_weight(c.module, c.weight)
+        factor = None
+        if c.module.is_dora:
+            if factors is None or pos not in factors:
+                raise UnsupportedAdapterError(
+                    f"module {c.module.name!r} is DoRA: its merge divides by norms of the original weight, "
+                    "which cannot be recovered by subtraction",
+                    hint="unmerge with the receipt that merge wrote",
+                )
+            factor = factors[pos]
+        w = unapply_delta(w, c.module, delta, factor)
+    return w.to(orig_dtype) if w.dtype != orig_dtype else w
+
+
+def dora_factors(
+    w0: torch.Tensor, contribs: Sequence[Contribution], deltas: dict[int, torch.Tensor] | None = None
+) -> dict[int, torch.Tensor]:
+    """DoRA's per-row factors by contribution position (the updates reused from ``deltas`` when given)."""
+    out: dict[int, torch.Tensor] = {}
+    for pos, c in enumerate(contribs):
+        if c.kind == "lora" and c.module is not None and c.module.is_dora:
+            delta = deltas[pos] if deltas and pos in deltas else delta_weight(c.module, c.weight)
+            out[pos] = dora_factor(c.module, w0, delta)
+    return out
+
+
+def fused_ok(changes: Iterable[Sequence[Contribution]]) -> bool:
+    """Can this merge run single-threaded with row-block products (:func:`fused_merge`) and still give
+    PEFT's bits? It can when, for every distinct module shape, that way of computing the update gives
+    the same bits as PEFT's whole product at the default thread count: checked here on one real
+    module of each shape (the BLAS picks its kernels by shape, not by value). On success the process
+    is left at one torch thread (the caller restores it); merges with DoRA, whose norms are
+    reductions, keep the default threads."""
+    threads = torch.get_num_threads()
+    samples: dict[tuple, Contribution] = {}
+    for contribs in changes:
+        for c in contribs:
+            if c.kind != "lora" or c.module is None:
+                continue
+            if c.module.is_dora:
+                return False
+            m = c.module
+            key = (m.kind, tuple(m.up.shape), tuple(m.down.shape), m.fan_in_fan_out, m.up.dtype, m.down.dtype)
+            samples.setdefault(key, c)
+    for c in samples.values():  # one shape at a time: a 7B MLP update is 180 MB in float32
+        if not _same_bits_on_one_thread(c, threads):
+            torch.set_num_threads(threads)
+            return False
+    torch.set_num_threads(1)
+    return True
+
+
+def _same_bits_on_one_thread(c: Contribution, threads: int) -> bool:
+    """Does one thread compute ``c``'s update (by row blocks where :func:`fused_eligible`, whole
+    otherwise) with the bits of PEFT's whole product on ``threads`` threads?"""
+    m = c.module
+    assert m is not None
+    torch.set_num_threads(threads)
+    ref = delta_weight(m, c.weight)
+    torch.set_num_threads(1)
+    if fused_eligible(m):
+        return fused_product_equals(m, c.weight, ref)
+    got = delta_weight(m, c.weight)  # computed whole, as merged_tensor does, but on one thread
+    return got.shape == ref.shape and torch.equal(
+        residual_ops.bits(got.contiguous()), residual_ops.bits(ref.contiguous())
+    )
+
+
+def one_fused_lora(contribs: Sequence[Contribution]) -> bool:
+    """A tensor changed by exactly one LoRA module that the row-block path computes."""
+    return (
+        len(contribs) == 1
+        and contribs[0].kind == "lora"
+        and contribs[0].module is not None
+        and fused_eligible(contribs[0].module)
+    )
+
+
+def merge_tensor(
+    w0: torch.Tensor,
+    contribs: Sequence[Contribution],
+    out_dtype: torch.dtype,
+    *,
+    fused: bool,
+    receipt: bool,
+    original: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, Parts | None]:
+    """A merge's job for one base tensor: the merged tensor and, with ``receipt``, what an unmerge
+    needs to give ``w0`` back bit for bit (the residual parts, DoRA's factors, or the whole original).
+
+    Args:
+        w0: the base tensor read (a buffer the merge may write into).
+        contribs: its contributions in merge order ([] for a tensor only cast to ``out_dtype``).
+        out_dtype: the dtype written.
+        fused: the merge may compute a single plain LoRA by row blocks (see :func:`fused_ok`).
+        receipt: also return the receipt's parts.
+        original: reads ``w0`` again (when most values differ the whole original is the smaller record,
+            and the row-block path has overwritten the buffer by then).
+    """
+    if fused and one_fused_lora(contribs) and w0.dtype == out_dtype:
+        c = contribs[0]
+        assert c.module is not None
+        parts = fused_merge(w0, c.module, c.weight, out=w0, residual=receipt)
+        if receipt and parts is None:  # most values differ: the whole original is smaller
+            parts = {"full": original()}
+        return w0, parts
+    if not receipt:  # nothing needs the original: merge into the buffer just read
+        return merged_tensor(w0, contribs, out_dtype, inplace=True), None
+    deltas: dict[int, torch.Tensor] = {}
+    merged = merged_tensor(w0, contribs, out_dtype, deltas=deltas)
+    if any(c.kind == "replace" for c in contribs):
+        return merged, {"full": w0}
+    factors = dora_factors(w0, contribs, deltas)
+    restored = unmerged_tensor(merged, contribs, w0.dtype, factors, deltas)
+    parts = residual_ops.encode(w0, restored)
+    for pos, f in factors.items():
+        parts[f"dora{pos}"] = f.contiguous()
+    return merged, parts
+
+
+def unmerge_tensor(
+    m: torch.Tensor, contribs: Sequence[Contribution], orig_dtype: torch.dtype, parts: Parts, *, fused: bool
+) -> torch.Tensor:
+    """An unmerge's job for one merged tensor: the updates subtracted (last first), then the receipt's
+    ``parts`` applied (``{}`` without a receipt: the subtraction, close but not exact)."""
+    if "full" in parts:
+        return parts["full"]
+    factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
+    if fused and one_fused_lora(contribs) and m.dtype == orig_dtype:
+        c = contribs[0]
+        assert c.module is not None
+        rec = fused_unmerge(m, c.module, c.weight, out=m)
+    else:
+        rec = unmerged_tensor(m, contribs, orig_dtype, factors)
+    return residual_ops.decode(rec, parts)

@@ -439,9 +439,9 @@ def _copy_file_on_full_disk(src, dst) -> None:
 
 def test_disk_full_while_copying_config_files(cli, inputs, tools, bad_input, monkeypatch):
     """A full disk while config.json / tokenizer files are copied is an output error (exit 2), not a bug."""
-    import loractl.api
+    import loractl.io.layout
 
-    monkeypatch.setattr(loractl.api, "copy_file", _copy_file_on_full_disk)
+    monkeypatch.setattr(loractl.io.layout, "copy_file", _copy_file_on_full_disk)
     snap = tools.Snapshot([inputs.root])
     out = inputs.work / "merged"
     r = cli("merge", inputs.base, inputs.adapter, "-o", out)

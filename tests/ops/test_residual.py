@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loractl.adapter import LoraModule
-from loractl.api import Contribution, _dora_factors, merged_tensor, unmerged_tensor
 from loractl.ops import residual
+from loractl.ops.merge import Contribution, merged_tensor, unmerged_tensor
+from loractl.ops.merge import dora_factors as _dora_factors
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

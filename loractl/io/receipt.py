@@ -1,0 +1,190 @@
+"""Merge receipts: what an unmerge needs to give back the base bit for bit.
+
+A receipt is a safetensors file, ``MERGED/loractl.receipt`` inside a merged folder or
+``MERGED.loractl.receipt`` beside a merged file (never a ``*.safetensors`` at the top of a folder, so no
+model loader takes it for weights). Its tensors are named ``<base tensor>::<part>``, the parts of
+:mod:`loractl.ops.residual` (``gap8``, ``gapbig``, ``d8``, ``valbig``: where and by how much the
+subtraction misses the original; ``full``: the original itself, when smaller or when a saved tensor
+replaced it) and ``dora<k>`` (DoRA's norm factors of the k-th contribution). Its header metadata:
+
+- ``loractl.receipt``: the format version (:data:`RECEIPT_VERSION`), ``loractl.version``;
+- ``adapters``: each adapter's path, sha256, weight and format, in merge order;
+- ``changed``: the base tensors the merge changed; ``dtypes``: tensors written in another dtype
+  (name -> the base's dtype); ``shard_metadata``: each base shard's header metadata;
+- ``crc32``: a checksum of each original tensor the receipt restores (:func:`tensor_crc32`), checked
+  after restoring it.
+
+Tensors are added while the merge streams (:class:`ReceiptWriter`: spooled to disk, never held in
+memory), and the file is written once the merge is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError
+from .base import RECEIPT_NAME
+from .safetensors import SafetensorsFile, SpooledWriter
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..provenance import AdapterRef
+    from .base import BaseModel
+
+RECEIPT_VERSION = "1"
+
+
+def receipt_path(merged: Path) -> Path:
+    """Where the receipt of a merged model lies: ``MERGED/loractl.receipt`` or ``MERGED.loractl.receipt``."""
+    return merged / RECEIPT_NAME if merged.is_dir() else receipt_beside(merged)
+
+
+def receipt_beside(merged: Path) -> Path:
+    """The receipt of a single-file merged model: ``MERGED.loractl.receipt`` beside it."""
+    return merged.with_name(merged.name + ".loractl.receipt")
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """crc32 of a tensor's bytes (a cheap check that a restored tensor is the original)."""
+    import torch
+
+    flat = t.detach().contiguous().view(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+
+
+class ReceiptWriter:
+    """A receipt being made while a merge streams: parts are spooled to disk as they come, checksums
+    kept, and :meth:`finish` writes the file.
+
+    Args:
+        spool: a path for the spool file (it must not exist; it is removed by :meth:`close`).
+    """
+
+    def __init__(self, spool: Path) -> None:
+        self._spool = SpooledWriter(spool)
+        self.checksums: dict[str, int] = {}
+
+    def add(self, name: str, parts: dict[str, torch.Tensor]) -> None:
+        """The parts of base tensor ``name`` (on the computing thread)."""
+        for k, v in parts.items():
+            self._spool.add(f"{name}::{k}", v)
+
+    def checksum(self, name: str, original: torch.Tensor) -> None:
+        """Record the checksum of original tensor ``name`` (on the reading thread: zlib lets go of the GIL)."""
+        self.checksums[name] = tensor_crc32(original)
+
+    def finish(
+        self,
+        path: Path,
+        refs: Sequence[AdapterRef],
+        base: BaseModel,
+        changed: Sequence[str],
+        dtypes: dict[str, str],
+        mode: int,
+    ) -> int:
+        """Write the receipt at ``path`` (a new file, with permission bits ``mode``); returns its size."""
+        from .. import __version__
+
+        meta = {
+            "loractl.receipt": RECEIPT_VERSION,
+            "loractl.version": __version__,
+            "adapters": json.dumps([asdict(r) for r in refs]),
+            "changed": json.dumps(sorted(changed)),
+            "dtypes": json.dumps(dtypes),
+            "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
+            "crc32": json.dumps(self.checksums),
+        }
+        size = self._spool.finish(path, meta, mode=mode)
+        self.close()
+        return size
+
+    def close(self) -> None:
+        self._spool.close()
+
+
+class Receipt:
+    """A receipt opened for an unmerge.
+
+    Raises:
+        InputError: not a loractl receipt, or one of an incompatible version.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = SafetensorsFile(path)
+        meta = self._file.metadata
+        if meta.get("loractl.receipt") != RECEIPT_VERSION:
+            self._file.close()
+            raise InputError(f"{path}: not a loractl receipt (or from an incompatible version)")
+        try:
+            self.adapters: list[dict[str, Any]] = json.loads(meta.get("adapters", "[]"))
+            self.dtypes: dict[str, str] = json.loads(meta.get("dtypes", "{}"))
+            self.shard_metadata: dict[str, dict[str, str]] = json.loads(meta.get("shard_metadata", "{}"))
+            self.checksums = {k: int(v) for k, v in json.loads(meta.get("crc32", "{}")).items()}
+        except (ValueError, TypeError, AttributeError):
+            self._file.close()
+            raise InputError(f"{path}: its metadata is not readable; not a receipt loractl wrote") from None
+        self._entries: dict[str, list[str]] = {}
+        for k in self._file.keys():
+            self._entries.setdefault(k.split("::", 1)[0], []).append(k)
+
+    def check_adapters(self, refs: Sequence[AdapterRef]) -> None:
+        """Refuse adapters or weights other than the merge's, in its order.
+
+        Raises:
+            InputError: naming the adapters the receipt was written for.
+        """
+        got = [(r.sha256, r.weight) for r in refs]
+        try:
+            want = [(r["sha256"], float(r["weight"])) for r in self.adapters]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{self.path}: its adapter list is not readable") from None
+        if got != want:
+            names = ", ".join(Path(str(r.get("path", "?"))).name + " ×" + str(r.get("weight")) for r in self.adapters)
+            raise InputError(
+                f"{self.path}: this receipt was written for other adapters or weights ({names})",
+                hint="give the same adapters and --weight values, in the same order, as the merge",
+            )
+
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        """The parts recorded for base tensor ``name`` ({} when it needs none)."""
+        return {k.split("::", 1)[1]: self._file.read(k) for k in self._entries.get(name, [])}
+
+    def verify(self, name: str, restored: torch.Tensor, merged: Path) -> None:
+        """Check a restored tensor against the checksum recorded at merge time.
+
+        Raises:
+            InputError: it does not come back to the original.
+        """
+        if name in self.checksums and tensor_crc32(restored) != self.checksums[name]:
+            raise InputError(
+                f"{merged}: tensor {name!r} does not come back to the original the receipt recorded",
+                hint="the merged model was changed after the merge, or this machine computes the "
+                "update differently from the one that merged; nothing was written",
+            )
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def spool_beside(tmp: Path) -> Path:
+    """The spool of a receipt: beside the temporary output, never inside it (no file copied from the
+    base can land on it, and a killed run's spool is removed with its other temporaries)."""
+    return tmp.with_name(tmp.name + ".spool")
+
+
+def remove_stale(beside: Path) -> bool:
+    """Remove ``beside`` if it exists (the receipt of an output that ``--force`` replaced); True if it did."""
+    if os.path.lexists(beside):
+        os.unlink(beside)
+        return True
+    return False

@@ -1,0 +1,74 @@
+"""Lowering one module's rank: optimally (SVD of its update, from the factors) or by keeping its first
+components (DyLoRA's nested ranks). Modules in, modules out; :mod:`loractl.ops.factored` does the
+linear algebra."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..adapter import LoraModule
+from .factored import balanced_factors, choose_rank, energy_kept, factored_svd
+
+
+@dataclass
+class Truncated:
+    """One module after truncation.
+
+    Attributes:
+        module: the truncated module (the input itself when it is kept whole).
+        rank: its rank now.
+        energy_kept: ‖ΔW_k‖²_F / ‖ΔW‖²_F.
+    """
+
+    module: LoraModule
+    rank: int
+    energy_kept: float
+
+
+def svd_truncate(m: LoraModule, rank: int | None, **rule: float) -> Truncated:
+    """The best rank-k approximation of ``m``'s update (Eckart–Young), computed from the factors (QR of
+    B and Aᵀ, SVD of the r×r core): k is ``rank``, or the smallest rank meeting the dynamic ``rule``
+    (one of ``energy``, ``sv_ratio``, ``sv_cumulative``, ``sv_fro``; see
+    :func:`~loractl.ops.factored.choose_rank`) with ``rank`` as a cap. A module already at or below k
+    is kept as it is; a truncated one gets alpha = k (scale 1, the singular values split as √σ
+    between B and A)."""
+    b2, a2 = m.matrices()
+    u, s_vals, vh = factored_svd(b2, a2, m.scale)  # once per module: rank rule and factors
+    k = choose_rank(s_vals, rank=rank, **rule)
+    if k >= m.rank:
+        return Truncated(m, m.rank, energy_kept(s_vals, m.rank))
+    nb, na = balanced_factors(u, s_vals, vh, k)
+    return Truncated(m.with_factors(nb, na, alpha=float(k)), k, energy_kept(s_vals, k))
+
+
+def nested_truncate(m: LoraModule, rank: int, alpha_factor: float = 1.0) -> Truncated:
+    """The first ``rank`` components of a nested-rank (DyLoRA) module, exactly: A[:R], B[:, :R].
+
+    Args:
+        m: the module.
+        rank: R (a module of lower rank is kept whole).
+        alpha_factor: multiplies alpha when the convention rescales it (LyCORIS: the block size);
+            1 keeps alpha (the original DyLoRA's s = alpha/R, and kohya's extractor).
+    """
+    k = min(rank, m.rank)
+    if k >= m.rank:
+        return Truncated(m, m.rank, 1.0)
+    b2, a2 = m.matrices()
+    module = m.with_factors(b2[:, :k], a2[:k], m.alpha * alpha_factor, rslora=m.rslora)
+    return Truncated(module, k, energy_of_prefix(m, k))
+
+
+def energy_of_prefix(m: LoraModule, k: int) -> float:
+    """‖s·B[:, :k]·A[:k]‖²_F / ‖s·B·A‖²_F, from the factors (traces of small Gram matrices, in float64)."""
+    if k >= m.rank:
+        return 1.0
+    b2, a2 = m.matrices()
+    b2, a2 = b2.double(), a2.double()
+
+    def fro2(b: torch.Tensor, a: torch.Tensor) -> float:
+        return float(torch.trace((b.T @ b) @ (a @ a.T)))
+
+    total = fro2(b2, a2)
+    return fro2(b2[:, :k], a2[:k]) / total if total > 0 else 1.0

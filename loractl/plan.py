@@ -1,0 +1,219 @@
+"""Which adapter module changes which base tensor: the one rule for "does this adapter fit this base?".
+
+:func:`match` answers it for one adapter, module by module, and every command that asks calls it:
+``merge`` and ``unmerge`` (through :func:`plan_merge`), ``inspect --base`` (its coverage) and
+``check --base`` (its fit findings). A module fits when its name resolves to a base weight
+(:class:`~loractl.formats.names.NameResolver`: prefixes, tied output heads), the update's shape is
+that weight's real shape (4-bit weights: the shape they dequantize to), the weight is a float tensor
+(or a quantized one loractl dequantizes), and a ``lora_B.bias`` finds a base bias. Saved full tensors
+(``modules_to_save``) must resolve to a base tensor of their shape.
+
+:func:`plan_merge` turns the matches of several adapters into :class:`Contribution` lists per base
+tensor, in the order PEFT applies them: each adapter's full replacements first, then its LoRA updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError
+from .formats.names import NameResolver, ties_word_embeddings
+from .ops.merge import Contribution
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import Adapter
+    from .io.base import BaseModel
+
+#: the kinds of :class:`Problem` that are not "matches nothing" (a merge refuses them even with
+#: ``allow_partial``)
+MISFITS = ("ambiguous", "shape", "no-bias", "not-float")
+
+
+@dataclass
+class Problem:
+    """One way an adapter does not fit a base.
+
+    Attributes:
+        kind: ``unmatched`` (no base tensor of that name), ``ambiguous`` (several), ``shape`` (the
+            update's shape is not the weight's), ``no-bias`` (``lora_B.bias`` on a layer without
+            bias), ``not-float`` (the weight is an integer tensor loractl cannot add to).
+        module: the adapter module (or, for a saved tensor, the module it belongs to).
+        message: one sentence naming the module and the base tensor.
+        adapter_shape: the update's shape, for ``shape``.
+        base_shape: the base tensor's shape, for ``shape``.
+    """
+
+    kind: str
+    module: str
+    message: str
+    adapter_shape: list[int] | None = None
+    base_shape: list[int] | None = None
+
+
+@dataclass
+class Fit:
+    """How one adapter fits one base.
+
+    Attributes:
+        weights: module name -> the base weight it updates (only modules that fit).
+        biases: module name -> the base bias its ``lora_B.bias`` updates.
+        saved: saved tensor key (``modules_to_save``) -> the base tensor it replaces.
+        problems: every module or saved tensor that does not fit, in the adapter's order.
+    """
+
+    weights: dict[str, str] = field(default_factory=dict)
+    biases: dict[str, str] = field(default_factory=dict)
+    saved: dict[str, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def unmatched(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind == "unmatched"]
+
+    @property
+    def misfits(self) -> list[Problem]:
+        """Problems no ``allow_partial`` excuses: shapes, biases, dtypes, ambiguous names."""
+        return [p for p in self.problems if p.kind in MISFITS]
+
+    @property
+    def complete(self) -> bool:
+        """Every module and saved tensor fits: exactly when a merge accepts the adapter as it is."""
+        return not self.problems
+
+
+def real_shape(base: BaseModel, key: str) -> tuple[int, ...]:
+    """A base tensor's shape as a weight: a 4-bit weight's dequantized shape, else the stored one."""
+    q = base.quantized.get(key)
+    return tuple(q.shape) if q is not None else tuple(base.info(key).shape)
+
+
+def resolver_for(base: BaseModel) -> NameResolver:
+    return NameResolver(base.tensors, tie_word_embeddings=ties_word_embeddings(base.config))
+
+
+def match(base: BaseModel, adapter: Adapter) -> Fit:
+    """Match every module and saved tensor of ``adapter`` to ``base``'s tensors (see the module's docstring).
+
+    Never raises for a misfit: each becomes a :class:`Problem`; the caller decides (merge refuses,
+    check reports, inspect counts).
+    """
+    from .io.safetensors import FLOAT_DTYPES
+
+    resolver = resolver_for(base)
+    fit = Fit()
+    src = adapter.path
+
+    def resolve(module: str, leaf: str, owner: str, missing: str, kind: str = "unmatched") -> str | None:
+        """The base tensor of ``module``'s ``leaf``; a problem (``kind``) for ``owner`` when there is none."""
+        try:
+            key = resolver.resolve(module, leaf)
+        except InputError as e:  # several base tensors end in this name
+            fit.problems.append(Problem("ambiguous", owner, f"{src}: module {owner!r}: {e.message}"))
+            return None
+        if key is None:
+            fit.problems.append(Problem(kind, owner, f"{src}: {missing}"))
+        return key
+
+    for key, t in adapter.modules_to_save.items():
+        owner = key.rsplit(".", 1)[0]
+        module, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        bkey = resolve(module, leaf, owner, f"saved tensor {key!r} matches no tensor of the base {base.path}")
+        if bkey is None:
+            continue
+        if real_shape(base, bkey) != tuple(t.shape):
+            fit.problems.append(_shape_problem(f"{src}: tensor {key!r} is", owner, list(t.shape), base, bkey))
+            continue
+        fit.saved[key] = bkey
+    for name, m in adapter.modules.items():
+        key = resolve(
+            name, "weight", name, f"module {name!r} matches no weight of the base {base.path}; is the adapter for it?"
+        )
+        if key is None:
+            continue
+        if real_shape(base, key) != tuple(m.weight_shape):
+            fit.problems.append(
+                _shape_problem(f"{src}: module {name!r}: adapter update is", name, list(m.weight_shape), base, key)
+            )
+            continue
+        if key not in base.quantized and base.info(key).dtype not in FLOAT_DTYPES:
+            fit.problems.append(
+                Problem(
+                    "not-float",
+                    name,
+                    f"{base.path}: tensor {key!r} (module {name!r}) is {base.info(key).dtype}, not a float weight "
+                    "(only bitsandbytes 4-bit quantized bases are dequantized)",
+                )
+            )
+            continue
+        fit.weights[name] = key
+        if m.bias is not None:
+            bkey = resolve(
+                name,
+                "bias",
+                name,
+                f"module {name!r} has lora_B.bias but the base layer {key!r} has no bias "
+                "(PEFT cannot merge lora_bias into a layer without bias either)",
+                kind="no-bias",
+            )
+            if bkey is None:
+                del fit.weights[name]
+                continue
+            fit.biases[name] = bkey
+    return fit
+
+
+def _shape_problem(what: str, module: str, shape: list[int], base: BaseModel, key: str) -> Problem:
+    base_shape = list(real_shape(base, key))
+    return Problem(
+        "shape",
+        module,
+        f"{what} {shape} but base tensor {key!r} is {base_shape}; is this adapter for another base model?",
+        adapter_shape=shape,
+        base_shape=base_shape,
+    )
+
+
+@dataclass
+class MergePlan:
+    """What a merge changes: per base tensor the contributions in merge order, and what matched nothing."""
+
+    changes: dict[str, list[Contribution]]
+    unmatched: list[str]
+    fits: list[Fit] = field(default_factory=list)
+
+
+def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[float]) -> MergePlan:
+    """Every change the adapters make to ``base``, per base tensor, in PEFT's order.
+
+    Raises:
+        ShapeMismatchError: a module or saved tensor that resolves but does not fit (shape, bias).
+        InputError: a module whose name matches several base tensors, or a weight that is not float.
+        UnsupportedAdapterError: an adapter that changed the base during training (PiSSA, OLoRA...).
+    """
+    changes: dict[str, list[Contribution]] = {}
+    unmatched: list[str] = []
+    fits: list[Fit] = []
+    for i, (ad, w) in enumerate(zip(adapters, weights)):
+        if ad.init:
+            raise UnsupportedAdapterError(
+                f"{ad.path}: trained with init_lora_weights={ad.init!r}, which changes the base weights; "
+                "merging it into the original base would be wrong",
+                hint="convert it to a plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))",
+            )
+        fit = match(base, ad)
+        fits.append(fit)
+        for p in fit.misfits:
+            error = ShapeMismatchError if p.kind in ("shape", "no-bias") else InputError
+            raise error(p.message)
+        unmatched += [f"{p.module} ({ad.path})" for p in fit.unmatched]
+        # full replacements first: PEFT loads them into the model before any LoRA is merged
+        for key, bkey in fit.saved.items():
+            changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=ad.modules_to_save[key]))
+        for name, key in fit.weights.items():
+            m = ad.modules[name]
+            changes.setdefault(key, []).append(Contribution(i, "lora", w, module=m))
+            if name in fit.biases:
+                changes.setdefault(fit.biases[name], []).append(Contribution(i, "bias", w, module=m))
+    return MergePlan(changes, unmatched, fits)
