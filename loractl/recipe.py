@@ -465,122 +465,148 @@ def load(
     if not isinstance(raw_steps, list) or not raw_steps:
         raise UsageError(f"{path}: no [[step]] tables: nothing to run")
     variables = _variables(path, text, doc, overrides or {})
-    cli_names = set(overrides or {})
-    folder = path.resolve().parent
-    cwd = Path.cwd()
-    steps: list[Step] = []
-    names: dict[str, Step] = {}
-    outputs: dict[str, Step] = {}
+    reader = _StepReader(path, text, variables, set(overrides or {}), defaults or {}, allow_pickle)
     for i, raw in enumerate(raw_steps):
-        line = _line_of(text, i)
-        where = f"{path}:{line}"
+        reader.read(i, raw)
+    return Recipe(path, reader.steps, {k: _text_of(v) for k, v in variables.items()})
+
+
+@dataclass
+class _StepReader:
+    """Reads the ``[[step]]`` tables of one recipe in order, each against the steps before it."""
+
+    path: Path
+    text: str
+    variables: Mapping[str, Any]
+    cli_names: Collection[str]
+    defaults: Mapping[str, Any]
+    allow_pickle: bool
+    steps: list[Step] = field(default_factory=list)
+    names: dict[str, Step] = field(default_factory=dict)
+    outputs: dict[str, Step] = field(default_factory=dict)
+
+    def at(self, i: int, key: str | None = None) -> str:
+        """``file:line`` of step ``i`` (or of its ``key``)."""
+        return f"{self.path}:{_line_of(self.text, i, key)}"
+
+    def read(self, i: int, raw: Any) -> None:
+        """Validate step ``i`` and add it."""
         if not isinstance(raw, dict):
-            raise UsageError(f"{where}: step {i + 1} must be a table: [[step]]")
-        spelled: dict[str, str] = {}  # option name -> the key as written (for its line)
-        for k in raw:
-            key = k.replace("-", "_")
-            if key in spelled:
-                raise UsageError(
-                    f"{path}:{_line_of(text, i, k)}: step {i + 1} sets {spelled[key]!r} and {k!r}"
-                )
-            spelled[key] = k
+            raise UsageError(f"{self.at(i)}: step {i + 1} must be a table: [[step]]")
+        spelled = self._spelled(i, raw)
         raw = {k.replace("-", "_"): v for k, v in raw.items()}
         kind = raw.pop("run", None)
         if kind not in STEP_KINDS:
-            raise UsageError(f"{where}: step {i + 1} has run = {kind!r}; one of {', '.join(STEP_KINDS)}")
+            raise UsageError(f"{self.at(i)}: step {i + 1} has run = {kind!r}; one of {', '.join(STEP_KINDS)}")
         name = raw.pop("name", f"{kind}{i + 1}")
         if not isinstance(name, str) or not name.strip():
             raise UsageError(
-                f"{path}:{_line_of(text, i, spelled['name'])}: step {i + 1}: name must be a non-empty "
-                f"string, not {_toml_type(name)}"
+                f"{self.at(i, spelled['name'])}: step {i + 1}: name must be a non-empty string, not {_toml_type(name)}"
             )
-        if name in names:
-            raise UsageError(f"{where}: two steps are named {name!r}")
+        if name in self.names:
+            raise UsageError(f"{self.at(i)}: two steps are named {name!r}")
+        opts, from_cli = self._options(i, kind, name, raw, spelled)
+        for key in PATH_KEYS:
+            if key in opts:
+                opts[key] = self._inputs(i, name, key, opts[key], from_cli.get(key), spelled)
+        if "output" in opts:
+            opts["output"] = self._output(i, name, opts, (from_cli.get("output") or [False])[0], spelled)
+        step = Step(i, name, kind, opts, _line_of(self.text, i))
+        self.names[name] = step
+        if step.output:
+            self.outputs[step.output] = step
+        self.steps.append(step)
+
+    def _spelled(self, i: int, raw: dict[str, Any]) -> dict[str, str]:
+        """Option name -> the key as written (for its line); the same option twice is an error."""
+        spelled: dict[str, str] = {}
+        for k in raw:
+            key = k.replace("-", "_")
+            if key in spelled:
+                raise UsageError(f"{self.at(i, k)}: step {i + 1} sets {spelled[key]!r} and {k!r}")
+            spelled[key] = k
+        return spelled
+
+    def _options(
+        self, i: int, kind: str, name: str, raw: dict[str, Any], spelled: dict[str, str]
+    ) -> tuple[dict[str, Any], dict[str, list[bool]]]:
+        """The step's options, checked against the api function's parameters and their types, and
+        for each which items start with a ``--set`` variable."""
         params = _params(kind)
         hints = _hints(kind)
         label = f"step {name!r} ({kind})"
-        opts = _defaults_for(kind, (defaults or {}).get(kind, {}), params, hints)
+        opts = _defaults_for(kind, self.defaults.get(kind, {}), params, hints)
         from_cli: dict[str, list[bool]] = {}
         for key, value in raw.items():
             k = spelled[key]
-            kwhere = f"{path}:{_line_of(text, i, k)}"
+            kwhere = self.at(i, k)
             if key in TRUSTED_BY_FLAG:
                 raise UsageError(
                     f"{kwhere}: {label}: {k} cannot be set in a recipe",
                     hint=f"pass --{key.replace('_', '-')} to loractl run: it then applies to every step",
                 )
             if key not in params or key in ("options",):
-                raise UsageError(
-                    f"{kwhere}: {label} has no option {k!r}",
-                    hint=f"{kind} takes: {', '.join(p.replace('_', '-') for p in params if p not in ('format', *TRUSTED_BY_FLAG))}",
-                )
+                takes = ", ".join(p.replace("_", "-") for p in params if p not in ("format", *TRUSTED_BY_FLAG))
+                raise UsageError(f"{kwhere}: {label} has no option {k!r}", hint=f"{kind} takes: {takes}")
             try:
-                opts[key], from_cli[key] = _value(kind, key, value, hints[key], variables, cli_names, kwhere)
+                opts[key], from_cli[key] = _value(kind, key, value, hints[key], self.variables, self.cli_names, kwhere)
             except _Bad as e:
                 raise UsageError(f"{kwhere}: {label}: {k} {e.reason}", hint=e.hint(k)) from None
-        if allow_pickle and "allow_pickle" in params:
+        if self.allow_pickle and "allow_pickle" in params:
             opts["allow_pickle"] = True
         for pname, p in params.items():
             if p.default is pyinspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
                 if pname not in opts:
-                    raise UsageError(f"{where}: {label} needs {pname!r}")
-        for key in PATH_KEYS:
-            if key not in opts:
+                    raise UsageError(f"{self.at(i)}: {label} needs {pname!r}")
+        return opts, from_cli
+
+    def _inputs(
+        self, i: int, name: str, key: str, value: Any, cli_flags: list[bool] | None, spelled: dict[str, str]
+    ) -> Any:
+        """A path option resolved: ``@step`` to that step's output, relative paths from the recipe's
+        folder (or the current one, for a path that starts with a ``--set`` variable), Hub references kept."""
+        where = self.at(i, spelled.get(key, key))
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise UsageError(f"{where}: step {name!r}: {key} is an empty list")
+        resolved = []
+        for v, given in zip(values, cli_flags or [False] * len(values)):
+            if not isinstance(v, (str, Path)):
+                raise UsageError(f'{where}: {key} must be a path or "@step"')
+            v = str(v)
+            if v.startswith("@"):
+                ref = self.names.get(v[1:])
+                if ref is None:
+                    raise UsageError(f"{where}: step {name!r} uses {v!r}, which is not an earlier step's name")
+                if ref.output is None:
+                    raise UsageError(f"{where}: step {v[1:]!r} ({ref.kind}) writes no output")
+                resolved.append(ref.output)
                 continue
-            kline = _line_of(text, i, spelled.get(key, key))
-            values = opts[key] if isinstance(opts[key], list) else [opts[key]]
-            if not values:
-                raise UsageError(f"{path}:{kline}: step {name!r} ({kind}): {key} is an empty list")
-            cli_flags = from_cli.get(key) or [False] * len(values)
-            resolved = []
-            for v, given in zip(values, cli_flags):
-                if not isinstance(v, (str, Path)):
-                    raise UsageError(f'{path}:{kline}: {key} must be a path or "@step"')
-                v = str(v)
-                if v.startswith("@"):
-                    ref = names.get(v[1:])
-                    if ref is None:
-                        raise UsageError(
-                            f"{path}:{kline}: step {name!r} uses {v!r}, which is not an earlier step's name"
-                        )
-                    if ref.output is None:
-                        raise UsageError(f"{path}:{kline}: step {v[1:]!r} ({ref.kind}) writes no output")
-                    resolved.append(ref.output)
-                    continue
-                p = Path(v)
-                full = p if p.is_absolute() else (cwd if given else folder) / p
-                if not full.exists():
-                    if _is_hub_ref(v):
-                        resolved.append(v)
-                        continue
-                    raise UsageError(f"{path}:{kline}: step {name!r}: input {v!r} does not exist")
+            p = Path(v)
+            full = p if p.is_absolute() else (Path.cwd() if given else self.path.resolve().parent) / p
+            if full.exists():
                 resolved.append(str(full))
-            opts[key] = resolved if isinstance(opts[key], list) else resolved[0]
-        if "output" in opts:
-            kline = _line_of(text, i, spelled.get("output", "output"))
-            out = Path(str(opts["output"]))
-            full = (
-                out
-                if out.is_absolute()
-                else (cwd if (from_cli.get("output") or [False])[0] else folder) / out
+            elif _is_hub_ref(v):
+                resolved.append(v)
+            else:
+                raise UsageError(f"{where}: step {name!r}: input {v!r} does not exist")
+        return resolved if isinstance(value, list) else resolved[0]
+
+    def _output(self, i: int, name: str, opts: dict[str, Any], from_cli: bool, spelled: dict[str, str]) -> str:
+        """The step's output, refused when it is an input, another step's output, or exists without force."""
+        line = _line_of(self.text, i, spelled.get("output", "output"))
+        where = f"{self.path}:{line}"
+        out = Path(str(opts["output"]))
+        full = out if out.is_absolute() else (Path.cwd() if from_cli else self.path.resolve().parent) / out
+        _refuse_inputs(full, self.path, name, line, opts)
+        if str(full) in self.outputs:
+            raise UsageError(f"{where}: steps {self.outputs[str(full)].name!r} and {name!r} write the same output")
+        if full.exists() and not opts.get("force"):
+            raise UsageError(
+                f"{where}: step {name!r}: output {full} already exists",
+                hint="remove it, or set force = true in the step",
             )
-            _refuse_inputs(full, path, name, kline, opts)
-            if str(full) in outputs:
-                raise UsageError(
-                    f"{path}:{kline}: steps {outputs[str(full)].name!r} and {name!r} write the same output"
-                )
-            if full.exists() and not opts.get("force"):
-                raise UsageError(
-                    f"{path}:{kline}: step {name!r}: output {full} already exists",
-                    hint="remove it, or set force = true in the step",
-                )
-            opts["output"] = str(full)
-        step = Step(i, name, kind, opts, line)
-        names[name] = step
-        if step.output:
-            outputs[step.output] = step
-        steps.append(step)
-    return Recipe(path, steps, {k: _text_of(v) for k, v in variables.items()})
+        return str(full)
 
 
 def _hints(kind: str) -> dict[str, Any]:

@@ -504,8 +504,6 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
             architecture differs from the file's.
         UnsupportedAdapterError: an activated LoRA (aLoRA), norm tensors, an unsupported architecture.
     """
-    import torch
-
     path = Path(path)
     gguf = _gguf(path)
     try:
@@ -519,6 +517,26 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
                 kv[key] = _field_value(gguf, field)
             except Exception:  # an unusual value type; not needed here
                 continue
+    spec, alpha = _lora_header(kv, path, options)
+    pairs, max_bid = _pairs(reader, path)
+    n_layers = layer_count(options.base_config) or max_bid + 1
+    preferred, candidates = _module_names(gguf, spec, max(n_layers, max_bid + 1), options.base_keys)
+    keys = set(options.base_keys or ())
+    modules: dict[str, LoraModule] = {}
+    for base_name, p in pairs.items():
+        short = base_name.removesuffix(".weight")
+        hf = preferred.get(short)
+        if keys and (hf is None or hf + ".weight" not in keys):
+            hf = next((c for c in candidates.get(short, []) if c + ".weight" in keys), hf)
+        if hf is None:
+            raise FormatError(f"{path}: tensor {base_name + '.lora_a'!r} has no known module in a {spec.name!r} model")
+        modules[hf] = _module(gguf, p, base_name, hf, spec, alpha, path, options)
+    metadata = {k: str(v) for k, v in kv.items() if isinstance(v, (str, int, float))}
+    return Adapter(path=path, format="gguf", modules=modules, config={}, metadata=metadata, files=[path])
+
+
+def _lora_header(kv: dict[str, Any], path: Path, options: ReadOptions) -> tuple[ArchSpec, float]:
+    """The architecture and alpha of a GGUF LoRA, checked against the base when one is given."""
     gtype, atype = kv.get("general.type"), kv.get("adapter.type")
     if gtype != "adapter" or atype != "lora":
         raise FormatError(
@@ -546,8 +564,11 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
             )
     if "adapter.lora.alpha" not in kv:
         raise FormatError(f"{path}: no adapter.lora.alpha key")
-    alpha = float(kv["adapter.lora.alpha"])
+    return spec, float(kv["adapter.lora.alpha"])
 
+
+def _pairs(reader: Any, path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The file's tensors as lora_a/lora_b pairs by base tensor name, and the highest block number."""
     pairs: dict[str, dict[str, Any]] = {}
     max_bid = -1
     for t in reader.tensors:
@@ -564,58 +585,50 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
             )
         else:
             raise FormatError(f"{path}: tensor {name!r} is neither .lora_a nor .lora_b")
-
-    n_layers = layer_count(options.base_config) or max_bid + 1
-    heads = head_counts(options.base_config) if options.base_config else None
-    preferred, candidates = _module_names(gguf, spec, max(n_layers, max_bid + 1), options.base_keys)
-    keys = set(options.base_keys or ())
-    modules: dict[str, LoraModule] = {}
     for base_name, p in pairs.items():
         missing = "lora_b" if "b" not in p else "lora_a" if "a" not in p else None
         if missing:
             raise FormatError(f"{path}: tensor {base_name + '.' + missing!r} is missing (half a LoRA pair)")
-        a, b = _tensor(gguf, p["a"], path), _tensor(gguf, p["b"], path)
-        short = base_name.removesuffix(".weight")
-        hf = preferred.get(short)
-        if keys and (hf is None or hf + ".weight" not in keys):
-            hf = next((c for c in candidates.get(short, []) if c + ".weight" in keys), hf)
-        if hf is None:
-            raise FormatError(
-                f"{path}: tensor {base_name + '.lora_a'!r} has no known module in a {arch!r} model"
-            )
-        is_embd = short == "token_embd"
-        if is_embd and a.dim() == 2:
-            a = a.T  # stored Aᵀ [vocab, r]: back to PEFT's lora_embedding_A [r, vocab]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise FormatError(
-                f"{path}: tensor {base_name + '.lora_a'!r} {list(a.shape)} and .lora_b {list(b.shape)} "
-                "do not share a rank (llama.cpp: lora_a tensor is not transposed)"
-            )
-        full = hf + ".weight"
-        if spec.permute_qk and full.endswith(("q_proj.weight", "k_proj.weight")):
-            if heads is None:
-                raise InputError(
-                    f"{path}: tensor {base_name + '.lora_b'!r} is permuted for llama.cpp's RoPE; undoing it "
-                    "needs --base (the base model's head counts)",
-                    hint="pass --base with the base model folder (its config.json gives num_attention_heads)",
-                )
-            n = heads[0] if full.endswith("q_proj.weight") else heads[1]
-            try:
-                b = b[torch.argsort(permute_rows(int(b.shape[0]), n))]
-            except ValueError as e:
-                raise InputError(
-                    f"{path}: tensor {base_name + '.lora_b'!r}: {e}", hint="is --base the right model?"
-                ) from None
-        rank = int(a.shape[0])
-        modules[hf] = LoraModule(
-            name=hf,
-            kind="embedding" if is_embd else "linear",
-            down=a.contiguous(),
-            up=b.contiguous(),
-            alpha=alpha if alpha != 0 else float(rank),
+    return pairs, max_bid
+
+
+def _module(
+    gguf: Any, p: dict[str, Any], base_name: str, hf: str, spec: ArchSpec, alpha: float, path: Path, options: ReadOptions
+) -> LoraModule:
+    """One pair as the PEFT module ``hf``: an embedding's Aᵀ transposed back, q/k's B un-permuted."""
+    import torch
+
+    a, b = _tensor(gguf, p["a"], path), _tensor(gguf, p["b"], path)
+    is_embd = base_name.removesuffix(".weight") == "token_embd"
+    if is_embd and a.dim() == 2:
+        a = a.T  # stored Aᵀ [vocab, r]: back to PEFT's lora_embedding_A [r, vocab]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise FormatError(
+            f"{path}: tensor {base_name + '.lora_a'!r} {list(a.shape)} and .lora_b {list(b.shape)} "
+            "do not share a rank (llama.cpp: lora_a tensor is not transposed)"
         )
-    metadata = {k: str(v) for k, v in kv.items() if isinstance(v, (str, int, float))}
-    return Adapter(path=path, format="gguf", modules=modules, config={}, metadata=metadata, files=[path])
+    full = hf + ".weight"
+    if spec.permute_qk and full.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = head_counts(options.base_config) if options.base_config else None
+        if heads is None:
+            raise InputError(
+                f"{path}: tensor {base_name + '.lora_b'!r} is permuted for llama.cpp's RoPE; undoing it "
+                "needs --base (the base model's head counts)",
+                hint="pass --base with the base model folder (its config.json gives num_attention_heads)",
+            )
+        n = heads[0] if full.endswith("q_proj.weight") else heads[1]
+        try:
+            b = b[torch.argsort(permute_rows(int(b.shape[0]), n))]
+        except ValueError as e:
+            raise InputError(f"{path}: tensor {base_name + '.lora_b'!r}: {e}", hint="is --base the right model?") from None
+    rank = int(a.shape[0])
+    return LoraModule(
+        name=hf,
+        kind="embedding" if is_embd else "linear",
+        down=a.contiguous(),
+        up=b.contiguous(),
+        alpha=alpha if alpha != 0 else float(rank),
+    )
 
 
 __all__ = [
