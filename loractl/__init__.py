@@ -21,13 +21,15 @@ _API = (
     "spectrum",
     "convert",
     "check",
+    "run",
 )
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):  # PEP 562: import the heavy API only when used
-    if name in _API:
-        from . import api
+def __getattr__(name: str) -> object:  # PEP 562: import the heavy API only when used
+    if name in _API or name == "api":
+        import importlib
 
-        return getattr(api, name)
+        api = importlib.import_module(f"{__name__}.api")  # (``from . import api`` would come back here)
+        return api if name == "api" else getattr(api, name)
     raise AttributeError(name)

@@ -41,13 +41,13 @@ from .inputs import (
     weights_for,
 )
 from .io.atomic import atomic_output, check_output
-from .io.base import RECEIPT_NAME, BaseModel, open_base
-from .io.layout import Files, copy_notes, copy_other_files, layout, parse_size, shard_mode, write_index
-from .io.receipt import Receipt, ReceiptWriter, receipt_beside, receipt_path, remove_stale, spool_beside
+from .io.base import BaseModel, open_base
+from .io.layout import copy_notes, copy_other_files, layout, parse_size, shard_mode, write_index
+from .io.receipt import Receipt, receipt_beside, receipt_path, remove_stale
 from .io.safetensors import dtype_name, torch_dtype
-from .io.stream import Job, Progress, Stream
-from .ops import merge as merge_ops
-from .plan import MergePlan, match, plan_merge
+from .io.stream import Progress, Stream
+from .merging import unmerge_jobs, write_merged
+from .plan import match, plan_merge
 from .provenance import AdapterRef, metadata, refs
 from .recipe import RunResult
 
@@ -187,118 +187,6 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _refuse_unmatched(b: BaseModel, plan: MergePlan, loaded: Sequence[Adapter], allow_partial: bool) -> None:
-    if plan.unmatched and not allow_partial:
-        shown = ", ".join(plan.unmatched[:3]) + (
-            f" and {len(plan.unmatched) - 3} more" if len(plan.unmatched) > 3 else ""
-        )
-        raise InputError(
-            f"{b.path}: {len(plan.unmatched)} adapter modules match no base weight: {shown}",
-            hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
-        )
-    if not plan.changes:  # --allow-partial, and not one module matched: the output would be the base
-        raise InputError(
-            f"{b.path}: no adapter module matches a base weight ({', '.join(str(a.path) for a in loaded)}); "
-            "is it for this base?",
-            hint="check the adapter's module names with `loractl inspect ADAPTER --base BASE`",
-        )
-
-
-def _merge_jobs(
-    b: BaseModel, plan: MergePlan, files: Files, receipt: bool
-) -> tuple[dict[str, Job], dict[str, Callable[[], torch.Tensor]], dict[str, str]]:
-    """The job of every tensor a merge computes (changed by an adapter, or written in another dtype),
-    the loaders of quantized weights (read dequantized), and the tensors whose dtype changes."""
-    from .io import quant
-
-    fused = merge_ops.fused_ok(plan.changes.values())  # may leave torch at one thread: callers restore it
-    jobs: dict[str, Job] = {}
-    loaders: dict[str, Callable[[], torch.Tensor]] = {}
-    changed_dtypes: dict[str, str] = {}
-    for _, items in files:
-        for t in items:
-            q = b.quantized.get(t.name)
-            if q is not None:  # read dequantized, exactly as bitsandbytes' dequantize_4bit gives it
-                loaders[t.name] = functools.partial(lambda q: quant.dequantize(b, q).to(torch_dtype(q.st_dtype)), q)
-            elif t.name not in plan.changes and t.dtype == b.info(t.name).dtype:
-                continue
-            elif t.dtype != b.info(t.name).dtype:
-                changed_dtypes[t.name] = b.info(t.name).dtype
-            jobs[t.name] = functools.partial(
-                _merge_job,
-                contribs=plan.changes.get(t.name, []),
-                out_dtype=torch_dtype(t.dtype),
-                fused=fused,
-                receipt=receipt,
-                original=functools.partial(b.read, t.name),
-            )
-    return jobs, loaders, changed_dtypes
-
-
-def _merge_job(w0: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    return merge_ops.merge_tensor(w0, **kw)
-
-
-@dataclass
-class _Written:
-    bytes: int
-    receipt: Path | None
-    receipt_bytes: int
-    computed: int  # tensors computed (the others were copied)
-
-
-def _write_merge(
-    b: BaseModel,
-    output: Path,
-    files: Files,
-    plan: MergePlan,
-    sources: list[AdapterRef],
-    receipt: bool,
-    force: bool,
-    inputs: list[Path],
-    progress: Progress | None,
-    notes: list[str],
-) -> _Written:
-    """Stream the merged model to ``output`` (atomically), with its index, the base folder's other
-    files and, with ``receipt``, the receipt (inside a folder, or beside a single file)."""
-    from .io.quant import dequantized_config
-
-    jobs, loaders, changed_dtypes = _merge_jobs(b, plan, files, receipt)
-    mode = shard_mode(b)
-    stream = Stream(b, jobs, loaders, progress=progress, mode=mode)
-    rw: ReceiptWriter | None = None
-    receipt_file: Path | None = None
-    receipt_bytes = 0
-    try:
-        with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-            if receipt:
-                rw = ReceiptWriter(spool_beside(tmp))
-                stream.on_read, stream.on_parts = rw.checksum, rw.add
-            nbytes = stream.write(tmp, files, lambda i, src: metadata("merge", sources, src), single_file=not b.is_dir)
-            if b.is_dir:
-                write_index(tmp, b, files, {"loractl.operation": "merge"}, mode)
-                copy_other_files(b, tmp, config=dequantized_config(b.config) if b.quantized else None)
-                notes += copy_notes(b, output)
-                if rw is not None:
-                    receipt_bytes = rw.finish(tmp / RECEIPT_NAME, sources, b, list(plan.changes), changed_dtypes, mode)
-                    receipt_file = output / RECEIPT_NAME
-            elif rw is not None:
-                # a single-file output's receipt lies beside it: placed just before the output itself,
-                # and removed again if the output does not make it into place
-                beside = receipt_beside(output)
-                with atomic_output(beside, is_dir=False, inputs=inputs, force=force) as rtmp:
-                    receipt_bytes = rw.finish(rtmp, sources, b, list(plan.changes), changed_dtypes, mode)
-                receipt_file = beside
-    except BaseException:
-        if receipt_file is not None and not b.is_dir:
-            receipt_file.unlink(missing_ok=True)
-        raise
-    finally:
-        if rw is not None:
-            rw.close()
-    return _Written(nbytes, receipt_file, receipt_bytes, len(jobs))
-
-
 @_keeps_torch_threads
 def merge(
     base: str | Path,
@@ -355,7 +243,7 @@ def merge(
         opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, progress=progress is not None)
         loaded = load_adapters(adapters, format, opts)
         plan = plan_merge(b, loaded, ws)
-        _refuse_unmatched(b, plan, loaded, allow_partial)
+        plan.refuse_unmatched(b, loaded, allow_partial)
         files = layout(b, DTYPES[dtype], size)
         inputs = protected_paths(base=b, adapters=loaded)
         # a single-file output has its receipt beside it: checked as an output too, before any work,
@@ -372,7 +260,7 @@ def merge(
                 "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
             )
         sources = refs(loaded, ws)
-        written = _write_merge(b, output, files, plan, sources, receipt, force, inputs, progress, notes)
+        written = write_merged(b, output, files, plan, sources, receipt, force, inputs, progress, notes)
         if beside is not None and written.receipt is None and remove_stale(beside):
             notes.append(f"removed {beside}: it was the receipt of the output replaced")
         return MergeResult(
@@ -416,61 +304,6 @@ class UnmergeResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def _refuse_subtraction(plan: MergePlan, loaded: Sequence[Adapter]) -> None:
-    """Without a receipt, a replaced tensor or a DoRA merge cannot be undone by subtraction."""
-    for key, contribs in plan.changes.items():
-        for c in contribs:
-            if c.kind == "replace":
-                raise UnsupportedAdapterError(
-                    f"{loaded[c.adapter].path}: replaces {key!r} (modules_to_save); the original is gone from "
-                    "the merged model",
-                    hint="unmerge with the receipt that merge wrote",
-                )
-            if c.module is not None and c.module.is_dora:
-                raise UnsupportedAdapterError(
-                    f"{loaded[c.adapter].path}: module {c.module.name!r} is DoRA: its merge scaled the weight by "
-                    "norms of the original, which subtraction cannot undo",
-                    hint="unmerge with the receipt that merge wrote (loractl merge writes one by default)",
-                )
-
-
-def _unmerge_job(
-    m: torch.Tensor, *, name: str, contribs: list[merge_ops.Contribution], orig: torch.dtype, fused: bool, receipt: Receipt | None, merged: Path
-) -> tuple[torch.Tensor, None]:
-    parts = receipt.parts(name) if receipt is not None else {}
-    restored = merge_ops.unmerge_tensor(m, contribs, orig, parts, fused=fused)
-    if receipt is not None:
-        receipt.verify(name, restored, merged)
-    return restored, None
-
-
-def _unmerge_files(
-    b: BaseModel, merged: Path, plan: MergePlan, receipt: Receipt | None
-) -> tuple[Files, dict[str, Job]]:
-    """The layout of the restored model (dtypes as the receipt recorded them) and its jobs."""
-    dtypes = receipt.dtypes if receipt is not None else {}
-    files = layout(b, None, None)
-    for _, items in files:
-        for t in items:
-            t.dtype = dtypes.get(t.name, t.dtype)
-    fused = merge_ops.fused_ok(plan.changes.values())  # the merge's own check: row blocks give PEFT's bits
-    jobs: dict[str, Job] = {
-        t.name: functools.partial(
-            _unmerge_job,
-            name=t.name,
-            contribs=plan.changes.get(t.name, []),
-            orig=torch_dtype(t.dtype),
-            fused=fused,
-            receipt=receipt,
-            merged=merged,
-        )
-        for _, items in files
-        for t in items
-        if t.name in plan.changes or t.name in dtypes
-    }
-    return files, jobs
 
 
 @_keeps_torch_threads
@@ -536,8 +369,8 @@ def unmerge(
                 from .provenance import check_merge_record
 
                 warnings = check_merge_record(b.shards, b.path, sources)
-                _refuse_subtraction(plan, loaded)
-            files, jobs = _unmerge_files(b, merged, plan, rec)
+                plan.refuse_subtraction(loaded)
+            files, jobs = unmerge_jobs(b, merged, plan, rec)
             names = [s.path.name for s in b.shards]
 
             def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:

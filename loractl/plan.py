@@ -183,6 +183,50 @@ class MergePlan:
     unmatched: list[str]
     fits: list[Fit] = field(default_factory=list)
 
+    def refuse_unmatched(self, base: BaseModel, adapters: Sequence[Adapter], allow_partial: bool) -> None:
+        """Refuse modules that match no base weight (unless ``allow_partial``), and a merge that would
+        change nothing at all.
+
+        Raises:
+            InputError: naming the base and the first modules.
+        """
+        if self.unmatched and not allow_partial:
+            shown = ", ".join(self.unmatched[:3]) + (
+                f" and {len(self.unmatched) - 3} more" if len(self.unmatched) > 3 else ""
+            )
+            raise InputError(
+                f"{base.path}: {len(self.unmatched)} adapter modules match no base weight: {shown}",
+                hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
+            )
+        if not self.changes:  # --allow-partial, and not one module matched: the output would be the base
+            raise InputError(
+                f"{base.path}: no adapter module matches a base weight ({', '.join(str(a.path) for a in adapters)}); "
+                "is it for this base?",
+                hint="check the adapter's module names with `loractl inspect ADAPTER --base BASE`",
+            )
+
+    def refuse_subtraction(self, adapters: Sequence[Adapter]) -> None:
+        """Without a receipt an unmerge subtracts: refuse what subtraction cannot undo (a replaced
+        tensor, a DoRA merge).
+
+        Raises:
+            UnsupportedAdapterError: naming the adapter and the tensor or module.
+        """
+        for key, contribs in self.changes.items():
+            for c in contribs:
+                if c.kind == "replace":
+                    raise UnsupportedAdapterError(
+                        f"{adapters[c.adapter].path}: replaces {key!r} (modules_to_save); the original is gone from "
+                        "the merged model",
+                        hint="unmerge with the receipt that merge wrote",
+                    )
+                if c.module is not None and c.module.is_dora:
+                    raise UnsupportedAdapterError(
+                        f"{adapters[c.adapter].path}: module {c.module.name!r} is DoRA: its merge scaled the weight "
+                        "by norms of the original, which subtraction cannot undo",
+                        hint="unmerge with the receipt that merge wrote (loractl merge writes one by default)",
+                    )
+
 
 def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[float]) -> MergePlan:
     """Every change the adapters make to ``base``, per base tensor, in PEFT's order.

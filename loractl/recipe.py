@@ -706,7 +706,7 @@ def _refuse_inputs(output: Path, recipe: Path, step: str, line: int, opts: Mappi
     try:
         refuse_inputs(output, inputs)
     except LoractlError as e:
-        raise UsageError(f"{recipe}:{line}: step {step!r}: {e.message}", hint=e.hint) from None
+        raise UsageError(f"{recipe}:{line}: step {step!r}: {e.message}", hint=e.cli_hint) from None
 
 
 def run(
@@ -744,7 +744,7 @@ def run(
         except LoractlError as e:
             report.status, report.exit_code = "failed", e.exit_code
             report.message = f"{recipe.path}:{step.line}: step {step.name!r} ({step.kind}): {e.message}"
-            report.hint = e.hint
+            report.hint = e.cli_hint
             failed = True
             result.ok = False
         finally:

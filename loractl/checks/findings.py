@@ -114,4 +114,4 @@ def few(names: list[str], n: int = 3) -> str:
 
 def text(e: LoractlError) -> str:
     """An error's message with its hint, as one finding's message."""
-    return f"{e.message} ({e.hint})" if e.hint else e.message
+    return f"{e.message} ({e.cli_hint})" if e.cli_hint else e.message

@@ -88,8 +88,8 @@ def handled(func: F) -> F:
             raise
         except LoractlError as e:
             _say(f"error: {e.message}")
-            if e.hint:
-                _say(f"hint: {e.hint}")
+            if e.cli_hint:
+                _say(f"hint: {e.cli_hint}")
             raise typer.Exit(e.exit_code) from None
         except BrokenPipeError:
             # the reader of stdout went away (`loractl inspect --json | head`): not an error of

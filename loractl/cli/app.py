@@ -89,7 +89,7 @@ def run() -> object:
             params = {name: {p.name for p in sub.params if p.name} for name, sub in cmd.commands.items()}  # type: ignore[attr-defined]
             dmap = default_map(table, params) if table else {}
         except LoractlError as e:
-            sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
+            sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.cli_hint}\n" if e.cli_hint else ""))
             return e.exit_code
         try:
             cmd(prog_name="loractl", default_map=dmap)

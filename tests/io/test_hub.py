@@ -335,7 +335,7 @@ def test_adapter_candidates_and_subfolders(hub: FakeHub, local: dict) -> None:
     hub.add_commit("org/nested", {"x/adapter_config.json": "{}", "x/adapter_model.safetensors": b"w"})
     with pytest.raises(InputError, match=r"^org/nested: no adapter") as e:
         resolve_adapter("org/nested")
-    assert e.value.hint == "pass --subfolder (x)"
+    assert e.value.hint == "pass subfolder=… (x)" and e.value.cli_hint == "pass --subfolder (x)"
 
     hub.add_commit("org/pickled", {"adapter_config.json": "{}", "adapter_model.bin": b"p"})
     with pytest.raises(InputError, match=r"^org/pickled: holds only a pickle adapter \(adapter_model.bin\)"):
