@@ -360,9 +360,9 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        from .io.safetensors import DTYPE_INFO
+        from .io.safetensors import dtype_nbytes
 
-        return math.prod(self.shape) * DTYPE_INFO[self.dtype][0]
+        return dtype_nbytes(self.dtype, self.shape)
 
 
 def _shard_name(stem: str, i: int, n: int) -> str:

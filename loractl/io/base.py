@@ -5,17 +5,19 @@ Only headers are read here; tensors are read one at a time by the operations tha
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, InputError
+from .files import read_json
 from .safetensors import SafetensorsFile, TensorInfo
 
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 RECEIPT_NAME = "loractl.receipt"
+#: the longest file name (in bytes) a shard may have: NAME_MAX of common filesystems
+MAX_NAME_BYTES = 255
 
 
 @dataclass
@@ -72,20 +74,71 @@ class BaseModel:
         self.close()
 
 
+def read_index(idx: Path) -> tuple[list[str], dict[str, Any]]:
+    """The shard names an index lists (in order of first mention) and its ``metadata``.
+
+    A shard must be named by a plain file name in the index's folder that ends in ``.safetensors``
+    (as transformers and diffusers write them): no folder part, no ``..``, no absolute path, never
+    loractl's own receipt, at most :data:`MAX_NAME_BYTES` bytes.
+
+    Raises:
+        InputError: the index is not a readable regular file.
+        FormatError: not JSON, no ``weight_map`` object of shard names, ``metadata`` not an object, or
+            a shard name that is not a plain ``.safetensors`` file name.
+    """
+    index = read_json(idx, "safetensors index")
+    if not isinstance(index, dict):
+        raise FormatError(f"{idx}: not a safetensors index (not a JSON object)")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        what = "missing" if "weight_map" not in index else f"{type(weight_map).__name__}, not an object"
+        raise FormatError(f"{idx}: not a valid safetensors index (weight_map is {what})")
+    if not weight_map:
+        raise FormatError(f"{idx}: weight_map lists no tensors")
+    metadata = index.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise FormatError(f"{idx}: metadata is {type(metadata).__name__}, not an object")
+    for tensor, shard in weight_map.items():
+        problem = _shard_name_problem(shard)
+        if problem:
+            raise FormatError(
+                f"{idx}: weight_map[{tensor!r}] {problem}",
+                hint="an index names shards by file name in its own folder (model-00001-of-00002.safetensors)",
+            )
+    return list(dict.fromkeys(weight_map.values())), dict(metadata)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _shard_name_problem(shard: object) -> str | None:
+    """What is wrong with a shard name of an index (the end of a sentence), or None."""
+    if not isinstance(shard, str):
+        return f"is {'null' if shard is None else type(shard).__name__}, not a shard file name"
+    if shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+        return f"= {_short(shard)} is not a plain file name in the index's folder"
+    if len(shard.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"is a shard name of {len(shard)} characters, longer than a file name may be"
+    if shard == RECEIPT_NAME:
+        return f"= {shard!r} is loractl's receipt, not a shard"
+    if not shard.endswith(".safetensors"):
+        return f"= {_short(shard)} is not a .safetensors file"
+    return None
+
+
 def _weights_in(folder: Path) -> tuple[list[Path], str | None, dict[str, Any]]:
     for name in INDEX_NAMES:
         idx = folder / name
         if idx.exists():
-            try:
-                index = json.loads(idx.read_text())
-                weight_map = index["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise FormatError(f"{idx}: not a valid safetensors index (no weight_map)") from None
-            shards = list(dict.fromkeys(weight_map.values()))
+            shards, metadata = read_index(idx)
             for s in shards:
                 if not (folder / s).exists():
                     raise InputError(f"{idx}: lists shard {s} which is missing from {folder}")
-            return [folder / s for s in shards], name, dict(index.get("metadata") or {})
+            return [folder / s for s in shards], name, metadata
     for name in SINGLE_NAMES:
         if (folder / name).exists():
             return [folder / name], None, {}
@@ -143,9 +196,13 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
         cfg = path / "config.json"
         if cfg.exists():
             try:
-                base.config = json.loads(cfg.read_text())
-            except (OSError, ValueError):
-                base.config = {}
+                config = read_json(cfg, "config.json")
+                if not isinstance(config, dict):
+                    raise FormatError(f"{cfg}: not a JSON object")
+            except BaseException:
+                base.close()
+                raise
+            base.config = config
         skip = {p.name for p in shard_paths} | {index_name, RECEIPT_NAME}
         base.other_files = sorted(
             p.relative_to(path)
