@@ -618,8 +618,9 @@ def _load_all(
     base: BaseModel | None = None,
     subfolder: str | None = None,
     progress: bool = False,
+    alpha: float | None = None,
 ) -> list[Adapter]:
-    opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, progress=progress)
+    opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, progress=progress, alpha=alpha)
     if base is not None:
         opts.base_keys = list(base.tensors)
         opts.base_config = base.config
@@ -720,6 +721,7 @@ def merge(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Write ``base + Σ wᵢ·ΔWᵢ`` to ``output`` in the base's own layout, one tensor at a time.
@@ -739,6 +741,9 @@ def merge(
         format: force the adapters' format.
         allow_pickle: accept pickle adapters.
         subfolder: the folder inside a Hub adapter repo.
+        alpha: lora_alpha for adapters that do not state it (a PEFT adapter without
+            adapter_config.json); an error for one that does. Every other command that reads
+            adapters and needs their scales takes it too.
         progress: called with (bytes done, bytes total); also turns on Hub download bars.
 
     Raises:
@@ -759,7 +764,13 @@ def merge(
 
         quantized = quant.find_quantized(b)
         loaded = _load_all(
-            adapters, format, allow_pickle, base=b, subfolder=subfolder, progress=progress is not None
+            adapters,
+            format,
+            allow_pickle,
+            base=b,
+            subfolder=subfolder,
+            progress=progress is not None,
+            alpha=alpha,
         )
         plan = plan_merge(b, loaded, ws, quantized)
         if plan.unmatched and not allow_partial:
@@ -984,6 +995,7 @@ def unmerge(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> UnmergeResult:
     """Remove adapters from a merged model.
@@ -1011,7 +1023,7 @@ def unmerge(
         rmeta, rfile = _read_receipt(rpath)
     try:
         with open_base(merged) as b:
-            loaded = _load_all(adapters, format, allow_pickle, base=b)
+            loaded = _load_all(adapters, format, allow_pickle, base=b, alpha=alpha)
             plan = plan_merge(b, loaded, ws)
             refs = _refs(loaded, ws)
             dtypes: dict[str, str] = {}
@@ -1167,6 +1179,7 @@ def inspect(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> InspectResult:
     """Describe adapters: format, kind, per-module rank/alpha/scale, sizes; with a base, coverage and storage.
 
@@ -1181,7 +1194,7 @@ def inspect(
     b = open_base(base) if base is not None else None
     try:
         for path in adapters:
-            opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder)
+            opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha)
             if b is not None:
                 opts.base_keys, opts.base_config = list(b.tensors), b.config
             a = _load_adapter(path, format=format, options=opts)
@@ -1368,6 +1381,7 @@ def truncate(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> TruncateResult:
     """Lower an adapter's rank.
 
@@ -1407,7 +1421,7 @@ def truncate(
     a = (
         adapter
         if isinstance(adapter, Adapter)
-        else load_adapter(adapter, format=format, allow_pickle=allow_pickle)
+        else load_adapter(adapter, format=format, options=ReadOptions(allow_pickle=allow_pickle, alpha=alpha))
     )
     max_rank = max((m.rank for m in a.modules.values()), default=0)
     if rank is not None and rank > max_rank and not given:
@@ -1513,6 +1527,7 @@ def combine(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> CombineResult:
     """One adapter from several, module by module over the union of their modules.
 
@@ -1546,7 +1561,7 @@ def combine(
         raise UsageError("--method svd needs --rank")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank {rank} must be at least 1")
-    loaded = _load_all(adapters, format, allow_pickle)
+    loaded = _load_all(adapters, format, allow_pickle, alpha=alpha)
     for a in loaded:
         dora = [m.name for m in a.modules.values() if m.is_dora]
         if dora:
@@ -1755,6 +1770,7 @@ def amplification(
     seed: int = 0,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> AmplificationResult:
     """The LoRA paper's Section 7.3 per module: how strongly ΔW amplifies directions of W.
 
@@ -1768,7 +1784,7 @@ def amplification(
 
     out: list[AmplificationModule] = []
     with open_base(base) as b:
-        (a,) = _load_all([adapter], format, allow_pickle, base=b)
+        (a,) = _load_all([adapter], format, allow_pickle, base=b, alpha=alpha)
         resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
         g = torch.Generator().manual_seed(seed)
         for name, m in a.modules.items():
@@ -1815,6 +1831,7 @@ def spectrum(
     base: str | Path | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> SpectrumResult:
     """Singular values of each module's update (from factors), entropy effective rank, energy kept
     at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts)."""
@@ -1824,9 +1841,9 @@ def spectrum(
     result = []
     if base is not None:
         with open_base(base) as b:
-            loaded = _load_all(adapters, format, allow_pickle, base=b)
+            loaded = _load_all(adapters, format, allow_pickle, base=b, alpha=alpha)
     else:
-        loaded = _load_all(adapters, format, allow_pickle)
+        loaded = _load_all(adapters, format, allow_pickle, alpha=alpha)
     for a in loaded:
         mods = []
         for name, m in a.modules.items():
@@ -1906,7 +1923,8 @@ def convert(
         dtype: ``bf16``/``fp16``/``fp32`` for the factors (default: kept).
         normalize: one alpha convention for all modules: alpha = r, the scale folded into B.
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
-        rank, alpha: r and alpha for formats that do not store them (loralib).
+        rank, alpha: r and alpha for adapters that do not state them (loralib; alpha also for a PEFT
+            adapter without adapter_config.json).
         progress: called with (modules done, modules total); also turns on Hub download bars.
 
     Raises:
@@ -1986,6 +2004,7 @@ def check(
     max_rank: int | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ):  # -> checks.CheckResult
     """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, all-zero modules,
     shapes and coverage against ``base``, and what ``target`` — peft, vllm, llama.cpp, lorax — accepts).
@@ -1996,5 +2015,11 @@ def check(
     from .checks import check as run_checks
 
     return run_checks(
-        adapter, base=base, target=target, max_rank=max_rank, format=format, allow_pickle=allow_pickle
+        adapter,
+        base=base,
+        target=target,
+        max_rank=max_rank,
+        format=format,
+        allow_pickle=allow_pickle,
+        alpha=alpha,
     )

@@ -34,6 +34,7 @@ def check(
     max_rank: int = typer.Option(None, "--max-rank", help="Fail when a module's rank is above this."),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -50,6 +51,7 @@ def check(
         max_rank=max_rank,
         format=format,
         allow_pickle=allow_pickle,
+        alpha=alpha,
     )
 
     def human(r) -> None:  # r: checks.CheckResult

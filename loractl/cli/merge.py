@@ -58,6 +58,7 @@ def merge(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     subfolder: str = opt.SUBFOLDER,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
@@ -81,6 +82,7 @@ def merge(
             force=force,
             format=format,
             allow_pickle=allow_pickle,
+            alpha=alpha,
             subfolder=subfolder,
             progress=bar,
         )

@@ -34,6 +34,7 @@ def unmerge(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -51,6 +52,7 @@ def unmerge(
             force=force,
             format=format,
             allow_pickle=allow_pickle,
+            alpha=alpha,
             progress=bar,
         )
 

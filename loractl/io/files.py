@@ -121,13 +121,17 @@ class JsonObject(dict):
 
 
 class OutOfRange:
-    """A number that does not fit a double (``1e400``), kept where it was so that the error can
-    name the key that holds it."""
+    """A number that does not fit a double (``1e400``), or ``NaN``/``Infinity`` (no JSON number), kept
+    where it was in strict mode so that the error can name the key that holds it."""
 
     __slots__ = ("text",)
 
     def __init__(self, text: str) -> None:
         self.text = text
+
+    @property
+    def problem(self) -> str:
+        return "is not a JSON number" if self.text in ("NaN", "Infinity", "-Infinity") else "is out of range"
 
     def __repr__(self) -> str:
         return self.text if len(self.text) <= 24 else self.text[:20] + "..."
@@ -148,6 +152,10 @@ class _Numbers:
             return OutOfRange(text)
         return value
 
+    def constant(self, text: str) -> OutOfRange:
+        self.out_of_range = True
+        return OutOfRange(text)
+
     def int(self, text: str) -> int | float | OutOfRange:
         if len(text) > 21:  # beyond 64 bits anyway, and int() refuses more than 4300 digits
             return self.float(text)
@@ -155,10 +163,6 @@ class _Numbers:
         if text.startswith("-"):
             return self.float(text) if value == 0 or value < _I64_MIN else value
         return self.float(text) if value >= _U64 else value
-
-
-def _no_constant(text: str) -> Any:
-    raise ValueError(f"{text} is not a JSON number")
 
 
 def _path(path: list[object]) -> str:
@@ -182,7 +186,24 @@ def _walk(doc: Any, strict: bool, where: str) -> None:
         elif strict and isinstance(node, str) and _SURROGATE.search(node):
             raise FormatError(f"{where}: the string at {_path(path)} holds a lone UTF-16 surrogate escape")
         elif isinstance(node, OutOfRange):
-            raise FormatError(f"{where}: the number {node!r} at {_path(path)} is out of range")
+            raise FormatError(f"{where}: the number {node!r} at {_path(path)} {node.problem}")
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(text: str) -> int:
+    """Where the nesting first goes beyond :data:`MAX_DEPTH` (an offset in ``text``), for the error."""
+    depth = 0
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return m.start()
+        elif tok in "]}":
+            depth -= 1
+    return len(text)
 
 
 def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool = False) -> Any:
@@ -219,15 +240,15 @@ def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool
             "object_pairs_hook": JsonObject,
             "parse_int": numbers.int,
             "parse_float": numbers.float,
-            "parse_constant": _no_constant,
+            "parse_constant": numbers.constant,
         }
     try:
         doc = json.loads(text, **kwargs)
     except RecursionError:
-        raise FormatError(f"{where}: nested more than {MAX_DEPTH} levels deep") from None
+        raise FormatError(f"{where}: nested more than {MAX_DEPTH} levels deep (at character {_too_deep(text)})") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except ValueError as e:  # a constant refused in strict mode, an integer of more than 4300 digits
+    except ValueError as e:  # an integer of more than 4300 digits
         raise FormatError(f"{where}: not JSON ({e})") from None
     deep = text.count("[") + text.count("{") > MAX_DEPTH
     if deep or numbers.out_of_range or (strict and _SURROGATE_ESCAPE.search(text)):

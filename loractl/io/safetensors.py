@@ -249,7 +249,7 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: truncated while reading tensor {name!r}")
             pos += got
 
-    def _readable(self, name: str) -> TensorInfo:
+    def readable_info(self, name: str) -> TensorInfo:
         """The entry of tensor ``name``, refusing what torch cannot hold (a sub-byte dtype, a dimension
         beyond 2^63 - 1, which a header may declare for an empty tensor)."""
         info = self.tensors[name]
@@ -264,7 +264,7 @@ class SafetensorsFile:
         tensor of its dtype and shape, e.g. from :class:`loractl.io.buffers.BufferPool`)."""
         import torch
 
-        info = self._readable(name)
+        info = self.readable_info(name)
         if out is None:
             out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         elif (
@@ -282,7 +282,7 @@ class SafetensorsFile:
         :meth:`read` for tensors not aligned to their element size."""
         import torch
 
-        info = self._readable(name)
+        info = self.readable_info(name)
         dtype = torch_dtype(info.dtype)
         size = DTYPE_INFO[info.dtype][0]
         if info.nbytes == 0 or info.begin % size:
