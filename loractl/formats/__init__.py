@@ -214,10 +214,10 @@ def detect(keys: list[str], metadata: dict[str, str], source: Path) -> str:
         if mod.detect(keys, metadata):
             return name
     shown = ", ".join(repr(k) for k in keys[:3])
-    raise FormatError(
-        f"{source}: unknown adapter layout (keys such as {shown})",
-        hint=f"pass --format ({', '.join(FORMATS)}) if you know the format",
-    )
+    hint = f"pass --format ({', '.join(FORMATS)}) if you know the format"
+    if not any(frag in k for k in keys for frags in FACTOR_KEYS.values() for frag in frags):
+        hint = "no key is a LoRA factor: is this a base model? were the arguments swapped (loractl merge BASE ADAPTER)?"
+    raise FormatError(f"{source}: unknown adapter layout (keys such as {shown})", hint=hint)
 
 
 def weights_file(path: Path) -> Path:
@@ -276,7 +276,12 @@ def check_modules(adapter: Adapter, source: Path) -> None:
         FormatError: naming the module and the tensor or value.
     """
     for m in adapter.modules.values():
-        for label, t in (("lora_A", m.down), ("lora_B", m.up), ("lora_B.bias", m.bias), ("magnitude", m.magnitude)):
+        for label, t in (
+            ("lora_A", m.down),
+            ("lora_B", m.up),
+            ("lora_B.bias", m.bias),
+            ("magnitude", m.magnitude),
+        ):
             if t is not None and not t.is_floating_point():
                 raise FormatError(
                     f"{source}: module {m.name!r}: {label} is {str(t.dtype).replace('torch.', '')}, "

@@ -535,7 +535,9 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
             parts = name.split(".")
             if len(parts) > 1 and parts[0] == "blk" and parts[1].isdecimal():
                 if len(parts[1]) > 5 or int(parts[1]) >= MAX_LAYERS:
-                    raise FormatError(f"{path}: tensor {name!r}: layer {parts[1][:20]} is beyond {MAX_LAYERS} layers")
+                    raise FormatError(
+                        f"{path}: tensor {name!r}: layer {parts[1][:20]} is beyond {MAX_LAYERS} layers"
+                    )
                 max_bid = max(max_bid, int(parts[1]))
         elif name.endswith("_norm.weight"):
             raise UnsupportedAdapterError(

@@ -125,9 +125,21 @@ def find_files(path: Path) -> tuple[Path | None, Path]:
         for name in WEIGHTS:
             if (path / name).exists():
                 return (cfg if cfg.exists() else None), path / name
+        from ..io.base import looks_like_base
+
+        if looks_like_base(path):
+            raise InputError(
+                f"{path}: is a base model folder (model weights, no adapter files), not an adapter",
+                hint="were the arguments swapped? the model comes first, then the adapters (loractl merge BASE ADAPTER -o OUT)",
+            )
         raise InputError(
             f"{path}: no adapter weights found (expected {' or '.join(WEIGHTS)})",
             hint="point at a PEFT adapter folder or at the adapter's .safetensors file",
+        )
+    if path.suffix == ".json":
+        raise InputError(
+            f"{path}: is a JSON file, not the adapter's weights",
+            hint=f"pass the folder that holds it ({path.parent}), or the adapter's .safetensors file",
         )
     cfg = path.parent / CONFIG
     return (cfg if cfg.exists() else None), path
@@ -160,7 +172,12 @@ def read_config(cfg_path: Path | None, metadata: dict[str, str]) -> dict[str, An
 BOOL_KEYS = ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "inference_mode")
 #: config keys that name modules: a list of strings or null (``target_modules`` and
 #: ``exclude_modules`` may also be one string, a regular expression)
-NAME_LIST_KEYS = {"modules_to_save": False, "target_modules": True, "exclude_modules": True, "target_parameters": False}
+NAME_LIST_KEYS = {
+    "modules_to_save": False,
+    "target_modules": True,
+    "exclude_modules": True,
+    "target_parameters": False,
+}
 
 
 def _bad(source: Path | str, key: str, value: Any, want: str) -> FormatError:
@@ -228,7 +245,11 @@ def check_config(cfg: dict[str, Any], source: Path | str) -> dict[str, Any]:
         if v is None or (may_be_regex and isinstance(v, str)):
             continue
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            want = "a list of module names, a regular expression or null" if may_be_regex else "a list of module names or null"
+            want = (
+                "a list of module names, a regular expression or null"
+                if may_be_regex
+                else "a list of module names or null"
+            )
             raise _bad(source, name, v, want)
     init = cfg.get("init_lora_weights", True)
     if init is not None and not isinstance(init, (bool, str)):

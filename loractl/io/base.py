@@ -130,7 +130,47 @@ def _shard_name_problem(shard: object) -> str | None:
     return None
 
 
+#: files only a LoRA adapter folder holds
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "pytorch_lora_weights.safetensors",
+)
+#: key fragments that only LoRA factors have
+_LORA_FRAGMENTS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_down.",
+    ".lora_up.",
+    ".lora.down.",
+    ".lora.up.",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    ".lora_magnitude_vector",
+    ".alpha",
+)
+
+
+def looks_like_base(folder: Path) -> bool:
+    """Does ``folder`` hold a base model (an index or model weights, and no adapter files)?"""
+    if any((folder / n).exists() for n in ADAPTER_FILES):
+        return False
+    return any((folder / n).exists() for n in (*INDEX_NAMES, *SINGLE_NAMES))
+
+
+def _not_an_adapter(path: Path) -> None:
+    """Refuse an adapter given where a base model is expected (the arguments swapped)."""
+    found = [n for n in ADAPTER_FILES if (path / n).exists()] if path.is_dir() else []
+    if found:
+        raise InputError(
+            f"{path}: is a LoRA adapter ({found[0]}), not a base model",
+            hint="were the arguments swapped? the model comes first, then the adapters (loractl merge BASE ADAPTER -o OUT)",
+        )
+
+
 def _weights_in(folder: Path) -> tuple[list[Path], str | None, dict[str, Any]]:
+    _not_an_adapter(folder)
     for name in INDEX_NAMES:
         idx = folder / name
         if idx.exists():
@@ -173,6 +213,11 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
         raise InputError(f"{path}: no such file or folder", hint="check the base model path")
     if path.is_dir():
         shard_paths, index_name, index_meta = _weights_in(path)
+    elif path.suffix == ".json":
+        raise InputError(
+            f"{path}: is a JSON file, not model weights",
+            hint=f"pass the folder that holds the model ({path.parent}), or its .safetensors file",
+        )
     else:
         shard_paths, index_name, index_meta = [path], None, {}
     shards: list[SafetensorsFile] = []
@@ -192,6 +237,12 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
                     f"{s.path}: tensor {name!r} is also in {shards[base.tensors[name][0]].path.name}"
                 )
             base.tensors[name] = (i, info)
+    if base.tensors and all(any(f in name for f in _LORA_FRAGMENTS) for name in base.tensors):
+        base.close()
+        raise InputError(
+            f"{path}: holds only LoRA factors ({next(iter(base.tensors))!r}): an adapter, not a base model",
+            hint="were the arguments swapped? the model comes first, then the adapters (loractl merge BASE ADAPTER -o OUT)",
+        )
     if path.is_dir():
         cfg = path / "config.json"
         if cfg.exists():

@@ -73,7 +73,9 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> int:
         os.close(fd)
         kind = _kind(mode)
         raise InputError(
-            f"{p}: is {kind}, expected a {what}" if kind != "not a regular file" else f"{p}: is not a regular file",
+            f"{p}: is {kind}, expected a {what}"
+            if kind != "not a regular file"
+            else f"{p}: is not a regular file",
             hint="loractl reads only regular files",
         )
     return fd
@@ -245,7 +247,9 @@ def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool
     try:
         doc = json.loads(text, **kwargs)
     except RecursionError:
-        raise FormatError(f"{where}: nested more than {MAX_DEPTH} levels deep (at character {_too_deep(text)})") from None
+        raise FormatError(
+            f"{where}: nested more than {MAX_DEPTH} levels deep (at character {_too_deep(text)})"
+        ) from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except ValueError as e:  # an integer of more than 4300 digits

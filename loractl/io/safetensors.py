@@ -190,7 +190,9 @@ class SafetensorsFile:
                 hint="the file is incomplete (interrupted download or copy?); fetch it again",
             )
         if end < self.size:
-            raise self._fail(f"{self.size - end} bytes after the last tensor, which the header does not cover")
+            raise self._fail(
+                f"{self.size - end} bytes after the last tensor, which the header does not cover"
+            )
         return dict(metadata), {t.name: t for t in infos}, data_start
 
     def _entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
@@ -254,9 +256,13 @@ class SafetensorsFile:
         beyond 2^63 - 1, which a header may declare for an empty tensor)."""
         info = self.tensors[name]
         if info.dtype not in DTYPE_INFO:
-            raise FormatError(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which loractl cannot read")
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has dtype {info.dtype}, which loractl cannot read"
+            )
         if any(d >= 2**63 for d in info.shape):
-            raise FormatError(f"{self.path}: tensor {name!r} has shape {list(info.shape)}, beyond what torch holds")
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has shape {list(info.shape)}, beyond what torch holds"
+            )
         return info
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -94,7 +94,9 @@ CASES: dict[str, bytes] = {
     "metadata value null": _obj({"__metadata__": {"a": None}, "t": _t()}, D8),
     "metadata after the tensors": _obj({"t": _t(), "__metadata__": {"a": "b"}}, D8),
     "metadata twice": _file(b'{"__metadata__":{},"__metadata__":{},"t":{' + ENTRY + b"}}", D8),
-    "metadata twice, one escaped": _file(b'{"__metadata__":{},"__metad\\u0061ta__":{},"t":{' + ENTRY + b"}}", D8),
+    "metadata twice, one escaped": _file(
+        b'{"__metadata__":{},"__metad\\u0061ta__":{},"t":{' + ENTRY + b"}}", D8
+    ),
     "metadata key twice": _file(b'{"__metadata__":{"a":"b","a":"c"},"t":{' + ENTRY + b"}}", D8),
     # entries
     "entry not an object": _obj({"t": 5}),
@@ -219,7 +221,10 @@ def test_reader_accepts_exactly_what_safe_open_accepts(tmp_path: Path, name: str
 
 def test_crafted_cases_cover_both_answers(tmp_path: Path) -> None:
     """The table above is no trivial oracle: safe_open accepts some of its files and refuses others."""
-    answers = {n: _theirs(_write(tmp_path, c, f"{i}.safetensors")) is not None for i, (n, c) in enumerate(CASES.items())}
+    answers = {
+        n: _theirs(_write(tmp_path, c, f"{i}.safetensors")) is not None
+        for i, (n, c) in enumerate(CASES.items())
+    }
     assert 15 < sum(answers.values()) < len(answers) - 40
     for name in ("gap between tensors", "trailing bytes", "length one too long", "metadata 0"):
         assert not answers[name], name  # what the issue says we accepted before
@@ -244,7 +249,9 @@ def test_accepted_tensors_read_as_safe_open_reads_them(tmp_path: Path) -> None:
         for k in theirs.keys():
             ours, want = f.read(k), theirs.get_tensor(k)
             assert ours.dtype == want.dtype and ours.shape == want.shape, k
-            assert ours.reshape(-1).view(torch.uint8).tolist() == want.reshape(-1).view(torch.uint8).tolist(), k
+            assert (
+                ours.reshape(-1).view(torch.uint8).tolist() == want.reshape(-1).view(torch.uint8).tolist()
+            ), k
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,12 +269,27 @@ def _json_mutation(header: dict, data: bytes, rng: random.Random) -> tuple[bytes
     entry = header[name]
     choice = rng.randrange(12)
     values: list[object] = [
-        -1, 0, 1, 2**63, 2**64 - 1, 2**64, 1.5, 1e300, "8", None, True, [], {}, [1, 2, 3],
+        -1,
+        0,
+        1,
+        2**63,
+        2**64 - 1,
+        2**64,
+        1.5,
+        1e300,
+        "8",
+        None,
+        True,
+        [],
+        {},
+        [1, 2, 3],
     ]
     n_override = None
     raw_override: bytes | None = None
     if choice == 0:
-        entry["dtype"] = rng.choice(["F16", "BF16", "I32", "U8", "F64", "F4", "C64", "X", 3, None, {"F32": None}])
+        entry["dtype"] = rng.choice(
+            ["F16", "BF16", "I32", "U8", "F64", "F4", "C64", "X", 3, None, {"F32": None}]
+        )
     elif choice == 1:
         i = rng.randrange(len(entry["shape"]) + 1)
         shape = list(entry["shape"])
@@ -331,7 +353,11 @@ def test_byte_flipped_headers_agree_with_safe_open(tmp_path: Path, seed: int) ->
 
 def test_every_readable_dtype_is_one_safe_open_knows(tmp_path: Path) -> None:
     for i, name in enumerate(DTYPE_INFO):
-        p = _write(tmp_path, _obj({"t": _t(name, [8], [0, 8 * DTYPE_INFO[name][0]])}, D8 * DTYPE_INFO[name][0]), f"{i}.st")
+        p = _write(
+            tmp_path,
+            _obj({"t": _t(name, [8], [0, 8 * DTYPE_INFO[name][0]])}, D8 * DTYPE_INFO[name][0]),
+            f"{i}.st",
+        )
         assert _theirs(p) is not None, name
         _agree(p)
 
