@@ -331,6 +331,38 @@ def _wider(a: torch.dtype, b: torch.dtype) -> bool:
     return a.is_floating_point and b.is_floating_point and torch.finfo(a).bits > torch.finfo(b).bits
 
 
+def check_finite(
+    result: torch.Tensor,
+    original: Callable[[], torch.Tensor],
+    key: str,
+    contributions: Sequence[Contribution],
+    adapters: Sequence[Adapter],
+    op: str = "merging",
+) -> None:
+    """NaN/Inf are never written where the original was finite: a result with any is compared with
+    the original element by element (``original()`` reads it again: the computation may have
+    overwritten it in place); only NaN/Inf the original already held at the same places pass.
+
+    Raises:
+        InputError: naming the tensor, the modules and adapters that changed it, and how many values.
+    """
+    if merge_ops.all_finite(result) or bool(torch.isfinite(result).all()):
+        return
+    w0 = original()
+    bad = int((~torch.isfinite(result) & torch.isfinite(w0)).sum()) if w0.shape == result.shape else result.numel()
+    if not bad:
+        return
+    mods = sorted(
+        {f"{c.module.name!r} of {adapters[c.adapter].path}" for c in contributions if c.module is not None}
+    )
+    by = f" by module {', '.join(mods)}" if mods else ""
+    raise InputError(
+        f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
+        f"({str(result.dtype).replace('torch.', '')})",
+        hint="the update overflows this dtype (a huge scale, --weight or factor?); nothing was written",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # writing a model in the base's layout, tensor by tensor
 # --------------------------------------------------------------------------------------------
@@ -802,21 +834,28 @@ def merge(
 
             fused = fast and _one_fused_lora(contribs)
 
+            def original() -> torch.Tensor:  # the base tensor again, for the NaN/Inf check
+                return loaders[key]() if key in loaders else b.read(key)
+
             def job(w0: torch.Tensor) -> torch.Tensor:
                 if fused and w0.dtype == out_dtype:
                     c = contribs[0]
                     assert c.module is not None
-                    if not need_receipt:
-                        merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
+                    try:
+                        if not need_receipt:
+                            merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
+                            return w0
+                        # merged in place; the corrections the receipt needs come back encoded
+                        assert spool is not None
+                        parts = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
+                    except merge_ops.NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
+                        w0 = original()
+                    else:
+                        if parts is None:  # most values differ: the whole original is smaller, read it again
+                            parts = {"full": b.read(key)}
+                        for k, v in parts.items():
+                            spool.add(f"{key}::{k}", v)
                         return w0
-                    # merged in place; the corrections the receipt needs come back encoded
-                    assert spool is not None
-                    parts = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
-                    if parts is None:  # most values differ: the whole original is smaller, read it again
-                        parts = {"full": b.read(key)}
-                    for k, v in parts.items():
-                        spool.add(f"{key}::{k}", v)
-                    return w0
                 if not contribs:
                     merged = w0.to(out_dtype)
                 elif not need_receipt:  # nothing needs the original: merge into the buffer just read
@@ -824,6 +863,7 @@ def merge(
                 else:
                     deltas: dict[int, torch.Tensor] = {}
                     merged = merged_tensor(w0, contribs, out_dtype, deltas=deltas)
+                check_finite(merged, original, key, contribs, loaded)
                 if need_receipt:
                     parts: dict[str, torch.Tensor] = {}
                     if any(c.kind == "replace" for c in contribs):
@@ -1078,13 +1118,18 @@ def unmerge(
                     if "full" in parts:
                         return parts["full"]
                     factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
+                    rec: torch.Tensor | None = None
                     if fused and m.dtype == orig:
                         c = contribs[0]
                         assert c.module is not None
-                        rec = merge_ops.fused_unmerge(m, c.module, c.weight, out=m)
-                    else:
+                        try:
+                            rec = merge_ops.fused_unmerge(m, c.module, c.weight, out=m)
+                        except merge_ops.NonFiniteBlock:  # m is partly unmerged: redo it whole, and check it
+                            m = b.read(key)
+                    if rec is None:
                         rec = unmerged_tensor(m, contribs, orig, factors)
                     restored = residual.decode(rec, parts)
+                    check_finite(restored, lambda: b.read(key), key, contribs, loaded, "unmerging")
                     if key in crcs and tensor_crc32(restored) != crcs[key]:
                         raise InputError(
                             f"{merged}: tensor {key!r} does not come back to the original the receipt recorded",
