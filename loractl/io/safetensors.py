@@ -185,8 +185,8 @@ class SafetensorsFile:
         if end > self.size:
             last = next(t for t in infos if t.end > self.size)
             raise FormatError(
-                f"{self.path}: truncated: tensor {last.name!r} ends at byte {last.end} "
-                f"but the file has {self.size} bytes",
+                f"{self.path}: truncated: tensor {last.name!r} ({list(last.shape)} {last.dtype}) ends at "
+                f"byte {last.end} but the file has {self.size} bytes",
                 hint="the file is incomplete (interrupted download or copy?); fetch it again",
             )
         if end < self.size:
