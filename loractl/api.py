@@ -349,7 +349,11 @@ def check_finite(
     if merge_ops.all_finite(result) or bool(torch.isfinite(result).all()):
         return
     w0 = original()
-    bad = int((~torch.isfinite(result) & torch.isfinite(w0)).sum()) if w0.shape == result.shape else result.numel()
+    bad = (
+        int((~torch.isfinite(result) & torch.isfinite(w0)).sum())
+        if w0.shape == result.shape
+        else result.numel()
+    )
     if not bad:
         return
     mods = sorted(
