@@ -167,28 +167,56 @@ class _Numbers:
         return self.float(text) if value >= _U64 else value
 
 
-def _path(path: list[object]) -> str:
-    return "".join(f"[{p!r}]" for p in path) or "the top level"
-
-
-def _walk(doc: Any, strict: bool, where: str) -> None:
-    """Check nesting depth (all modes) and, in strict mode, lone surrogates and out-of-range numbers."""
-    stack: list[tuple[Any, int, list[object]]] = [(doc, 1, [])]
+def _walk(doc: Any, where: str, strings: bool, numbers: bool) -> None:
+    """Check the nesting depth, and lone surrogates in keys and strings (``strings``) and numbers out
+    of range (``numbers``). Only what is to be checked is visited; the path to a node is kept as a
+    linked list and spelled out only for the error."""
+    leaf = (str, OutOfRange) if strings else (OutOfRange,) if numbers else ()
+    stack: list[tuple[Any, int, Any]] = [(doc, 1, None)]
     while stack:
-        node, depth, path = stack.pop()
+        node, depth, at = stack.pop()
         if isinstance(node, (dict, list)):
             if depth > MAX_DEPTH:
-                raise FormatError(f"{where}: nested more than {MAX_DEPTH} levels deep at {_path(path)}")
+                raise FormatError(f"{where}: nested more than {MAX_DEPTH} levels deep at {_spell(at)}")
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
-                if strict and isinstance(k, str) and _SURROGATE.search(k):
+                if strings and isinstance(k, str) and _SURROGATE.search(k):
                     raise FormatError(f"{where}: key {k!r} holds a lone UTF-16 surrogate escape")
-                if isinstance(v, (dict, list, str, OutOfRange)):
-                    stack.append((v, depth + 1, [*path, k]))
-        elif strict and isinstance(node, str) and _SURROGATE.search(node):
-            raise FormatError(f"{where}: the string at {_path(path)} holds a lone UTF-16 surrogate escape")
+                if isinstance(v, (dict, list)) or (leaf and isinstance(v, leaf)):
+                    stack.append((v, depth + 1, (at, k)))
+        elif isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise FormatError(f"{where}: the string at {_spell(at)} holds a lone UTF-16 surrogate escape")
         elif isinstance(node, OutOfRange):
-            raise FormatError(f"{where}: the number {node!r} at {_path(path)} {node.problem}")
+            raise FormatError(f"{where}: the number {node!r} at {_spell(at)} {node.problem}")
+
+
+def _spell(at: Any) -> str:
+    keys: list[object] = []
+    while at is not None:
+        at, k = at
+        keys.append(k)
+    return "".join(f"[{k!r}]" for k in reversed(keys)) or "the top level"
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_LEAF_PAIR = re.compile(r"\[\]|\{\}")
+
+
+def _shallow(text: str) -> bool:
+    """Is a valid JSON document nested at most :data:`MAX_DEPTH` deep? Decided on its brackets outside
+    strings: each pass removes every innermost pair, so the deepest nesting loses one level a pass."""
+    if "\\" in text:
+        structure = _STRING.sub("", text)
+    else:  # no escapes: strings are what lies between two quotes
+        structure = "".join(text.split('"')[::2])
+    brackets = _NOT_BRACKET.sub("", structure)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return True
+        brackets = _LEAF_PAIR.sub("", brackets)
+    return not brackets
 
 
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
@@ -208,7 +236,22 @@ def _too_deep(text: str) -> int:
     return len(text)
 
 
-def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool = False) -> Any:
+#: bytes -> b"0" for digits, b" " for the rest: to find runs of digits without a regex
+_DIGITS = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+
+
+def _odd_integers(text: str, data: bytes | None) -> bool:
+    """Might the document hold an integer Python's parser reads differently from serde_json: ``-0``
+    (a float there) or one of 19 digits or more (beyond 64 bits: a float there)? A cheap superset."""
+    if "-0" in text:
+        return True
+    raw = data if data is not None else text.encode("utf-8", "surrogatepass")
+    return b"0" * 19 in raw.translate(_DIGITS)
+
+
+def loads_json(
+    data: bytes | str, where: str | os.PathLike[str], *, strict: bool = False, duplicates: bool = True
+) -> Any:
     """Parse a JSON document with guards, raising one :class:`FormatError` naming ``where``.
 
     Always: the bytes must be UTF-8 and the nesting at most :data:`MAX_DEPTH` deep. ``strict``
@@ -223,6 +266,8 @@ def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool
         data: the document.
         where: the file (and part of it) for the error message, e.g. ``"x.safetensors: header"``.
         strict: the rules above.
+        duplicates: in strict mode, record duplicate keys (:class:`JsonObject`); without, objects are
+            plain dicts (the last of duplicate keys wins) and parsing is about four times faster.
 
     Raises:
         FormatError: not UTF-8, not JSON, nested too deeply, or (strict) a rule above broken.
@@ -238,12 +283,11 @@ def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool
     kwargs: dict[str, Callable[..., Any]] = {}
     numbers = _Numbers()
     if strict:
-        kwargs = {
-            "object_pairs_hook": JsonObject,
-            "parse_int": numbers.int,
-            "parse_float": numbers.float,
-            "parse_constant": numbers.constant,
-        }
+        kwargs = {"parse_float": numbers.float, "parse_constant": numbers.constant}
+        if duplicates:
+            kwargs["object_pairs_hook"] = JsonObject
+        if _odd_integers(text, data if isinstance(data, bytes) else None):  # else Python's are serde's
+            kwargs["parse_int"] = numbers.int
     try:
         doc = json.loads(text, **kwargs)
     except RecursionError:
@@ -254,9 +298,10 @@ def loads_json(data: bytes | str, where: str | os.PathLike[str], *, strict: bool
         raise FormatError(f"{where}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except ValueError as e:  # an integer of more than 4300 digits
         raise FormatError(f"{where}: not JSON ({e})") from None
-    deep = text.count("[") + text.count("{") > MAX_DEPTH
-    if deep or numbers.out_of_range or (strict and _SURROGATE_ESCAPE.search(text)):
-        _walk(doc, strict, where)
+    strings = strict and "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
+    deep = text.count("[") + text.count("{") > MAX_DEPTH and not _shallow(text)
+    if deep or numbers.out_of_range or strings:
+        _walk(doc, where, strings, numbers.out_of_range)
     return doc
 
 

@@ -104,8 +104,19 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _is_u64(x: object) -> bool:
-    return type(x) is int and 0 <= x < _U64
+def _dups(obj: dict) -> frozenset[str]:
+    """The duplicated keys of an object parsed with ``duplicates=True`` (none recorded otherwise)."""
+    return getattr(obj, "dups", frozenset())
+
+
+def _no_duplicate_fields(raw: bytes, entries: int) -> bool:
+    """Can a header whose ``entries`` tensor entries all have ``dtype``, ``shape`` and
+    ``data_offsets`` hold no entry with one of them twice, and at most one ``__metadata__``? Yes when
+    each name occurs literally exactly once per entry (``__metadata__`` at most once) and no ``\\u``
+    escape could spell one otherwise."""
+    if b"\\u" in raw or raw.count(b'"__metadata__"') > 1:
+        return False
+    return all(raw.count(b'"%s"' % f.encode()) == entries for f in _TENSOR_FIELDS)
 
 
 def _short(value: object) -> str:
@@ -158,13 +169,23 @@ class SafetensorsFile:
         raw = os.pread(self._fd, n, 8)
         if len(raw) != n:
             raise self._fail("the file changed while being read")
+        # parsed first without recording duplicate keys (four times faster); where a duplicate field
+        # could hide in what was accepted, parsed again recording them
+        result = self._parse_header(raw, n, duplicates=False)
+        if not _no_duplicate_fields(raw, len(result[1])):
+            result = self._parse_header(raw, n, duplicates=True)
+        return result
+
+    def _parse_header(
+        self, raw: bytes, n: int, duplicates: bool
+    ) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
         try:
-            header = loads_json(raw, f"{self.path}: header", strict=True)
+            header = loads_json(raw, f"{self.path}: header", strict=True, duplicates=duplicates)
         except FormatError as e:
             raise self._fail("header: " + e.message.split(": header: ", 1)[-1]) from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
-        if "__metadata__" in header.dups:
+        if "__metadata__" in _dups(header):
             raise self._fail("header has two __metadata__ entries")
         metadata = header.pop("__metadata__", None)
         if metadata is None:
@@ -197,32 +218,38 @@ class SafetensorsFile:
 
     def _entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
         """One header entry, as safetensors' ``TensorInfo`` (with serde's checks) and its size."""
-        if not isinstance(entry, dict):
-            raise self._fail(f"tensor {name!r}: entry is not a JSON object")
-        for field in _TENSOR_FIELDS:
-            if field in entry.dups:  # type: ignore[attr-defined]
-                raise self._fail(f"tensor {name!r}: two {field!r} fields")
-            if field not in entry:
-                raise self._fail(f"tensor {name!r}: no {field!r} field")
-        dtype = entry["dtype"]
-        if isinstance(dtype, dict) and len(dtype) == 1 and next(iter(dtype.values())) is None:
-            dtype = next(iter(dtype))  # serde's other spelling of an enum's unit variant: {"F32": null}
+        if type(entry) is not dict:
+            if not isinstance(entry, dict):
+                raise self._fail(f"tensor {name!r}: entry is not a JSON object")
+            for field in _TENSOR_FIELDS:
+                if field in _dups(entry):
+                    raise self._fail(f"tensor {name!r}: two {field!r} fields")
+        try:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except KeyError as e:
+            raise self._fail(f"tensor {name!r}: no {e.args[0]!r} field") from None
+        if type(dtype) is not str:
+            if isinstance(dtype, dict) and len(dtype) == 1 and next(iter(dtype.values())) is None:
+                dtype = next(iter(dtype))  # serde's other spelling of an enum's unit variant: {"F32": null}
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-        shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        if type(shape) is not list:
             raise self._fail(f"tensor {name!r}: shape {_short(shape)} is not a list of unsigned integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(x) for x in offsets):
+        if type(offsets) is not list or len(offsets) != 2:
+            raise self._fail(f"tensor {name!r}: data_offsets {_short(offsets)} is not two unsigned integers")
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not (0 <= begin < _U64 and 0 <= end < _U64):
             raise self._fail(f"tensor {name!r}: data_offsets {_short(offsets)} is not two unsigned integers")
         elements = 1
         for d in shape:
+            if type(d) is not int or not 0 <= d < _U64:  # (bool is not int here, as in serde)
+                raise self._fail(f"tensor {name!r}: shape {_short(shape)} is not a list of unsigned integers")
             elements *= d
             if elements >= _U64:
                 raise self._fail(f"tensor {name!r}: shape {_short(shape)} has more than 2^64 elements")
         bits = elements * DTYPE_BITS[dtype]
         if bits >= _U64:
             raise self._fail(f"tensor {name!r}: shape {_short(shape)} {dtype} is more than 2^64 bits")
-        begin, end = offsets
         if bits % 8:
             raise self._fail(f"tensor {name!r}: shape {shape} {dtype} does not end on a byte boundary")
         if end < begin:
