@@ -63,7 +63,8 @@ class ReadOptions:
             (kohya's underscores) and to know the architecture's layout; None without ``--base``.
         base_config: the base's ``config.json`` (architecture, layer count) when known.
         rank: r for formats that do not store it (loralib); None: from the shapes.
-        alpha: alpha for formats that do not store it (loralib); None: alpha = r.
+        alpha: lora_alpha for adapters that do not state it: loralib (None: alpha = r), a PEFT adapter
+            without adapter_config.json (None: refused, unless only_factor is set).
         enable_lora: loralib ``MergedLinear``'s enabled slices, for all packed modules or by module.
         fan_in_fan_out: force loralib's layout flag instead of guessing it from module names.
         subfolder: for a Hub reference, the folder inside the repo that holds the adapter.
