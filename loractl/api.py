@@ -331,6 +331,42 @@ def _wider(a: torch.dtype, b: torch.dtype) -> bool:
     return a.is_floating_point and b.is_floating_point and torch.finfo(a).bits > torch.finfo(b).bits
 
 
+def check_finite(
+    result: torch.Tensor,
+    original: Callable[[], torch.Tensor],
+    key: str,
+    contributions: Sequence[Contribution],
+    adapters: Sequence[Adapter],
+    op: str = "merging",
+) -> None:
+    """NaN/Inf are never written where the original was finite: a result with any is compared with
+    the original element by element (``original()`` reads it again: the computation may have
+    overwritten it in place); only NaN/Inf the original already held at the same places pass.
+
+    Raises:
+        InputError: naming the tensor, the modules and adapters that changed it, and how many values.
+    """
+    if merge_ops.all_finite(result) or bool(torch.isfinite(result).all()):
+        return
+    w0 = original()
+    bad = (
+        int((~torch.isfinite(result) & torch.isfinite(w0)).sum())
+        if w0.shape == result.shape
+        else result.numel()
+    )
+    if not bad:
+        return
+    mods = sorted(
+        {f"{c.module.name!r} of {adapters[c.adapter].path}" for c in contributions if c.module is not None}
+    )
+    by = f" by module {', '.join(mods)}" if mods else ""
+    raise InputError(
+        f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
+        f"({str(result.dtype).replace('torch.', '')})",
+        hint="the update overflows this dtype (a huge scale, --weight or factor?); nothing was written",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # writing a model in the base's layout, tensor by tensor
 # --------------------------------------------------------------------------------------------
@@ -360,9 +396,9 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        from .io.safetensors import DTYPE_INFO
+        from .io.safetensors import dtype_nbytes
 
-        return math.prod(self.shape) * DTYPE_INFO[self.dtype][0]
+        return dtype_nbytes(self.dtype, self.shape)
 
 
 def _shard_name(stem: str, i: int, n: int) -> str:
@@ -661,8 +697,9 @@ def _load_all(
     base: BaseModel | None = None,
     subfolder: str | None = None,
     progress: bool = False,
+    alpha: float | None = None,
 ) -> list[Adapter]:
-    opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, progress=progress)
+    opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, progress=progress, alpha=alpha)
     if base is not None:
         opts.base_keys = list(base.tensors)
         opts.base_config = base.config
@@ -780,6 +817,7 @@ def merge(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Write ``base + Σ wᵢ·ΔWᵢ`` to ``output`` in the base's own layout, one tensor at a time.
@@ -799,6 +837,9 @@ def merge(
         format: force the adapters' format.
         allow_pickle: accept pickle adapters.
         subfolder: the folder inside a Hub adapter repo.
+        alpha: lora_alpha for adapters that do not state it (a PEFT adapter without
+            adapter_config.json); an error for one that does. Every other command that reads
+            adapters and needs their scales takes it too.
         progress: called with (bytes done, bytes total); also turns on Hub download bars.
 
     Raises:
@@ -819,7 +860,13 @@ def merge(
 
         quantized = quant.find_quantized(b)
         loaded = _load_all(
-            adapters, format, allow_pickle, base=b, subfolder=subfolder, progress=progress is not None
+            adapters,
+            format,
+            allow_pickle,
+            base=b,
+            subfolder=subfolder,
+            progress=progress is not None,
+            alpha=alpha,
         )
         plan = plan_merge(b, loaded, ws, quantized)
         if plan.unmatched and not allow_partial:
@@ -864,21 +911,28 @@ def merge(
 
             fused = fast and _one_fused_lora(contribs)
 
+            def original() -> torch.Tensor:  # the base tensor again, for the NaN/Inf check
+                return loaders[key]() if key in loaders else b.read(key)
+
             def job(w0: torch.Tensor) -> torch.Tensor:
                 if fused and w0.dtype == out_dtype:
                     c = contribs[0]
                     assert c.module is not None
-                    if not need_receipt:
-                        merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
+                    try:
+                        if not need_receipt:
+                            merge_ops.fused_merge(w0, c.module, c.weight, out=w0)
+                            return w0
+                        # merged in place; the corrections the receipt needs come back encoded
+                        assert spool is not None
+                        parts = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
+                    except merge_ops.NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
+                        w0 = original()
+                    else:
+                        if parts is None:  # most values differ: the whole original is smaller, read it again
+                            parts = {"full": b.read(key)}
+                        for k, v in parts.items():
+                            spool.add(f"{key}::{k}", v)
                         return w0
-                    # merged in place; the corrections the receipt needs come back encoded
-                    assert spool is not None
-                    parts = merge_ops.fused_merge(w0, c.module, c.weight, out=w0, residual=True)
-                    if parts is None:  # most values differ: the whole original is smaller, read it again
-                        parts = {"full": b.read(key)}
-                    for k, v in parts.items():
-                        spool.add(f"{key}::{k}", v)
-                    return w0
                 if not contribs:
                     merged = w0.to(out_dtype)
                 elif not need_receipt:  # nothing needs the original: merge into the buffer just read
@@ -886,6 +940,7 @@ def merge(
                 else:
                     deltas: dict[int, torch.Tensor] = {}
                     merged = merged_tensor(w0, contribs, out_dtype, deltas=deltas)
+                check_finite(merged, original, key, contribs, loaded)
                 if need_receipt:
                     parts: dict[str, torch.Tensor] = {}
                     if any(c.kind == "replace" for c in contribs):
@@ -1108,6 +1163,7 @@ def unmerge(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> UnmergeResult:
     """Remove adapters from a merged model.
@@ -1135,7 +1191,7 @@ def unmerge(
         rmeta, rfile = _read_receipt(rpath)
     try:
         with open_base(merged) as b:
-            loaded = _load_all(adapters, format, allow_pickle, base=b)
+            loaded = _load_all(adapters, format, allow_pickle, base=b, alpha=alpha)
             plan = plan_merge(b, loaded, ws)
             refs = _refs(loaded, ws)
             dtypes: dict[str, str] = {}
@@ -1193,13 +1249,18 @@ def unmerge(
                     if "full" in parts:
                         return parts["full"]
                     factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
+                    rec: torch.Tensor | None = None
                     if fused and m.dtype == orig:
                         c = contribs[0]
                         assert c.module is not None
-                        rec = merge_ops.fused_unmerge(m, c.module, c.weight, out=m)
-                    else:
+                        try:
+                            rec = merge_ops.fused_unmerge(m, c.module, c.weight, out=m)
+                        except merge_ops.NonFiniteBlock:  # m is partly unmerged: redo it whole, and check it
+                            m = b.read(key)
+                    if rec is None:
                         rec = unmerged_tensor(m, contribs, orig, factors)
                     restored = residual.decode(rec, parts)
+                    check_finite(restored, lambda: b.read(key), key, contribs, loaded, "unmerging")
                     if key in crcs and tensor_crc32(restored) != crcs[key]:
                         raise InputError(
                             f"{merged}: tensor {key!r} does not come back to the original the receipt recorded",
@@ -1301,6 +1362,7 @@ def inspect(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> InspectResult:
     """Describe adapters: format, kind, per-module rank/alpha/scale, sizes; with a base, coverage and storage.
 
@@ -1315,7 +1377,7 @@ def inspect(
     b = open_base(base) if base is not None else None
     try:
         for path in adapters:
-            opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder)
+            opts = ReadOptions(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha)
             if b is not None:
                 opts.base_keys, opts.base_config = list(b.tensors), b.config
             a = _load_adapter(path, format=format, options=opts)
@@ -1502,6 +1564,7 @@ def truncate(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> TruncateResult:
     """Lower an adapter's rank.
 
@@ -1541,7 +1604,7 @@ def truncate(
     a = (
         adapter
         if isinstance(adapter, Adapter)
-        else load_adapter(adapter, format=format, allow_pickle=allow_pickle)
+        else load_adapter(adapter, format=format, options=ReadOptions(allow_pickle=allow_pickle, alpha=alpha))
     )
     max_rank = max((m.rank for m in a.modules.values()), default=0)
     if rank is not None and rank > max_rank and not given:
@@ -1653,6 +1716,7 @@ def combine(
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> CombineResult:
     """One adapter from several, module by module over the union of their modules.
 
@@ -1686,7 +1750,7 @@ def combine(
         raise UsageError("--method svd needs --rank")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank {rank} must be at least 1")
-    loaded = _load_all(adapters, format, allow_pickle)
+    loaded = _load_all(adapters, format, allow_pickle, alpha=alpha)
     for a in loaded:
         dora = [m.name for m in a.modules.values() if m.is_dora]
         if dora:
@@ -1895,6 +1959,7 @@ def amplification(
     seed: int = 0,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> AmplificationResult:
     """The LoRA paper's Section 7.3 per module: how strongly ΔW amplifies directions of W.
 
@@ -1908,7 +1973,7 @@ def amplification(
 
     out: list[AmplificationModule] = []
     with open_base(base) as b:
-        (a,) = _load_all([adapter], format, allow_pickle, base=b)
+        (a,) = _load_all([adapter], format, allow_pickle, base=b, alpha=alpha)
         resolver = NameResolver(b.tensors, tie_word_embeddings=_tie(b))
         g = torch.Generator().manual_seed(seed)
         for name, m in a.modules.items():
@@ -1955,6 +2020,7 @@ def spectrum(
     base: str | Path | None = None,
     format: str | None = None,
     allow_pickle: bool = False,
+    alpha: float | None = None,
 ) -> SpectrumResult:
     """Singular values of each module's update (from factors), entropy effective rank, energy kept
     at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts)."""
@@ -1964,9 +2030,9 @@ def spectrum(
     result = []
     if base is not None:
         with open_base(base) as b:
-            loaded = _load_all(adapters, format, allow_pickle, base=b)
+            loaded = _load_all(adapters, format, allow_pickle, base=b, alpha=alpha)
     else:
-        loaded = _load_all(adapters, format, allow_pickle)
+        loaded = _load_all(adapters, format, allow_pickle, alpha=alpha)
     for a in loaded:
         mods = []
         for name, m in a.modules.items():
@@ -2046,7 +2112,8 @@ def convert(
         dtype: ``bf16``/``fp16``/``fp32`` for the factors (default: kept).
         normalize: one alpha convention for all modules: alpha = r, the scale folded into B.
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
-        rank, alpha: r and alpha for formats that do not store them (loralib).
+        rank, alpha: r and alpha for adapters that do not state them (loralib; alpha also for a PEFT
+            adapter without adapter_config.json).
         progress: called with (modules done, modules total); also turns on Hub download bars.
 
     Raises:
@@ -2135,6 +2202,7 @@ def check(
     format: str | None = None,
     allow_pickle: bool = False,
     strict: bool = False,
+    alpha: float | None = None,
 ):  # -> checks.CheckResult
     """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, all-zero modules,
     shapes and coverage against ``base``, and what ``target`` — peft, vllm, llama.cpp, lorax — accepts).
@@ -2153,4 +2221,5 @@ def check(
         format=format,
         allow_pickle=allow_pickle,
         strict=strict,
+        alpha=alpha,
     )

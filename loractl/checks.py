@@ -188,6 +188,7 @@ class _Ctx:
     adapter: Adapter
     base: BaseModel | None
     base_arg: str | None
+    alpha: float | None = None  # --alpha given, repeated in fix command lines
 
     @property
     def arch(self) -> str | None:
@@ -200,7 +201,8 @@ class _Ctx:
     def cmd(self, *args: str) -> str:
         """A ``loractl`` command line on this adapter: ``loractl VERB ADAPTER args...``."""
         verb, *rest = args
-        return " ".join(["loractl", verb, shlex.quote(self.path), *rest])
+        alpha = ["--alpha", repr(self.alpha)] if self.alpha is not None else []
+        return " ".join(["loractl", verb, shlex.quote(self.path), *alpha, *rest])
 
     @property
     def base_for_cmd(self) -> str:
@@ -216,6 +218,7 @@ def check(
     format: str | None = None,
     allow_pickle: bool = False,
     strict: bool = False,
+    alpha: float | None = None,
 ) -> CheckResult:
     """Check an adapter and list every problem found.
 
@@ -235,6 +238,8 @@ def check(
         allow_pickle: accept pickle files.
         strict: warnings fail the check too (``ok`` is False when any finding is an error or a
             warning).
+        alpha: lora_alpha of an adapter that does not state it (a PEFT adapter without its config);
+            repeated in the fix command lines.
 
     Returns:
         The findings; ``ok`` is False when any is an error (or, with ``strict``, a warning).
@@ -256,9 +261,9 @@ def check(
     findings: list[Finding] = []
     b = open_base(base) if base is not None else None
     try:
-        adapter = _load(local, format, allow_pickle, b, findings)
+        adapter = _load(local, format, allow_pickle, b, findings, alpha)
         if adapter is not None:
-            ctx = _Ctx(str(adapter_path), adapter, b, str(base) if base is not None else None)
+            ctx = _Ctx(str(adapter_path), adapter, b, str(base) if base is not None else None, alpha)
             rules: list[Callable[[_Ctx], Iterable[Finding]]] = [_values]
             if max_rank is not None:
                 rules.append(lambda c: _max_rank(c, max_rank))
@@ -292,7 +297,12 @@ def _target(target: str | None) -> str | None:
 # reading
 # --------------------------------------------------------------------------------------------
 def _load(
-    path: Path, format: str | None, allow_pickle: bool, base: BaseModel | None, out: list[Finding]
+    path: Path,
+    format: str | None,
+    allow_pickle: bool,
+    base: BaseModel | None,
+    out: list[Finding],
+    alpha: float | None = None,
 ) -> Adapter | None:
     """Read the adapter; a file that cannot be read becomes a finding.
 
@@ -305,7 +315,7 @@ def _load(
     from .formats import ReadOptions, load_adapter, refuse_lycoris, weights_file
     from .io.safetensors import SafetensorsFile
 
-    opts = ReadOptions(allow_pickle=allow_pickle)
+    opts = ReadOptions(allow_pickle=allow_pickle, alpha=alpha)
     if base is not None:
         opts.base_keys = list(base.tensors)
         opts.base_config = base.config

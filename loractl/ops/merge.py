@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -28,6 +28,33 @@ _T = TypeVar("_T")
 
 #: elements per chunk of the element-wise passes: small enough to stay in the CPU's cache
 CHUNK_ELEMENTS = 1 << 18
+
+
+class NonFiniteBlock(ArithmeticError):
+    """A row block of :func:`fused_merge` / :func:`fused_unmerge` came out with a NaN or an infinity.
+
+    Raised as soon as the block is computed (the check runs on the block while it is in the cache),
+    leaving the output partly written: the caller redoes the tensor on the general path, where the
+    result is compared with the original element by element (the original may hold infinities of
+    its own, which a merge keeps).
+
+    Attributes:
+        row: the first row of the block.
+    """
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"a NaN or infinity in the row block at row {row}")
+        self.row = row
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """A screen for NaN and infinity in ``t``: one sum per cache-sized chunk, in ``t``'s dtype. NaN
+    and ±inf propagate through a sum, which costs a tenth of ``isfinite().all()``. True means every
+    value is finite; False means one may not be (a finite chunk whose sum overflows the dtype, e.g.
+    |sum| > 65504 in float16, reads as False), for an exact ``isfinite`` comparison to settle."""
+    if not t.is_floating_point():
+        return True
+    return all(math.isfinite(float(c.sum())) for (c,) in _chunks(t))
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -260,6 +287,9 @@ def fused_merge(
 ) -> dict[str, torch.Tensor] | None:
     """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
 
+    Each merged block is checked for NaN/Inf while it is in the cache; one that has any raises
+    :class:`NonFiniteBlock` (the caller decides, on the general path, whether the original held them).
+
     Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
     of three passes over whole tensors in memory; the addition is the very torch op of PEFT's
     ``W += ΔW`` (computed in the promoted dtype, rounded once to W's). The product of a row block
@@ -299,9 +329,13 @@ def fused_merge(
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
             if not residual:
                 torch.add(wc, dc, out=oc)
+                if not all_finite(oc):
+                    raise NonFiniteBlock(r0)
                 continue
             mc = _scratch("merged", (n, cols), w0.dtype) if in_place else oc
             torch.add(wc, dc, out=mc)
+            if not all_finite(mc):
+                raise NonFiniteBlock(r0)
             rc = _scratch("rec", (n, cols), w0.dtype)
             torch.sub(mc, dc, out=rc)  # what an unmerge without the receipt computes
             chunk = residual_ops.encode_block(
@@ -342,7 +376,11 @@ def _on_two_threads(rows: int, step: int, work: Callable[[int, int], _T]) -> lis
                 initargs=(1,),
             )
         later = _helper.submit(work, mid, rows)
-    first = work(0, mid)
+    try:
+        first = work(0, mid)
+    except BaseException:
+        wait([later])  # the other half writes into the same output: let it finish before anyone reuses it
+        raise
     return [first, later.result()]
 
 
@@ -351,7 +389,7 @@ _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor) -> torch.Tensor:
     """``out = m_w − w·s·(B·A)`` rounded as :func:`unapply_delta` rounds it, one row block at a time
-    (the inverse of :func:`fused_merge`, with the same row-block products)."""
+    (the inverse of :func:`fused_merge`, with the same row-block products and the same NaN/Inf check)."""
     a, b, s = _fused_factors(m, weight)
     rows, cols = m_w.shape
     step = row_block(cols)
@@ -359,7 +397,10 @@ def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Te
     def rows_from(start: int, stop: int) -> None:
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
-            torch.sub(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), out=out[r0 : r0 + n])
+            oc = out[r0 : r0 + n]
+            torch.sub(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), out=oc)
+            if not all_finite(oc):
+                raise NonFiniteBlock(r0)
 
     _on_two_threads(rows, step, rows_from)
     return out
