@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, InputError
+from .hub import is_hub_ref, resolve_base
+from .names import INDEX_NAMES, SINGLE_NAMES
 from .safetensors import SafetensorsFile, TensorInfo
 
-INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
-SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 RECEIPT_NAME = "loractl.receipt"
 
 
@@ -111,8 +111,6 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
         InputError: the path is missing or holds no weights; the Hub repo or revision does not exist.
         FormatError: a weights file is corrupt or two shards hold the same tensor.
     """
-    from .hub import is_hub_ref, resolve_base
-
     if is_hub_ref(path):
         path = resolve_base(path, progress=progress)
     path = Path(path)

@@ -134,9 +134,8 @@ def test_sharded_base_fetches_the_index_then_its_shards_and_no_decoy(hub: FakeHu
     )
     assert folder.name == repos["base"]  # the snapshot folder of the commit main points to
     touched = hub.touched("org/base")
-    assert touched[0] == "model.safetensors.index.json"
-    assert touched[1:3] == shards
-    assert not set(touched) & set(DECOYS)
+    assert touched[0] == "model.safetensors.index.json"  # read before anything else is asked for
+    assert sorted(touched[1:]) == sorted([*shards, *small])  # then its shards and the small files
     assert sorted(hub.downloads("org/base")) == sorted(["model.safetensors.index.json", *shards, *small])
     with open_base(folder) as b:
         assert b.index_name == "model.safetensors.index.json" and len(b.shards) == 2
@@ -171,20 +170,47 @@ def test_adapter_at_a_tag_a_commit_and_the_default_branch(hub: FakeHub, repos: d
     assert set(hub.touched("org/adapter")) == {"adapter_config.json", "adapter_model.safetensors"}
 
 
-def test_a_branch_moving_meanwhile_cannot_mix_commits(hub: FakeHub) -> None:
-    old = hub.add_commit("org/race", {"model.safetensors": b"old", "config.json": '{"v": 1}'})
+def _index(*shards: str) -> str:
+    return json.dumps({"metadata": {}, "weight_map": {f"t{i}": s for i, s in enumerate(shards)}})
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["/api/models/org/race/tree/", "model.safetensors.index.json", "old.safetensors"],
+    ids=["after-the-revision-lookup", "after-the-listing", "between-index-and-shards"],
+)
+def test_a_branch_moving_meanwhile_cannot_mix_commits(hub: FakeHub, moment: str) -> None:
+    old = hub.add_commit(
+        "org/race",
+        {
+            "model.safetensors.index.json": _index("old.safetensors"),
+            "old.safetensors": b"old",
+            "config.json": "1",
+        },
+    )
     new: list[str] = []
 
-    def commit_once(request: Request) -> None:
-        if not new and request.path == "/api/models/org/race":  # right after the file listing
-            new.append(hub.add_commit("org/race", {"model.safetensors": b"new", "config.json": '{"v": 2}'}))
+    def commit_once(request: Request) -> None:  # main moves as this request arrives, before it is answered
+        if not new and moment in request.path:
+            files = {"model.safetensors.index.json": _index("new.safetensors"), "new.safetensors": b"new"}
+            new.append(hub.add_commit("org/race", {**files, "config.json": "2"}))
 
     hub.on_request = commit_once
     folder = resolve_base("org/race")
-    assert new and new[0] != old and folder.name == new[0]
-    assert (folder / "model.safetensors").read_bytes() == b"new"
-    assert (folder / "config.json").read_text() == '{"v": 2}'
-    assert {p.split("/")[4] for p in hub.paths() if "/resolve/" in p} == {new[0]}  # pinned downloads
+    assert new and hub.repos["org/race"].refs["main"] == new[0] != old  # main did move meanwhile
+    assert folder.name == old  # every file is the commit main pointed to when it was looked up
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.safetensors.index.json",
+        "old.safetensors",
+    ]
+    assert (folder / "config.json").read_text() == "1"
+    assert {p.split("/")[4] for p in hub.paths() if "/resolve/" in p} == {old}  # pinned downloads
+    assert {p.split("/")[6] for p in hub.paths() if "/tree/" in p} == {old}  # and listing
+
+    later = resolve_base("org/race")  # the next resolution sees the new commit, whole
+    assert later.name == new[0] and (later / "new.safetensors").read_bytes() == b"new"
+    assert not (later / "old.safetensors").exists() and (later / "config.json").read_text() == "2"
 
 
 def test_merge_with_hub_resolved_paths_equals_the_local_merge(
@@ -358,16 +384,16 @@ def test_progress_bars_only_when_asked_and_only_meanwhile(
     monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_PROGRESS_BARS", None)
     seen: list[bool] = []
-    real = huggingface_hub.hf_hub_download
+    real = huggingface_hub.snapshot_download
 
     def spy(*args: object, **kwargs: object) -> str:
         seen.append(are_progress_bars_disabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     assert not are_progress_bars_disabled()
     resolve_adapter("org/adapter", progress=progress)
-    assert seen == [not progress] * 2
+    assert seen == [not progress] * 2  # the config (listing the commit), then the weights
     assert not are_progress_bars_disabled()  # as before the call
 
 
