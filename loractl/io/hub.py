@@ -29,14 +29,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, NoReturn
-from urllib.parse import unquote
+from typing import NoReturn
 
 from ..errors import FormatError, InputError
 from .names import INDEX_NAMES, SINGLE_NAMES
-
-if TYPE_CHECKING:  # pragma: no cover
-    from huggingface_hub.errors import HfHubHTTPError
 
 __all__ = ["WEIGHT_SUFFIXES", "is_hub_ref", "parse_hub_ref", "resolve_adapter", "resolve_base"]
 
@@ -47,35 +43,9 @@ _REF_RE = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^\s@]+))?")
 _FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".json", ".toml")
 
 #: weights in any format: a base repo's non-weight files are everything else (config, tokenizer...)
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".gguf",
-    ".ggml",
-    ".onnx",
-    ".onnx_data",
-    ".h5",
-    ".msgpack",
-    ".ot",
-    ".tflite",
-    ".mlmodel",
-    ".pb",
-    ".npz",
-    ".npy",
-    ".pkl",
-    ".pickle",
-    ".joblib",
-    ".nemo",
-    ".pdparams",
-    ".llamafile",
-    ".mar",
-    ".engine",
-    ".zip",
-    ".tar",
-    ".gz",
+WEIGHT_SUFFIXES = tuple(
+    ".safetensors .bin .pt .pth .ckpt .gguf .ggml .onnx .onnx_data .h5 .msgpack .ot .tflite .mlmodel .pb"
+    " .npz .npy .pkl .pickle .joblib .nemo .pdparams .llamafile .mar .engine .zip .tar .gz".split()
 )
 #: model-card media: not part of the model either
 _MEDIA_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".mp4", ".webm", ".wav", ".mp3", ".pdf")
@@ -242,33 +212,25 @@ class _Snapshot:
         _download(self.repo_id, self.commit, files)
         for f in files:
             if not isinstance(try_to_load_from_cache(self.repo_id, f, revision=self.commit), str):
-                _not_cached(f"{self.label} ({f})", None)
+                _unavailable(f"{self.label} ({f})", None)
 
 
 def _download(repo_id: str, revision: str | None, files: Sequence[str]) -> Path:
     """``snapshot_download`` of exactly ``files`` (those of them in the repo); the snapshot folder."""
     from huggingface_hub import snapshot_download
 
-    # an exact name each: snapshot_download takes fnmatch patterns
-    patterns = [re.sub(r"([*?[])", r"[\1]", f) for f in files]
-    with _quiet_when_nothing_matches():
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-
-
-class _NothingMatched(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No files matched")
-
-
-@contextmanager
-def _quiet_when_nothing_matches() -> Iterator[None]:
-    """Drop snapshot_download's warning that no file matched: a repo without an index is no news."""
-    logger, quiet = logging.getLogger("huggingface_hub._snapshot_download"), _NothingMatched()
-    logger.addFilter(quiet)
+    patterns = [re.sub(r"([*?[])", r"[\1]", f) for f in files]  # fnmatch patterns, each matching one name
+    logger = logging.getLogger("huggingface_hub._snapshot_download")
+    logger.addFilter(_no_news)
     try:
-        yield
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     finally:
-        logger.removeFilter(quiet)
+        logger.removeFilter(_no_news)
+
+
+def _no_news(record: logging.LogRecord) -> bool:
+    """Drop snapshot_download's warning that no file matched: a repo without an index is no news."""
+    return not record.getMessage().startswith("No files matched")
 
 
 def _top_level(files: list[str], folder: str = "") -> list[str]:
@@ -386,16 +348,16 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _not_cached(what: str, cause: BaseException | None) -> NoReturn:
-    """Raise the error of files that huggingface_hub could not download and did not find in the cache.
+def _unavailable(what: str, cause: BaseException | None) -> NoReturn:
+    """Raise the error of files that huggingface_hub could neither download nor find in the cache.
 
-    ``cause`` is the error that kept it from the Hub (its ``OfflineModeIsEnabled``, a connection
-    error, an HTTP error), None when it did not say.
+    ``cause`` is the error that kept them from the Hub (its ``OfflineModeIsEnabled``, a connection
+    error, an HTTP error...), None when it did not say.
     """
     from huggingface_hub import constants
     from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, OfflineModeIsEnabled
 
-    status = cause.response.status_code if isinstance(cause, HfHubHTTPError) and cause.response else None
+    status = getattr(cause.response, "status_code", None) if isinstance(cause, HfHubHTTPError) else None
     if isinstance(cause, OfflineModeIsEnabled) or (cause is None and constants.is_offline_mode()):
         raise InputError(
             f"{what}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it",
@@ -441,12 +403,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _missing_file(e: HfHubHTTPError) -> str:
-    """The file name in the ``.../resolve/<revision>/<file>`` URL of a 404."""
-    _, _, rest = unquote(str(e.response.url).split("?")[0]).partition("/resolve/")
-    return rest.partition("/")[2] or "a file it lists"
-
-
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one-line InputErrors naming the repo and revision."""
@@ -456,7 +412,6 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -481,16 +436,14 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         ) from None
     except DisabledRepoError:
         raise InputError(f"{label}: access to this repo is disabled on the Hub") from None
-    except RemoteEntryNotFoundError as e:
-        raise InputError(f"{label}: file {_missing_file(e)} is missing from the Hub repo") from None
     except LocalEntryNotFoundError as e:  # neither downloaded nor cached: why not is its cause
-        _not_cached(label, e.__cause__)
+        _unavailable(label, e.__cause__)
     except OfflineModeIsEnabled as e:
-        _not_cached(label, e)
+        _unavailable(label, e)
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
+        status = getattr(e.response, "status_code", None)
         if status in (401, 403):
-            _not_cached(label, e)
+            _unavailable(label, e)  # the Hub refused access
         raise InputError(
             f"{label}: the Hub answered HTTP {status}",
             hint="retry later; once downloaded, HF_HUB_OFFLINE=1 uses the cache",
