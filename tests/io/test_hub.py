@@ -485,6 +485,8 @@ def test_adapter_candidates_and_subfolders(hub: FakeHub, local: dict) -> None:
     assert gguf.name == "lora.gguf" and gguf.read_bytes() == b"GGUF"
     with pytest.raises(InputError, match=r"^org/multi: no subfolder z$"):
         resolve_adapter("org/multi", subfolder="z")
+    with pytest.raises(InputError, match=r"^org/multi: no subfolder \.\./a$"):
+        resolve_adapter("org/multi", subfolder="../a")
     with pytest.raises(InputError, match=r"^org/multi \(subfolder c\): no adapter"):
         resolve_adapter("org/multi", subfolder="c")
 
