@@ -14,10 +14,10 @@ from typing import Any
 
 from ..errors import FormatError, InputError
 from .files import read_json
+from .hub import WEIGHT_SUFFIXES, is_hub_ref, resolve_base
+from .names import INDEX_NAMES, SINGLE_NAMES
 from .safetensors import SafetensorsFile, TensorInfo
 
-INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
-SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 RECEIPT_NAME = "loractl.receipt"
 #: the longest file name (in bytes) a shard may have: NAME_MAX of common filesystems
 MAX_NAME_BYTES = 255
@@ -66,7 +66,6 @@ def is_copied(
     name: str, patterns: tuple[str, ...] = COPIED_PATTERNS, names: frozenset[str] = COPIED_NAMES
 ) -> bool:
     """Is ``name`` (a file directly in a base folder) one merge copies? Never weights or hidden files."""
-    from .hub import WEIGHT_SUFFIXES
 
     low = name.lower()
     if low.startswith(".") or low.endswith(WEIGHT_SUFFIXES):
@@ -336,8 +335,6 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
         InputError: the path is missing or holds no weights; the Hub repo or revision does not exist.
         FormatError: a weights file is corrupt or two shards hold the same tensor.
     """
-    from .hub import is_hub_ref, resolve_base
-
     if is_hub_ref(path):
         path = resolve_base(path, progress=progress)
     path = Path(path)
