@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     root = a.root or Path(tempfile.mkdtemp(prefix="loractl-fuzz-"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ.update(global_env(root))  # before loractl, torch and huggingface_hub are imported
-    streams = root / "streams"
-    streams.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    runner = SubprocessRunner(streams) if a.subprocess else ForkRunner(streams)
+    runner = SubprocessRunner() if a.subprocess else ForkRunner()
     seeds_dir = root / "seeds"
     if seeds_dir.exists():
         shutil.rmtree(seeds_dir)
@@ -174,7 +172,7 @@ def _blur(text: str) -> str:
 def compare(a: argparse.Namespace, root: Path, seeds_dir: Path, fork_runner) -> int:
     """The first N cases through the fork server and through real subprocesses: same exit codes,
     same stdout and stderr (timings aside), same broken rules?"""
-    sub = SubprocessRunner(root / "streams")
+    sub = SubprocessRunner()
     same = differ = 0
     for i in range(a.start, a.start + a.compare):
         outs = {}

@@ -159,17 +159,15 @@ class Builder:
     def _truncate(self) -> Command:
         rng = self.rng
         adapter = self.pick(ADAPTERS)
-        to = rng.choice([None, None, None, *FORMATS[:4]])
+        to = rng.choice([None, None, None, *FORMATS[:3]])  # (gguf needs a base, which truncate does not take)
         out = self.out(self._ext(to, adapter))
         argv = ["truncate", adapter, "-o", out]
         argv += rng.choice([["--rank", rng.choice(["1", "2", "4", "8", "16"])], ["--energy", rng.choice(["0.5", "0.9", "1"])],
                             ["--sv-ratio", "2"], ["--sv-cumulative", "0.8"], ["--sv-fro", "0.9"]])  # fmt: skip
         if to:
             argv += ["--to", to]
-            if to == "gguf":
-                argv += ["--base", "base"]
         self.flags(argv, (0.1, ["--nested"]), (0.3, ["--json"]))
-        return self._writer("truncate", argv, [adapter] + (["base"] if to == "gguf" else []), out)
+        return self._writer("truncate", argv, [adapter], out)
 
     def _combine(self) -> Command:
         rng = self.rng
@@ -249,5 +247,6 @@ class Builder:
     ) -> Command:
         if self.rng.random() < 0.2:
             argv.append("--force")
-        outputs = [out] + ([out + ".loractl.receipt"] if receipt else [])
+        # the receipt of a merged file lies beside it (out/x/ names the file out/x)
+        outputs = [out] + ([out.rstrip("/") + ".loractl.receipt"] if receipt and out.rstrip("/") else [])
         return Command(kind, argv, inputs, outputs, force="--force" in argv)

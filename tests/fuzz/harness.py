@@ -49,6 +49,7 @@ class CommandResult:
     problems: list[tuple[str, str]]
     stderr: str
     fsize: int | None = None
+    mutations: list[int] = field(default_factory=list)  # indices of the case's mutations it met
 
 
 @dataclass
@@ -166,18 +167,18 @@ def plan_commands(
     return cmds
 
 
-def families_of(cmd_index: int, cmd: Command, muts: list[Mutation]) -> list[str]:
+def relevant(cmd_index: int, cmd: Command, muts: list[Mutation]) -> list[int]:
     """The mutations that can explain this command's behaviour: those of the files it reads, and
     its own command mutations."""
     objs = _objects(cmd)
-    fams = []
-    for m in muts:
+    out = []
+    for i, m in enumerate(muts):
         if m.family in COMMAND_FAMILIES:
             if m.target == f"command {cmd_index + 1}":
-                fams.append(m.family)
-        elif m.obj in objs or (m.obj == "" and m.target in cmd.inputs):
-            fams.append(m.family)
-    return sorted(set(fams)) or ["none"]
+                out.append(i)
+        elif m.obj in objs:
+            out.append(i)
+    return out
 
 
 def run_case(seed: int, index: int, root: Path, seeds_dir: Path, runner, timeout: float, only: set[str] | None = None,
@@ -200,13 +201,16 @@ def run_case(seed: int, index: int, root: Path, seeds_dir: Path, runner, timeout
         for m in result.mutations:
             print(f"  mutation {m.family:<11} {m.kind:<28} {m.target}: {m.detail}")
     env = command_env(case)
+    cache: dict[str, tuple] = {}
     for i, cmd in enumerate(cmds):
-        before = oracle.snapshot(case)
+        before = oracle.snapshot(case, cache)
         o = runner.run(cmd.argv, case, env, timeout, cmd.fsize if cmd.fsize is not None else DEFAULT_FSIZE)
-        after = oracle.snapshot(case)
+        after = oracle.snapshot(case, cache)
         problems = oracle.check(cmd, case, before, after, o)
-        result.commands.append(CommandResult(cmd.argv, cmd.kind, families_of(i, cmd, result.mutations), o.code,
-                                             round(o.seconds, 3), problems, o.stderr[-2000:], cmd.fsize))  # fmt: skip
+        rel = relevant(i, cmd, result.mutations)
+        families = sorted({result.mutations[j].family for j in rel}) or ["none"]
+        result.commands.append(CommandResult(cmd.argv, cmd.kind, families, o.code, round(o.seconds, 3), problems,
+                                             o.stderr[-2000:], cmd.fsize, rel))  # fmt: skip
         if verbose:
             print(
                 f"  $ {shell(cmd.argv)}"

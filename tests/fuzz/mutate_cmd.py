@@ -21,10 +21,10 @@ LONG = "a" * 300
 
 
 def _set_output(cmd: Command, new: str) -> None:
-    old = cmd.output
     i = cmd.argv.index("-o")
     cmd.argv[i + 1] = new
-    cmd.outputs = [new] + [o.replace(old, new, 1) for o in cmd.outputs[1:]] if old else [new]
+    receipt = len(cmd.outputs) > 1 and cmd.outputs[1].endswith(".loractl.receipt")
+    cmd.outputs = [new] + ([new.rstrip("/") + ".loractl.receipt"] if receipt and new.rstrip("/") else [])
 
 
 def output(rng: random.Random, cmd: Command, case: Path) -> tuple[str, str]:

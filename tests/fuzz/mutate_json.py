@@ -263,4 +263,6 @@ def index(rng: random.Random, path: Path) -> tuple[str, str]:
         path.write_text(s)
         return "index:duplicate", f"{k} -> {other} and {wm[k]}"
     path.write_text(dumps(ix, indent=2))
+    if what in ("weight_map", "metadata", "toplevel"):
+        return f"index:{what}", short(v)
     return f"index:{what}", f"{short(k, 50)}: {short(v)}"

@@ -118,10 +118,10 @@ def header(rng: random.Random, path: Path) -> tuple[str, str]:
         hb = dumps(h).encode() + rng.choice([b"\x00" * 7, b"\n" * 8, b" " * 100_000, b"\t"])
         _write(path, hb, data, pad=False)
         return "header:padding", short(hb[-8:])
-    if name in h and what not in ("name",) and not what.startswith("metadata"):
-        h[name] = e if what != "entry" else h[name]
     _write(path, dumps(h), data)
-    return f"header:{what.split('[')[0]}", f"tensor {short(name, 60)}: {short(v)}"
+    if what.startswith("metadata"):
+        return "header:metadata", f"{what[8:] or '__metadata__'} = {short(v)}"
+    return f"header:{what}", f"tensor {short(name, 60)}: {short(v)}"
 
 
 # ---------------------------------------------------------------- st-length

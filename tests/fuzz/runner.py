@@ -37,9 +37,9 @@ WARM_IMPORTS = (
     "gguf",
     "peft",  # check --target peft asks PEFT itself: 1-10 s of imports per command otherwise
 )
-MEMORY_LIMIT = (
-    6 << 30
-)  # address space per command: a header asking for a petabyte fails, the machine does not
+CAPTURE = 1 << 20  # bytes of stdout and of stderr kept per command
+# address space per command: a header asking for a petabyte fails, the machine does not
+MEMORY_LIMIT = 4 << 30
 
 
 @dataclass
@@ -84,13 +84,6 @@ def _limits(fsize: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8", "replace")
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def _kill_group(pid: int) -> None:
     for kill in (os.killpg, os.kill):
         try:
@@ -117,8 +110,7 @@ class ForkRunner:
 
     name = "fork"
 
-    def __init__(self, streams: Path) -> None:
-        self.streams = streams  # a folder for the children's stdout and stderr files
+    def __init__(self) -> None:
         import torch  # noqa: F401
         import typer
 
@@ -147,19 +139,20 @@ class ForkRunner:
     def run(
         self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float, fsize: int | None = None
     ) -> Outcome:
-        out, err = self.streams / f"{os.getpid()}.out", self.streams / f"{os.getpid()}.err"
         sys.stdout.flush()
         sys.stderr.flush()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         t0 = time.monotonic()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
             try:
                 os.setpgid(0, 0)
-                for path, fd in ((out, 1), (err, 2)):
-                    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    os.dup2(f, fd)
-                    os.close(f)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                for fd in (out_r, out_w, err_r, err_w):
+                    os.close(fd)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.close(null)
@@ -194,32 +187,58 @@ class ForkRunner:
                 except BaseException:
                     pass
                 os._exit(code & 0xFF)
-        hang = False
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):  # pragma: no cover - old kernel: poll
-            pidfd = None
-        if pidfd is not None:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-            os.close(pidfd)
-            if not ready:
+        os.close(out_w)
+        os.close(err_w)
+        streams, hang, status = _collect(pid, {out_r: bytearray(), err_r: bytearray()}, t0 + timeout)
+        return Outcome(
+            os.waitstatus_to_exitcode(status),
+            _text(streams[out_r]),
+            _text(streams[err_r]),
+            time.monotonic() - t0,
+            hang,
+        )
+
+
+def _text(b: bytearray) -> str:
+    return bytes(b).decode("utf-8", "replace")
+
+
+def _collect(
+    pid: int, streams: dict[int, bytearray], deadline: float
+) -> tuple[dict[int, bytearray], bool, int]:
+    """Read the child's stdout and stderr until they close and it exits; kill its process group at
+    ``deadline``. Returns (what was read, killed, wait status)."""
+    pidfd = os.pidfd_open(pid)
+    open_fds = set(streams)
+    exited = hang = False
+    status = 0
+    try:
+        while open_fds or not exited:
+            left = deadline - time.monotonic()
+            if left <= 0 and not hang:
                 hang = True
                 _kill_group(pid)
-            _, status = os.waitpid(pid, 0)
-        else:  # pragma: no cover
-            deadline = t0 + timeout
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    hang = True
-                    _kill_group(pid)
+                deadline = time.monotonic() + 5  # the killed group's pipes close at once
+            ready, _, _ = select.select([*open_fds, *([] if exited else [pidfd])], [], [], max(left, 0.01))
+            for fd in ready:
+                if fd == pidfd:
                     _, status = os.waitpid(pid, 0)
-                    break
-                time.sleep(0.005)
-        seconds = time.monotonic() - t0
-        return Outcome(os.waitstatus_to_exitcode(status), _read(out), _read(err), seconds, hang)
+                    exited = True
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    open_fds.discard(fd)
+                elif len(streams[fd]) < CAPTURE:
+                    streams[fd] += chunk
+            if hang and time.monotonic() > deadline:  # a grandchild holds a pipe: stop reading
+                break
+    finally:
+        os.close(pidfd)
+        for fd in streams:
+            os.close(fd)
+        if not exited:
+            _, status = os.waitpid(pid, 0)
+    return streams, hang, status
 
 
 class SubprocessRunner:
@@ -227,30 +246,28 @@ class SubprocessRunner:
 
     name = "subprocess"
 
-    def __init__(self, streams: Path) -> None:
-        self.streams = streams
-
     def run(
         self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float, fsize: int | None = None
     ) -> Outcome:
-        out, err = self.streams / f"{os.getpid()}.out", self.streams / f"{os.getpid()}.err"
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         t0 = time.monotonic()
-        hang = False
-        with open(out, "wb") as fo, open(err, "wb") as fe:
+        try:
             p = subprocess.Popen(
                 [sys.executable, "-m", "loractl", *argv],
                 cwd=cwd,
                 env={**os.environ, **env},
                 stdin=subprocess.DEVNULL,
-                stdout=fo,
-                stderr=fe,
+                stdout=out_w,
+                stderr=err_w,
                 start_new_session=True,
                 preexec_fn=lambda: _limits(fsize),
             )
-            try:
-                code = p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                hang = True
-                _kill_group(p.pid)
-                code = p.wait()
-        return Outcome(code, _read(out), _read(err), time.monotonic() - t0, hang)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        streams, hang, status = _collect(p.pid, {out_r: bytearray(), err_r: bytearray()}, t0 + timeout)
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped by _collect
+        return Outcome(
+            p.returncode, _text(streams[out_r]), _text(streams[err_r]), time.monotonic() - t0, hang
+        )
