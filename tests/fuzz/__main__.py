@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds_dir = root / "seeds"
     if seeds_dir.exists():
         shutil.rmtree(seeds_dir)
-    seeds.build(seeds_dir, runner, harness.command_env(seeds_dir), a.timeout)
+    (root / "tmp").mkdir(exist_ok=True)
+    seeds.build(seeds_dir, runner, harness.command_env(root), a.timeout)
     digest = seeds.digest(seeds_dir)
     setup = time.monotonic() - t0
     try:
@@ -165,6 +166,7 @@ def _work(
 
 def _blur(text: str) -> str:
     text = re.sub(r"\d+(\.\d+)?\s?(s|ms)\b", "T", text)  # timings
+    text = re.sub(r"(?<![\d.])\d+\.\d(?![\d])", "T", text)  # a table's seconds column (0.1)
     text = re.sub(r'"(seconds|elapsed)": [0-9.e-]+', r'"\1": T', text)
     return re.sub(r"loractl-tmp-\d+-[0-9a-f]+", "loractl-tmp-P-X", text)
 

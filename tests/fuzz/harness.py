@@ -184,10 +184,12 @@ def relevant(cmd_index: int, cmd: Command, muts: list[Mutation]) -> list[int]:
 def run_case(seed: int, index: int, root: Path, seeds_dir: Path, runner, timeout: float, only: set[str] | None = None,
              keep: Path | None = None, verbose: bool = False) -> CaseResult:  # fmt: skip
     rng = random.Random(f"loractl-fuzz:{seed}:{index}")
-    case = keep if keep is not None else root / f"case-{index}"
-    if case.exists():
-        shutil.rmtree(case)
+    top = keep if keep is not None else root / f"case-{index}"
+    if top.exists():
+        shutil.rmtree(top)
+    case = top / "w"  # the commands run here, among copies of the seeds
     seeds.copy(seeds_dir, case)
+    (top / "tmp").mkdir()  # their TMPDIR
     result = CaseResult(seed, index, [])
     try:
         muts, recipe_doc = plan_mutations(rng, case, only)
@@ -200,13 +202,13 @@ def run_case(seed: int, index: int, root: Path, seeds_dir: Path, runner, timeout
         print(f"case {index} (seed {seed}) in {case}")
         for m in result.mutations:
             print(f"  mutation {m.family:<11} {m.kind:<28} {m.target}: {m.detail}")
-    env = command_env(case)
+    env = command_env(top)
     cache: dict[str, tuple] = {}
     for i, cmd in enumerate(cmds):
-        before = oracle.snapshot(case, cache)
+        before = oracle.snapshot(top, cache)
         o = runner.run(cmd.argv, case, env, timeout, cmd.fsize if cmd.fsize is not None else DEFAULT_FSIZE)
-        after = oracle.snapshot(case, cache)
-        problems = oracle.check(cmd, case, before, after, o)
+        after = oracle.snapshot(top, cache)
+        problems = oracle.check(cmd, top, case, before, after, o)
         rel = relevant(i, cmd, result.mutations)
         families = sorted({result.mutations[j].family for j in rel}) or ["none"]
         result.commands.append(CommandResult(cmd.argv, cmd.kind, families, o.code, round(o.seconds, 3), problems,
@@ -222,7 +224,7 @@ def run_case(seed: int, index: int, root: Path, seeds_dir: Path, runner, timeout
             for cat, detail in problems:
                 print(f"    !! {cat}: {detail}")
     if keep is None:
-        shutil.rmtree(case, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
     return result
 
 

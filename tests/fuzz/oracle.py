@@ -68,18 +68,18 @@ def snapshot(root: Path, cache: dict[str, tuple] | None = None) -> dict[str, tup
     return out
 
 
-def _norm(case: Path, p: str) -> str | None:
-    """``p`` (as given on the command line, relative to the case) as a path relative to the case, or
-    None when it lies outside (/proc...). Symlinks are not followed: a write through one is a write
-    where the link points, which the snapshot sees there."""
+def _norm(top: Path, work: Path, p: str) -> str | None:
+    """``p`` (as given on the command line, in ``work``) as a path relative to ``top``, or None when
+    it lies outside (/proc...). Symlinks are not followed: a write through one is a write where the
+    link points, which the snapshot sees there."""
     if not p or "\x00" in p:
         return None
-    full = os.path.normpath(os.path.join(str(case), p))
-    if full == str(case):
+    full = os.path.normpath(os.path.join(str(work), p))
+    if full == str(top):
         return "."
-    if not full.startswith(str(case) + os.sep):
+    if not full.startswith(str(top) + os.sep):
         return None
-    return os.path.relpath(full, str(case))
+    return os.path.relpath(full, str(top))
 
 
 def _under(rel: str, zone: str) -> bool:
@@ -90,25 +90,26 @@ def _overlaps(a: str, b: str) -> bool:
     return _under(a, b) or _under(b, a)
 
 
-def zones(cmd: Command, case: Path) -> tuple[list[str], bool]:
-    """Where ``cmd`` may write (relative to the case), and whether it may replace what is there."""
+def zones(cmd: Command, top: Path, work: Path) -> tuple[list[str], bool]:
+    """Where ``cmd`` may write (relative to ``top``), and whether it may replace what is there."""
     if cmd.kind == "run":
         from .mutate_recipe import outputs
 
         outs, force = outputs(cmd.recipe_doc or {}, cmd.sets)
     else:
         outs, force = list(cmd.outputs), cmd.force
-    rels = [r for r in (_norm(case, o) for o in outs) if r is not None]
-    inputs = [r for r in (_norm(case, i) for i in cmd.inputs) if r is not None]
+    rels = [r for r in (_norm(top, work, o) for o in outs) if r is not None]
+    inputs = [r for r in (_norm(top, work, i) for i in cmd.inputs) if r is not None]
     # an output that is, holds or lies inside an input may never be written
     rels = [r for r in rels if not any(_overlaps(r, i) for i in inputs)]
     return rels, force
 
 
 def check(
-    cmd: Command, case: Path, before: dict[str, tuple], after: dict[str, tuple], o: Outcome
+    cmd: Command, top: Path, work: Path, before: dict[str, tuple], after: dict[str, tuple], o: Outcome
 ) -> list[tuple[str, str]]:
-    """The broken rules, as (category, detail)."""
+    """The broken rules, as (category, detail). ``before`` and ``after`` are snapshots of ``top``,
+    which holds ``work`` (where the command ran, with the inputs) and ``tmp`` (its TMPDIR)."""
     bad: list[tuple[str, str]] = []
     err = o.stderr
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -122,7 +123,7 @@ def check(
         tb = [ln for ln in lines if not ln.startswith(" ")]
         bad.append(("traceback", tb[-1] if tb else "traceback"))
     if o.code == 2 and not o.hang:
-        problem = _stderr_problem(cmd, case, lines, o.stdout)
+        problem = _stderr_problem(cmd, work, lines, o.stdout)
         if problem:
             bad.append(("bad-stderr", problem))
     m = WARNING_RE.search(err)
@@ -131,11 +132,11 @@ def check(
         if not line.startswith("error:"):
             bad.append(("bad-stderr", f"python warning: {line}"))
     # files
-    allowed, force = zones(cmd, case)
+    allowed, force = zones(cmd, top, work)
     # a recipe keeps its finished steps' outputs whatever happens to a later step (a step's own
     # partial output would carry a temporary name, which the leftover rule catches)
     ok_exit = o.code == 0 or cmd.kind == "run"
-    inputs = [r for r in (_norm(case, i) for i in cmd.inputs) if r is not None]
+    inputs = [r for r in (_norm(top, work, i) for i in cmd.inputs) if r is not None]
     for rel in sorted(set(before) | set(after)):
         b, a = before.get(rel), after.get(rel)
         in_zone = any(_under(rel, z) for z in allowed)

@@ -51,10 +51,10 @@ class Outcome:
     hang: bool = False
 
 
-def command_env(case_dir: Path) -> dict[str, str]:
+def command_env(top: Path) -> dict[str, str]:
     """Variables set for every command (on top of the fuzzer's own environment)."""
     return {
-        "TMPDIR": str(case_dir / "tmp"),
+        "TMPDIR": str(top / "tmp"),
         "LORACTL_DEBUG": "",
         "COLUMNS": "120",
         "NO_COLOR": "1",

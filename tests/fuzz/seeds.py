@@ -13,7 +13,9 @@ A case folder holds a copy of all of them:
     merged.safetensors     base.safetensors + lora, with merged.safetensors.loractl.receipt
     recipe.toml            examples/recipe.toml pointing at lora and base, writing under build/
     out/                   an empty folder for outputs
-    tmp/                   TMPDIR of the commands (must be empty after each)
+
+A case runs its commands in CASE/w (these copies) with TMPDIR=CASE/tmp, and the oracle watches all
+of CASE: a write beside the inputs' folder is seen too.
 """
 
 from __future__ import annotations
@@ -87,7 +89,6 @@ def build(dest: Path, runner, env: dict[str, str], timeout: float) -> Path:
     shutil.copytree(EXAMPLES / "tiny-llama-lora", dest / "lora")
     st.write(dest / "base.safetensors", st.concat(sorted((dest / "base").glob("model-*.safetensors"))))
     (dest / RECIPE).write_text(RECIPE_TEXT)
-    (dest / "tmp").mkdir()
     for name, argv in BUILD:
         o = runner.run(argv, dest, env, timeout)
         if o.code != 0 or not (dest / name).exists():

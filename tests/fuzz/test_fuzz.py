@@ -26,7 +26,7 @@ def test_fuzz_cases_keep_every_rule(tmp_path):
     }
     r = subprocess.run(
         [sys.executable, "-m", "tests.fuzz", "--cases", str(CASES), "--seed", str(SEED), "--report", str(report),
-         "--root", str(tmp_path / "work"), "--examples", "2"],
+         "--root", str(tmp_path / "work"), "--examples", "2", "--timeout", "15"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     assert report.exists(), (
