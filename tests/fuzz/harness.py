@@ -288,8 +288,11 @@ def report(results: list[CaseResult], seed: int, examples: int = 3) -> tuple[str
                     continue
                 seen.add(r.case)
                 muts = (
-                    "; ".join(f"{m.family}/{m.kind} {m.target}: {m.detail}" for m in r.mutations)
-                    or "no mutation"
+                    "; ".join(
+                        f"{m.family}/{m.kind} {m.target}: {m.detail}"
+                        for m in (r.mutations[j] for j in c.mutations)
+                    )
+                    or "none of the case's mutations touched what it read"
                 )
                 out.append(f"  {repro(seed, r.case)}")
                 out.append(

@@ -39,7 +39,7 @@ WARM_IMPORTS = (
 )
 CAPTURE = 1 << 20  # bytes of stdout and of stderr kept per command
 # address space per command: a header asking for a petabyte fails, the machine does not
-MEMORY_LIMIT = 4 << 30
+MEMORY_LIMIT = 3 << 30
 
 
 @dataclass
