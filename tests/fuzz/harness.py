@@ -113,12 +113,18 @@ def plan_mutations(
         elif fam == "gguf":
             obj, rel, fn = "lora.gguf", "lora.gguf", mutate_gguf.mutate
         elif fam == "recipe":
-            kind, detail, recipe_doc = mutate_recipe.mutate(rng, case / seeds.RECIPE, recipe_doc)
+            p = case / seeds.RECIPE
+            if not p.is_file() or p.is_symlink():  # a file-kind mutation replaced it (maybe by a FIFO)
+                continue
+            kind, detail, recipe_doc = mutate_recipe.mutate(rng, p, recipe_doc)
             muts.append(Mutation(fam, kind, seeds.RECIPE, seeds.RECIPE, detail))
             continue
         else:  # file-kind
             obj = rng.choice(sorted(mutate_files.all_files()))
-            kind, rel, detail = mutate_files.kind(rng, case, obj)
+            done = mutate_files.kind(rng, case, obj)
+            if done is None:
+                continue
+            kind, rel, detail = done
             muts.append(Mutation(fam, f"file:{kind}", rel, obj, detail))
             continue
         p = case / rel

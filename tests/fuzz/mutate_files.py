@@ -36,13 +36,26 @@ def all_files() -> dict[str, list[str]]:
     return out
 
 
-def kind(rng: random.Random, case: Path, obj: str) -> tuple[str, str, str]:
-    """Replace a file (or folder) of ``obj``; returns (kind, the path, detail)."""
+def _remove(p: Path) -> bool:
+    """Remove whatever is at ``p``; False if its folder is gone (an earlier mutation replaced it)."""
+    if not p.parent.is_dir() or p.parent.is_symlink():
+        return False
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+    return True
+
+
+def kind(rng: random.Random, case: Path, obj: str) -> tuple[str, str, str] | None:
+    """Replace a file (or folder) of ``obj``; returns (kind, the path, detail), or None if an earlier
+    mutation left nothing to replace."""
     if obj in DIRS and rng.random() < 0.2:
         rel = DIRS[obj][0]
         p = case / rel
         what = rng.choice(["dir-as-file", "dir-empty", "dir-deleted", "dir-symlink-loop"])
-        shutil.rmtree(p)
+        if not _remove(p):
+            return None
         if what == "dir-as-file":
             p.write_bytes(b"{}")
         elif what == "dir-empty":
@@ -54,7 +67,8 @@ def kind(rng: random.Random, case: Path, obj: str) -> tuple[str, str, str]:
     p = case / rel
     what = rng.choice(["empty", "folder", "fifo", "dangling-symlink", "symlink-loop", "dev-zero", "dev-urandom",
                        "deleted", "deleted", "symlink-other"])  # fmt: skip
-    p.unlink()
+    if not _remove(p):
+        return None
     detail = ""
     if what == "empty":
         p.write_bytes(b"")
