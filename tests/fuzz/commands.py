@@ -31,7 +31,6 @@ class Command:
     fsize: int | None = None  # RLIMIT_FSIZE: a full disk
     objects: set[str] = field(default_factory=set)  # the case's objects it reads
     recipe_doc: dict[str, Any] | None = None
-    sets: dict[str, str] = field(default_factory=dict)
 
     @property
     def output(self) -> str | None:
@@ -226,20 +225,12 @@ class Builder:
     def _run(self) -> Command:
         rng = self.rng
         argv = ["run", RECIPE]
-        sets: dict[str, str] = {}
         if rng.random() < 0.3:
-            v = rng.choice(["build2", "out/r", "build/x/y"])
-            argv += ["--set", f"out={v}"]
-            sets["out"] = v
+            argv += ["--set", f"out={rng.choice(['build2', 'out/r', 'build/x/y'])}"]
         self.flags(argv, (0.15, ["--dry-run"]), (0.3, ["--json"]))
+        # (the oracle reads the outputs from the recipe and the --set options)
         return Command(
-            "run",
-            argv,
-            list(RECIPE_USES),
-            [],
-            objects=set(RECIPE_USES),
-            recipe_doc=self.recipe_doc,
-            sets=sets,
+            "run", argv, list(RECIPE_USES), [], objects=set(RECIPE_USES), recipe_doc=self.recipe_doc
         )
 
     def _writer(

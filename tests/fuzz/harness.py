@@ -27,7 +27,9 @@ FAMILIES = {
     "index": 7, "gguf": 5, "recipe": 8, "file-kind": 5, "output": 10, "disk-full": 4, "argv": 6,
 }  # fmt: skip
 COMMAND_FAMILIES = ("output", "disk-full", "argv")
-DEFAULT_FSIZE = 64 << 20  # no legitimate output of the examples comes near; /dev/zero copied in full would
+# RLIMIT_FSIZE of every command: no legitimate output of these inputs comes near it, and a symlink
+# to /dev/zero copied as a tokenizer file stops there instead of filling the disk
+DEFAULT_FSIZE = 64 << 20
 
 
 @dataclass
@@ -139,6 +141,8 @@ def plan_mutations(
             TypeError,
             AttributeError,
             UnicodeDecodeError,
+            RecursionError,
+            OverflowError,
             struct.error,
         ):
             continue  # an earlier mutation already broke it beyond this mutator's reach

@@ -32,7 +32,6 @@ def output(rng: random.Random, cmd: Command, case: Path) -> tuple[str, str]:
         v = rng.choice(["lora", "base", ".", "/proc/fuzz", "lora/x", "kohya.safetensors", "", LONG, "out/\udcff",
                         "merged", "tmp", "recipe.toml"])  # fmt: skip
         cmd.argv += ["--set", f"out={v}"]
-        cmd.sets["out"] = v
         return "output:run-set", repr(v)
     inputs = [i for i in cmd.inputs if (case / i).exists()] or cmd.inputs
     what = rng.choice(["input", "input", "inside-input", "contains-inputs", "other-object", "exists", "exists-dir",

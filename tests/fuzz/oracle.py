@@ -90,19 +90,38 @@ def _overlaps(a: str, b: str) -> bool:
     return _under(a, b) or _under(b, a)
 
 
+def _resolved(top: Path, work: Path, p: str) -> str | None:
+    """``p`` with the symlinks of its folder resolved, as the kernel does when it creates or renames
+    ``p`` (the last part itself is replaced, not followed)."""
+    if not p or "\x00" in p:
+        return None
+    full = os.path.normpath(os.path.join(str(work), p))
+    return _norm(top, top, os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full)))
+
+
+def sets(argv: list[str]) -> dict[str, str]:
+    """The ``--set name=value`` pairs of a ``run`` command line (the last one wins)."""
+    out: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        v = argv[i + 1] if a == "--set" and i + 1 < len(argv) else a[6:] if a.startswith("--set=") else None
+        if v is not None and "=" in v:
+            k, val = v.split("=", 1)
+            out[k.strip()] = val
+    return out
+
+
 def zones(cmd: Command, top: Path, work: Path) -> tuple[list[str], bool]:
     """Where ``cmd`` may write (relative to ``top``), and whether it may replace what is there."""
     if cmd.kind == "run":
         from .mutate_recipe import outputs
 
-        outs, force = outputs(cmd.recipe_doc or {}, cmd.sets)
+        outs, force = outputs(cmd.recipe_doc or {}, sets(cmd.argv))
     else:
         outs, force = list(cmd.outputs), cmd.force
-    rels = [r for r in (_norm(top, work, o) for o in outs) if r is not None]
-    inputs = [r for r in (_norm(top, work, i) for i in cmd.inputs) if r is not None]
+    rels = {r for o in outs for r in (_norm(top, work, o), _resolved(top, work, o)) if r is not None}
+    inputs = {r for i in cmd.inputs for r in (_norm(top, work, i), _resolved(top, work, i)) if r is not None}
     # an output that is, holds or lies inside an input may never be written
-    rels = [r for r in rels if not any(_overlaps(r, i) for i in inputs)]
-    return rels, force
+    return sorted(r for r in rels if not any(_overlaps(r, i) for i in inputs)), force
 
 
 def check(
