@@ -248,16 +248,10 @@ def _index_files(folder: Path) -> set[str]:
 
 
 def _names_something(cmd: Command, case: Path, line: str) -> bool:
-    """Whether the error line names a file involved (an argument, its basename, a file inside it)
-    or, for an option's value, the option."""
+    """Whether the error line names a file involved (a path argument, its basename, a file inside
+    it, a shard its index names) or, for a usage error, the option or the value at fault."""
     names: set[str] = set()
-    for a in cmd.argv[1:]:
-        if a.startswith("-"):
-            opt = a.split("=", 1)[0]
-            names.update({opt, opt.lstrip("-"), opt.lstrip("-").replace("-", "_")})  # --sv-fro, sv_fro
-            continue
-        names.add(repr(a))  # an option's value, quoted: unknown format ''
-        names.add(f"'{a}'")
+    for a in [*cmd.inputs, *cmd.outputs]:
         names.add(a)
         names.add(a.rstrip("/").rsplit("/", 1)[-1])
         p = case / a if a and "\x00" not in a else None
@@ -267,9 +261,20 @@ def _names_something(cmd: Command, case: Path, line: str) -> bool:
                 names.update(_index_files(p))
         except OSError:
             pass
-    names.update(cmd.outputs)
     if cmd.kind == "run":  # a recipe's errors name it, a step's files, or a variable
-        names.update({"recipe.toml", "lora", "base", "build", "step"})
-    names.discard("")
-    names.discard(".")
-    return any(n in line for n in names) or str(case) in line
+        names.update({"recipe.toml", "build", "step"})
+    words: set[str] = set()
+    for a in cmd.argv[1:]:
+        if a.startswith("-"):
+            opt = a.split("=", 1)[0]
+            names.add(opt)
+            if len(opt.lstrip("-")) > 2:  # --sv-fro named as sv_fro or sv-fro
+                words.update({opt.lstrip("-"), opt.lstrip("-").replace("-", "_")})
+        else:
+            names.update({repr(a), f"'{a}'"})  # a value, quoted: unknown format ''
+    names -= {"", ".", "/"}
+    # as a word: 'lora' is named by "lora/adapter_config.json: ..." but not by "loractl ..."
+    return (
+        any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", line) for n in names | words)
+        or str(case) in line
+    )
