@@ -270,11 +270,16 @@ def _names_something(cmd: Command, case: Path, line: str) -> bool:
             names.add(opt)
             if len(opt.lstrip("-")) > 2:  # --sv-fro named as sv_fro or sv-fro
                 words.update({opt.lstrip("-"), opt.lstrip("-").replace("-", "_")})
+            else:  # --i named as i=8
+                names.add(opt.lstrip("-") + "=")
         else:
             names.update({repr(a), f"'{a}'"})  # a value, quoted: unknown format ''
     names -= {"", ".", "/"}
     # as a word: 'lora' is named by "lora/adapter_config.json: ..." but not by "loractl ..."
-    return (
-        any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", line) for n in names | words)
-        or str(case) in line
-    )
+    return any(re.search(_word(n), line) for n in names | words) or str(case) in line
+
+
+def _word(name: str) -> str:
+    before = r"(?<![\w-])" if re.match(r"[\w-]", name) else ""
+    after = r"(?![\w-])" if re.search(r"[\w-]$", name) else ""
+    return before + re.escape(name) + after

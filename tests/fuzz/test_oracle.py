@@ -24,9 +24,18 @@ def case(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _convert(*extra: str, out: str = "out/a") -> Command:
-    return Command(
-        "convert", ["convert", "lora", "-o", out, "--to", "peft", *extra], ["lora"], [out], "--force" in extra
-    )
+    argv = [
+        "convert",
+        "lora",
+        "-o",
+        out,
+        "--to",
+        "peft",
+        "--i",
+        "8",
+        *extra,
+    ]  # (--i: not convert's, but short)
+    return Command("convert", argv, ["lora"], [out], "--force" in extra)
 
 
 def _run(top: Path, work: Path, cmd: Command, o: Outcome, act=lambda: None) -> set[str]:
@@ -59,6 +68,7 @@ def test_a_clean_success_and_a_clean_refusal_pass(case):
         (2, "error: loractl failed\n", {"bad-stderr"}),  # 'lora' is a word of its own or nothing
         (2, "error: lora/adapter_config.json: r is 0\n", set()),
         (2, "error: --to: unknown format 'x'\n", set()),
+        (2, "error: module 'q': i=8, j=4 must be within the ranks 4 and 4\n", set()),
         (2, "error: lora: bad\nerror: and more\n", {"bad-stderr"}),
         (2, "error: lora: a\nhint: b\nhint: c\n", {"bad-stderr"}),
         (2, "", {"bad-stderr"}),
