@@ -28,8 +28,8 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str) -> object:  # PEP 562: import the heavy API only when used
     if name in _API or name == "api":
-        import importlib
+        import loractl.api  # (``from . import api`` asks this function for ``api`` first: a loop)
 
-        api = importlib.import_module(f"{__name__}.api")  # (``from . import api`` would come back here)
+        api = loractl.api
         return api if name == "api" else getattr(api, name)
     raise AttributeError(name)

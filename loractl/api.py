@@ -42,14 +42,16 @@ from .inputs import (
 )
 from .io.atomic import atomic_output, check_output
 from .io.base import BaseModel, open_base
-from .io.layout import copy_notes, copy_other_files, layout, parse_size, shard_mode, write_index
+from .io.layout import DTYPES, copy_notes, copy_other_files, layout, parse_size, shard_mode, write_index
 from .io.receipt import Receipt, receipt_beside, receipt_path, remove_stale
 from .io.safetensors import dtype_name, torch_dtype
 from .io.stream import Progress, Stream
 from .merging import unmerge_jobs, write_merged
+from .ops.combine import COMBINE_METHODS
+from .ops.truncate import DYLORA_CONVENTIONS
 from .plan import match, plan_merge
 from .provenance import AdapterRef, metadata, refs
-from .recipe import RunResult
+from .recipe import RunResult, StepReport
 
 __all__ = [
     "AdapterInfo",
@@ -87,9 +89,6 @@ __all__ = [
     "unmerge",
 ]
 
-DTYPES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-DYLORA_CONVENTIONS = ("original", "kohya", "lycoris")
-COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare-linear", "dare-ties", "magnitude-prune")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -202,6 +201,7 @@ def merge(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Write ``base + Σ wᵢ·ΔWᵢ`` to ``output`` in the base's own layout, one tensor at a time.
@@ -221,6 +221,9 @@ def merge(
         format: force the adapters' format.
         allow_pickle: accept pickle adapters.
         subfolder: the folder inside a Hub adapter repo.
+        alpha: lora_alpha for adapters that do not state it (a PEFT adapter without
+            adapter_config.json); an error for one that does.
+            Every other command that reads adapters and needs their scales takes it too.
         progress: called with (bytes done, bytes total); also turns on Hub download bars.
 
     Returns:
@@ -240,7 +243,9 @@ def merge(
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     output = Path(output)
     with open_base(base, progress=progress is not None) as b:
-        opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, progress=progress is not None)
+        opts = read_options(
+            b, allow_pickle=allow_pickle, subfolder=subfolder, progress=progress is not None, alpha=alpha
+        )
         loaded = load_adapters(adapters, format, opts)
         plan = plan_merge(b, loaded, ws)
         plan.refuse_unmatched(b, loaded, allow_partial)
@@ -260,7 +265,9 @@ def merge(
                 "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
             )
         sources = refs(loaded, ws)
-        written = write_merged(b, output, files, plan, sources, receipt, force, inputs, progress, notes)
+        written = write_merged(
+            b, output, files, plan, loaded, sources, receipt=receipt, force=force, inputs=inputs, progress=progress, notes=notes
+        )
         if beside is not None and written.receipt is None and remove_stale(beside):
             notes.append(f"removed {beside}: it was the receipt of the output replaced")
         return MergeResult(
@@ -319,6 +326,7 @@ def unmerge(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> UnmergeResult:
     """Remove adapters from a merged model.
@@ -359,7 +367,7 @@ def unmerge(
     rec = Receipt(rpath) if use_receipt and rpath.exists() else None
     try:
         with open_base(merged) as b:
-            loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder))
+            loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha))
             plan = plan_merge(b, loaded, ws)
             sources = refs(loaded, ws)
             warnings: list[str] = []
@@ -370,7 +378,7 @@ def unmerge(
 
                 warnings = check_merge_record(b.shards, b.path, sources)
                 plan.refuse_subtraction(loaded)
-            files, jobs = unmerge_jobs(b, merged, plan, rec)
+            files, jobs = unmerge_jobs(b, plan, rec, loaded)
             names = [s.path.name for s in b.shards]
 
             def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
@@ -583,6 +591,7 @@ def inspect(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> InspectResult:
     """Describe adapters: format, kind, per-module rank/alpha/scale, sizes; with a base, coverage and storage.
 
@@ -605,7 +614,7 @@ def inspect(
     result = InspectResult()
     b = open_base(base) if base is not None else None
     try:
-        opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder)
+        opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha)
         for path in as_list(adapters):
             a = path if isinstance(path, Adapter) else load_adapter(path, format=format, options=opts)
             info = _describe(a.path if isinstance(path, Adapter) else path, a)
@@ -702,6 +711,7 @@ def truncate(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> TruncateResult:
     """Lower an adapter's rank.
 
@@ -728,7 +738,7 @@ def truncate(
     given = _truncation_rule(rank, {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro})
     owned = not isinstance(adapter, Adapter)  # loaded here, so its tensors may be let go of
     a = adapter if isinstance(adapter, Adapter) else load_adapter(
-        adapter, format=format, options=read_options(allow_pickle=allow_pickle, subfolder=subfolder)
+        adapter, format=format, options=read_options(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha)
     )
     max_rank = max((m.rank for m in a.modules.values()), default=0)
     if rank is not None and rank > max_rank and not given:
@@ -819,6 +829,7 @@ def combine(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> CombineResult:
     """One adapter from several, module by module over the union of their modules.
 
@@ -842,7 +853,7 @@ def combine(
     adapters = as_list(adapters)
     _combine_options(method, len(adapters), density, majority_sign, rank)
     ws = weights_for(weights, len(adapters))
-    loaded = load_adapters(adapters, format, read_options(allow_pickle=allow_pickle, subfolder=subfolder))
+    loaded = load_adapters(adapters, format, read_options(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha))
     for a in loaded:
         dora = [m.name for m in a.modules.values() if m.is_dora]
         if dora:
@@ -1005,6 +1016,7 @@ def amplification(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> AmplificationResult:
     """The LoRA paper's Section 7.3 per module: how strongly ΔW amplifies directions of W.
 
@@ -1020,7 +1032,7 @@ def amplification(
 
     out: list[AmplificationModule] = []
     with open_base(base) as b:
-        (a,) = load_adapters([adapter], format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder))
+        (a,) = load_adapters([adapter], format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha))
         fit = match(b, a)
         g = torch.Generator().manual_seed(seed)
         for name, m in a.modules.items():
@@ -1076,6 +1088,7 @@ def spectrum(
     format: str | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    alpha: float | None = None,
 ) -> SpectrumResult:
     """Singular values of each module's update (from factors), entropy effective rank, energy kept
     at ranks 1, 2, 4, … r. ``base``: for formats that need it to be read (GGUF's head counts).
@@ -1087,7 +1100,7 @@ def spectrum(
 
     b = open_base(base) if base is not None else None
     try:
-        loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder))
+        loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha))
     finally:
         if b is not None:
             b.close()
@@ -1160,7 +1173,8 @@ def convert(
         dtype: ``bf16``/``fp16``/``fp32`` for the factors (default: kept).
         normalize: one alpha convention for all modules: alpha = r, the scale folded into B.
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
-        rank, alpha: r and alpha for formats that do not store them (loralib).
+        rank, alpha: r and alpha for adapters that do not state them (loralib; alpha also for a PEFT
+            adapter without adapter_config.json).
         force: replace an existing output.
         format: force the source format.
         allow_pickle: accept a pickle adapter.
@@ -1221,6 +1235,7 @@ def check(
     format: str | None = None,
     allow_pickle: bool = False,
     strict: bool = False,
+    alpha: float | None = None,
 ) -> CheckResult:
     """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, untrained
     modules, fit to ``base`` by the rule merge applies, and what ``target`` — peft, vllm, llama.cpp,
@@ -1232,7 +1247,14 @@ def check(
     from .checks import check as run_checks
 
     return run_checks(
-        adapter, base=base, target=target, max_rank=max_rank, format=format, allow_pickle=allow_pickle, strict=strict
+        adapter,
+        base=base,
+        target=target,
+        max_rank=max_rank,
+        format=format,
+        allow_pickle=allow_pickle,
+        strict=strict,
+        alpha=alpha,
     )
 
 
@@ -1242,15 +1264,20 @@ def run(
     vars: Mapping[str, str] | None = None,
     dry_run: bool = False,
     allow_pickle: bool = False,
+    defaults: Mapping[str, Any] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
 ) -> RunResult:
     """Run a TOML recipe of steps (``check``, ``truncate``, ``combine``, ``convert``, ``merge``,
-    ``inspect``), validated before anything runs; a failed step stops it (see :mod:`loractl.recipe`).
+    ``inspect``: the functions of :data:`STEPS`), validated before anything runs; a failed step
+    stops it (see :mod:`loractl.recipe`).
 
     Args:
         recipe: the TOML file.
         vars: values for the recipe's ``${name}`` variables (the command line's ``--set``).
         dry_run: validate and plan only.
         allow_pickle: let every step read pickle adapters.
+        defaults: option defaults per step kind (``[tool.loractl]``: ``{"merge": {"dtype": "bf16"}}``).
+        on_step: called with each step's report as it finishes.
 
     Returns:
         Each step's status, output and result; ``ok`` is False when a step failed.
@@ -1260,5 +1287,16 @@ def run(
     """
     from . import recipe as rec
 
-    plan = rec.load(recipe, overrides=dict(vars or {}), allow_pickle=allow_pickle)
-    return rec.run(plan, dry_run=dry_run)
+    plan = rec.load(recipe, steps=STEPS, overrides=dict(vars or {}), defaults=defaults, allow_pickle=allow_pickle)
+    return rec.run(plan, dry_run=dry_run, on_step=on_step)
+
+
+#: the api function of each recipe step kind
+STEPS: dict[str, Callable[..., Any]] = {
+    "check": check,
+    "truncate": truncate,
+    "combine": combine,
+    "convert": convert,
+    "merge": merge,
+    "inspect": inspect,
+}

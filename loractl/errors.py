@@ -21,7 +21,7 @@ _SWITCHES = {
 }
 #: options whose keyword is not their name
 _KEYWORDS = {"weight": "weights", "set": "vars"}
-_OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-o)(?![\w-])")
+_OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-o)(?![\w-])(?: (?P<value>[A-Z][A-Z0-9_]*)\b)?")
 
 
 def keyword_hint(hint: str) -> str:
@@ -35,13 +35,13 @@ def keyword_hint(hint: str) -> str:
 
 
 def _keyword(m: re.Match[str]) -> str:
-    opt = m[1]
+    opt, value = m[1], m["value"]
     if opt == "-o":
-        return "output"
+        return "output" + (f" {value}" if value else "")
     name = opt[2:]
     if name in _SWITCHES:
-        return _SWITCHES[name]
-    return _KEYWORDS.get(name, name.replace("-", "_")) + "=…"
+        return _SWITCHES[name] + (f" {value}" if value else "")
+    return _KEYWORDS.get(name, name.replace("-", "_")) + "=" + (value or "…")
 
 
 class LoractlError(Exception):

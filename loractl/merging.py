@@ -6,13 +6,14 @@ files around the weights (index, the base folder's other files)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import InputError
 from .io.atomic import atomic_output
 from .io.base import RECEIPT_NAME
 from .io.layout import Files, copy_notes, copy_other_files, layout, shard_mode, write_index
@@ -23,6 +24,7 @@ from .ops import merge as merge_ops
 from .provenance import metadata
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import Adapter
     from .io.base import BaseModel
     from .io.quant import QuantizedWeight
     from .plan import MergePlan
@@ -36,8 +38,39 @@ def _dequantized(b: BaseModel, q: QuantizedWeight) -> torch.Tensor:
     return quant.dequantize(b, q).to(torch_dtype(q.st_dtype))
 
 
+def check_finite(
+    result: torch.Tensor,
+    *,
+    original: Callable[[], torch.Tensor],
+    key: str,
+    contributions: Sequence[merge_ops.Contribution],
+    adapters: Sequence[Adapter],
+    op: str = "merging",
+) -> None:
+    """NaN/Inf are never written where the original was finite: a result with any is compared with
+    the original element by element (``original()`` reads it again: the computation may have
+    overwritten it in place); only NaN/Inf the original already held at the same places pass.
+
+    Raises:
+        InputError: naming the tensor, the modules and adapters that changed it, and how many values.
+    """
+    if merge_ops.all_finite(result) or bool(torch.isfinite(result).all()):
+        return
+    w0 = original()
+    bad = int((~torch.isfinite(result) & torch.isfinite(w0)).sum()) if w0.shape == result.shape else result.numel()
+    if not bad:
+        return
+    mods = sorted({f"{c.module.name!r} of {adapters[c.adapter].path}" for c in contributions if c.module is not None})
+    by = f" by module {', '.join(mods)}" if mods else ""
+    raise InputError(
+        f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
+        f"({str(result.dtype).replace('torch.', '')})",
+        hint="the update overflows this dtype (a huge scale, --weight or factor?); nothing was written",
+    )
+
+
 def merge_jobs(
-    b: BaseModel, plan: MergePlan, files: Files, receipt: bool
+    b: BaseModel, plan: MergePlan, files: Files, receipt: bool, adapters: Sequence[Adapter]
 ) -> tuple[dict[str, Job], dict[str, Callable[[], torch.Tensor]], dict[str, str]]:
     """The job of every tensor a merge computes (changed by an adapter, or written in another dtype),
     the loaders of quantized weights (read dequantized), and the tensors whose dtype changes."""
@@ -54,13 +87,18 @@ def merge_jobs(
                 continue
             elif t.dtype != b.info(t.name).dtype:
                 changed_dtypes[t.name] = b.info(t.name).dtype
+            contribs = plan.changes.get(t.name, [])
+            original = loaders.get(t.name) or functools.partial(b.read, t.name)
             jobs[t.name] = functools.partial(
                 merge_ops.merge_tensor,
-                contribs=plan.changes.get(t.name, []),
+                contribs=contribs,
                 out_dtype=torch_dtype(t.dtype),
                 fused=fused,
                 receipt=receipt,
-                original=functools.partial(b.read, t.name),
+                original=original,
+                check=functools.partial(
+                    check_finite, original=original, key=t.name, contributions=contribs, adapters=adapters
+                ),
             )
     return jobs, loaders, changed_dtypes
 
@@ -78,7 +116,9 @@ def write_merged(
     output: Path,
     files: Files,
     plan: MergePlan,
+    adapters: Sequence[Adapter],
     sources: list[AdapterRef],
+    *,
     receipt: bool,
     force: bool,
     inputs: list[Path],
@@ -89,7 +129,7 @@ def write_merged(
     files and, with ``receipt``, the receipt (inside a folder, or beside a single file)."""
     from .io.quant import dequantized_config
 
-    jobs, loaders, changed_dtypes = merge_jobs(b, plan, files, receipt)
+    jobs, loaders, changed_dtypes = merge_jobs(b, plan, files, receipt, adapters)
     mode = shard_mode(b)
     stream = Stream(b, jobs, loaders, progress=progress, mode=mode)
     rw: ReceiptWriter | None = None
@@ -126,17 +166,29 @@ def write_merged(
 
 
 def _unmerge_job(
-    m: torch.Tensor, *, name: str, contribs: list[merge_ops.Contribution], orig: torch.dtype, fused: bool, receipt: Receipt | None, merged: Path
+    m: torch.Tensor,
+    *,
+    b: BaseModel,
+    name: str,
+    contribs: list[merge_ops.Contribution],
+    orig: torch.dtype,
+    fused: bool,
+    receipt: Receipt | None,
+    adapters: Sequence[Adapter],
 ) -> tuple[torch.Tensor, None]:
     parts = receipt.parts(name) if receipt is not None else {}
-    restored = merge_ops.unmerge_tensor(m, contribs, orig, parts, fused=fused)
+    reread = functools.partial(b.read, name)
+    check = functools.partial(
+        check_finite, original=reread, key=name, contributions=contribs, adapters=adapters, op="unmerging"
+    )
+    restored = merge_ops.unmerge_tensor(m, contribs, orig, parts, fused=fused, merged=reread, check=check)
     if receipt is not None:
-        receipt.verify(name, restored, merged)
+        receipt.verify(name, restored, b.path)
     return restored, None
 
 
 def unmerge_jobs(
-    b: BaseModel, merged: Path, plan: MergePlan, receipt: Receipt | None
+    b: BaseModel, plan: MergePlan, receipt: Receipt | None, adapters: Sequence[Adapter]
 ) -> tuple[Files, dict[str, Job]]:
     """The layout of the restored model (dtypes as the receipt recorded them) and its jobs."""
     dtypes = receipt.dtypes if receipt is not None else {}
@@ -148,12 +200,13 @@ def unmerge_jobs(
     jobs: dict[str, Job] = {
         t.name: functools.partial(
             _unmerge_job,
+            b=b,
             name=t.name,
             contribs=plan.changes.get(t.name, []),
             orig=torch_dtype(t.dtype),
             fused=fused,
             receipt=receipt,
-            merged=merged,
+            adapters=adapters,
         )
         for _, items in files
         for t in items

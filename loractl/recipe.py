@@ -56,12 +56,6 @@ TRUSTED_BY_FLAG = ("allow_pickle",)
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _api_function(kind: str) -> Callable[..., Any]:
-    from . import api
-
-    return getattr(api, kind)
-
-
 def _is_hub_ref(text: str) -> bool:
     try:
         from .io.hub import is_hub_ref
@@ -70,8 +64,7 @@ def _is_hub_ref(text: str) -> bool:
     return is_hub_ref(text)
 
 
-def _params(kind: str) -> dict[str, pyinspect.Parameter]:
-    fn = _api_function(kind)
+def _params(fn: Callable[..., Any]) -> dict[str, pyinspect.Parameter]:
     params = dict(pyinspect.signature(fn).parameters)
     params.pop("progress", None)
     return params
@@ -98,6 +91,7 @@ class Recipe:
     path: Path
     steps: list[Step]
     variables: dict[str, str]
+    functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)  # step kind -> api function
 
 
 @dataclass
@@ -173,20 +167,23 @@ class _Bad(Exception):
 def _choices(kind: str, key: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The values an enum-like option takes, from the constants the api itself checks against:
     (what the api accepts, what an error message lists)."""
-    from . import api, checks
+    from . import checks
     from .formats import FORMATS
+    from .io.layout import DTYPES
+    from .ops.combine import COMBINE_METHODS
+    from .ops.truncate import DYLORA_CONVENTIONS
 
     if key == "target":  # check() also takes llamacpp, llama-cpp... in any case
         return checks.TARGETS + tuple(checks._TARGET_ALIASES), checks.TARGETS
     if key == "dtype":
-        dtypes = tuple(api.DTYPES) if kind == "merge" else tuple(k for k in api.DTYPES if k != "auto")
+        dtypes = tuple(DTYPES) if kind == "merge" else tuple(k for k in DTYPES if k != "auto")
         return dtypes, dtypes
     table: dict[str, tuple[str, ...]] = {
         "format": FORMATS,
         "to": FORMATS,
-        "method": api.COMBINE_METHODS,
+        "method": COMBINE_METHODS,
         "majority_sign": ("total", "frequency"),
-        "dylora_convention": api.DYLORA_CONVENTIONS,
+        "dylora_convention": DYLORA_CONVENTIONS,
     }
     return (table[key], table[key]) if key in table else None
 
@@ -433,6 +430,7 @@ def _defaults_for(
 def load(
     path: str | Path,
     *,
+    steps: Mapping[str, Callable[..., Any]],
     overrides: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
@@ -448,6 +446,8 @@ def load(
 
     Args:
         path: the TOML file.
+        steps: the function of each step kind (``loractl.api.STEPS``): its parameters and their
+            annotations are what a step may say.
         overrides: ``--set name=value`` pairs (variables); each must be a variable of the recipe.
         defaults: ``[tool.loractl]`` defaults, per command (``{"merge": {"dtype": "bf16"}}``).
         allow_pickle: accept pickle adapters in every step (``loractl run --allow-pickle``); a
@@ -465,10 +465,10 @@ def load(
     if not isinstance(raw_steps, list) or not raw_steps:
         raise UsageError(f"{path}: no [[step]] tables: nothing to run")
     variables = _variables(path, text, doc, overrides or {})
-    reader = _StepReader(path, text, variables, set(overrides or {}), defaults or {}, allow_pickle)
+    reader = _StepReader(path, text, variables, set(overrides or {}), defaults or {}, allow_pickle, steps)
     for i, raw in enumerate(raw_steps):
         reader.read(i, raw)
-    return Recipe(path, reader.steps, {k: _text_of(v) for k, v in variables.items()})
+    return Recipe(path, reader.steps, {k: _text_of(v) for k, v in variables.items()}, steps)
 
 
 @dataclass
@@ -481,6 +481,7 @@ class _StepReader:
     cli_names: Collection[str]
     defaults: Mapping[str, Any]
     allow_pickle: bool
+    functions: Mapping[str, Callable[..., Any]]
     steps: list[Step] = field(default_factory=list)
     names: dict[str, Step] = field(default_factory=dict)
     outputs: dict[str, Step] = field(default_factory=dict)
@@ -532,8 +533,9 @@ class _StepReader:
     ) -> tuple[dict[str, Any], dict[str, list[bool]]]:
         """The step's options, checked against the api function's parameters and their types, and
         for each which items start with a ``--set`` variable."""
-        params = _params(kind)
-        hints = _hints(kind)
+        fn = self.functions[kind]
+        params = _params(fn)
+        hints = _hints(fn)
         label = f"step {name!r} ({kind})"
         opts = _defaults_for(kind, self.defaults.get(kind, {}), params, hints)
         from_cli: dict[str, list[bool]] = {}
@@ -609,8 +611,8 @@ class _StepReader:
         return str(full)
 
 
-def _hints(kind: str) -> dict[str, Any]:
-    return get_type_hints(_api_function(kind))
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    return get_type_hints(fn)
 
 
 def _checked(kind: str, key: str, value: Any, hint: Any) -> Any:
@@ -727,7 +729,7 @@ def run(
         if dry_run or failed:
             result.steps.append(report)
             continue
-        fn = _api_function(step.kind)
+        fn = recipe.functions[step.kind]
         t0 = time.perf_counter()
         created: list[Path] = []
         try:

@@ -392,10 +392,21 @@ def test_layout_for_runtimes(battery, tmp_path):
     """A lone safetensors file is no PEFT folder: PEFT, vLLM and LoRAX need converting first."""
     single = tmp_path / "single.safetensors"
     shutil.copyfile(battery["clean"] / WEIGHTS, single)
+    alpha = json.loads((battery["clean"] / "adapter_config.json").read_text())["lora_alpha"]
     for target, code in (("peft", "peft-layout"), ("vllm", "vllm-layout"), ("lorax", "lorax-layout")):
-        r = check(single, target=target)
+        r = check(single, target=target, alpha=alpha)
         (f,) = find(r, code)
         assert f.severity == "error" and f.fix is not None and "--to peft" in f.fix
+        assert f"--alpha {alpha!r}" in f.fix  # the fix reads the file: it needs the alpha too
+
+
+def test_lone_peft_file_without_alpha_is_an_integrity_error(battery, tmp_path):
+    """Without its adapter_config.json a PEFT file's scale is unknown: an integrity finding naming --alpha."""
+    single = tmp_path / "single.safetensors"
+    shutil.copyfile(battery["clean"] / WEIGHTS, single)
+    r = check(single, target="vllm")
+    (f,) = find(r, "integrity")
+    assert not r.ok and f.severity == "error" and "--alpha" in f.message and str(single) in f.message
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, read_st, same_bits
 
-from loractl import recipe
+from loractl import api, recipe
 from loractl.errors import UsageError
 
 
@@ -62,9 +62,8 @@ base = "tiny-llama"
 
 
 def test_recipe_runs_steps_in_order_with_references(work: Path) -> None:
-    from loractl import api
 
-    r = recipe.load(write(work / "r.toml", PIPE))
+    r = recipe.load(steps=api.STEPS, path=write(work / "r.toml", PIPE))
     assert [s.name for s in r.steps] == ["small", "served", "merged", "inspect4"]
     res = recipe.run(r)
     assert res.ok and [s.status for s in res.steps] == ["ok"] * 4
@@ -82,7 +81,7 @@ def test_dry_run_writes_nothing_and_set_overrides_vars(
 ) -> None:
     caller = tmp_path_factory.mktemp("caller")
     monkeypatch.chdir(caller)
-    r = recipe.load(write(work / "r.toml", PIPE), overrides={"out": "elsewhere"})
+    r = recipe.load(steps=api.STEPS, path=write(work / "r.toml", PIPE), overrides={"out": "elsewhere"})
     res = recipe.run(r, dry_run=True)
     assert [s.status for s in res.steps] == ["planned"] * 4
     # a --set path is the caller's: taken from the current folder, not the recipe's
@@ -123,7 +122,7 @@ def test_dry_run_writes_nothing_and_set_overrides_vars(
 def test_invalid_recipes_name_the_line_and_run_nothing(work: Path, body: str, message: str, line) -> None:
     path = write(work / "bad.toml", body)
     with pytest.raises(UsageError, match=message) as e:
-        recipe.load(path)
+        recipe.load(steps=api.STEPS, path=path)
     if line is not None:
         assert f"bad.toml:{line}:" in e.value.message
     assert not (work / "o").exists()
@@ -149,7 +148,7 @@ rank = 8
 run = "inspect"
 adapters = ["@small"]
 """
-    res = recipe.run(recipe.load(write(work / "r.toml", text)))
+    res = recipe.run(recipe.load(steps=api.STEPS, path=write(work / "r.toml", text)))
     assert not res.ok
     assert [s.status for s in res.steps] == ["ok", "failed", "skipped"]
     assert res.steps[1].exit_code == 2 and "larger than" in res.steps[1].message
@@ -192,7 +191,7 @@ def test_tool_loractl_defaults_apply_and_the_command_line_wins(work: Path) -> No
 
 def test_the_example_recipe_runs(tmp_path: Path) -> None:
     """examples/recipe.toml: truncate, check for vLLM, merge (CI also runs it through the CLI)."""
-    r = recipe.load(EXAMPLES / "recipe.toml", overrides={"out": str(tmp_path / "out")})
+    r = recipe.load(steps=api.STEPS, path=EXAMPLES / "recipe.toml", overrides={"out": str(tmp_path / "out")})
     assert [s.kind for s in r.steps] == ["truncate", "check", "merge"]
     res = recipe.run(r)
     assert res.ok, [(s.name, s.message) for s in res.steps]
@@ -208,6 +207,6 @@ run = "check"
 adapter = "tiny-llama-lora"
 max-rank = 4
 """
-    res = recipe.run(recipe.load(write(work / "r.toml", text)))
+    res = recipe.run(recipe.load(steps=api.STEPS, path=write(work / "r.toml", text)))
     assert not res.ok and res.steps[0].status == "failed" and res.steps[0].exit_code == 1
     assert {f.code for f in res.steps[0].result.findings} == {"rank-too-large"}

@@ -143,14 +143,14 @@ def test_non_utf8_bytes_name_the_line(work: Path) -> None:
 
 def test_a_byte_order_mark_is_not_an_error_and_lines_count_without_it(work: Path) -> None:
     (work / "r.toml").write_bytes(b"\xef\xbb\xbf" + (TRUNCATE + "rank = 2\n").encode())
-    assert recipe.load(work / "r.toml").steps[0].options["rank"] == 2
+    assert recipe.load(steps=api.STEPS, path=work / "r.toml").steps[0].options["rank"] == 2
     text = b"\xef\xbb\xbf" + (TRUNCATE + "rank = 4\n# \u00e9t\u00e9 ").encode() + b"\xff\n"
     assert "column 7" in assert_refused(work, text, 7, "byte 0xff")  # columns in characters
 
 
 def test_target_takes_the_spellings_check_takes(work: Path) -> None:
     (work / "r.toml").write_text(CHECK + 'target = "LLAMACPP"\n')
-    assert recipe.load(work / "r.toml").steps[0].options["target"] == "LLAMACPP"
+    assert recipe.load(steps=api.STEPS, path=work / "r.toml").steps[0].options["target"] == "LLAMACPP"
 
 
 def test_invalid_toml_names_the_line(work: Path) -> None:
@@ -182,7 +182,7 @@ def test_a_whole_variable_parameterises_a_number(work: Path) -> None:
 def test_a_vars_number_and_a_list_item_variable(work: Path) -> None:
     text = '[vars]\nr = 3\nw = "0.5"\n\n' + TRUNCATE + 'rank = "${r}"\n\n' + MERGE + 'weights = ["${w}"]\n'
     (work / "r.toml").write_text(text)
-    r = recipe.load(work / "r.toml")
+    r = recipe.load(steps=api.STEPS, path=work / "r.toml")
     assert r.steps[0].options["rank"] == 3 and r.steps[1].options["weights"] == [0.5]
 
 
@@ -216,10 +216,10 @@ def test_set_paths_are_taken_from_the_current_folder_recipe_paths_from_the_recip
     text += '[[step]]\nname = "small"\nrun = "truncate"\nadapter = "${adapter}"\noutput = "${out}/small"\nrank = 2\n'
     path = folder / "r.toml"
     path.write_text(text)
-    own = recipe.load(path)  # written in the recipe: from the recipe's folder
+    own = recipe.load(steps=api.STEPS, path=path)  # written in the recipe: from the recipe's folder
     assert own.steps[0].options["adapter"] == str(folder.resolve() / "own-lora")
     assert own.steps[0].output == str(folder.resolve() / "built" / "small")
-    given = recipe.load(path, overrides={"adapter": ADAPTER, "out": "mine"})  # typed by the caller
+    given = recipe.load(steps=api.STEPS, path=path, overrides={"adapter": ADAPTER, "out": "mine"})  # typed by the caller
     assert given.steps[0].options["adapter"] == str(work / ADAPTER)
     assert given.steps[0].output == str(work / "mine" / "small")
     code, _, err = loractl("run", str(path), "--set", f"adapter={ADAPTER}", "--set", "out=mine")
@@ -275,4 +275,4 @@ def test_a_failed_step_keeps_a_folder_that_existed(work: Path) -> None:
 def test_the_library_raises_usage_error_with_the_same_message(work: Path) -> None:
     (work / "r.toml").write_text(TRUNCATE + 'rank = "4"\n')
     with pytest.raises(UsageError, match=r"r\.toml:6: step 'small' \(truncate\): rank must be an integer"):
-        recipe.load(work / "r.toml")
+        recipe.load(steps=api.STEPS, path=work / "r.toml")

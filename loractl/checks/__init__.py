@@ -54,6 +54,7 @@ def check(
     format: str | None = None,
     allow_pickle: bool = False,
     strict: bool = False,
+    alpha: float | None = None,
 ) -> CheckResult:
     """Check an adapter and list every problem found.
 
@@ -73,6 +74,8 @@ def check(
         format: force the adapter's format instead of detecting it.
         allow_pickle: accept pickle files.
         strict: warnings fail the check too.
+        alpha: lora_alpha of an adapter that does not state it (a PEFT adapter without its config);
+            repeated in the fix command lines.
 
     Returns:
         The findings; ``ok`` is False when any is an error (or, with ``strict``, a warning).
@@ -95,9 +98,10 @@ def check(
     findings: list[Finding] = []
     b = open_base(base) if base is not None else None
     try:
-        a = adapter_rules.load(local, format, read_options(base=b, allow_pickle=allow_pickle), findings)
+        opts = read_options(base=b, allow_pickle=allow_pickle, alpha=alpha)
+        a = adapter_rules.load(local, format, opts, findings)
         if a is not None:
-            ctx = Context(str(adapter_path), a, b, str(base) if base is not None else None)
+            ctx = Context(str(adapter_path), a, b, str(base) if base is not None else None, alpha)
             for rule in _rules(tgt, max_rank, with_base=b is not None):
                 findings.extend(rule(ctx))
     finally:

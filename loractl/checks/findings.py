@@ -72,6 +72,7 @@ class Context:
     adapter: Adapter
     base: BaseModel | None
     base_arg: str | None
+    alpha: float | None = None  # --alpha given, repeated in fix command lines
 
     @property
     def arch(self) -> str | None:
@@ -84,7 +85,8 @@ class Context:
     def cmd(self, *args: str) -> str:
         """A ``loractl`` command line on this adapter: ``loractl VERB ADAPTER args...``."""
         verb, *rest = args
-        return " ".join(["loractl", verb, shlex.quote(self.path), *rest])
+        alpha = ["--alpha", repr(self.alpha)] if self.alpha is not None else []
+        return " ".join(["loractl", verb, shlex.quote(self.path), *alpha, *rest])
 
     @property
     def base_for_cmd(self) -> str:

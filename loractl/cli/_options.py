@@ -30,3 +30,8 @@ ALLOW_PICKLE = typer.Option(
 SUBFOLDER = typer.Option(
     None, "--subfolder", help="For a Hub adapter (org/name[@revision]): the folder inside the repo."
 )
+ALPHA = typer.Option(
+    None,
+    "--alpha",
+    help="lora_alpha for adapters that do not state it (a PEFT adapter without adapter_config.json, loralib).",
+)

@@ -37,6 +37,7 @@ def check(
     ),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -54,6 +55,7 @@ def check(
         format=format,
         allow_pickle=allow_pickle,
         strict=strict,
+        alpha=alpha,
     )
 
     def human(r) -> None:  # r: checks.CheckResult

@@ -55,6 +55,7 @@ def combine(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -74,6 +75,7 @@ def combine(
         force=force,
         format=format,
         allow_pickle=allow_pickle,
+        alpha=alpha,
     )
 
     def human(r: api.CombineResult) -> None:

@@ -50,7 +50,7 @@ def convert(
         None, "--pad-rank", help="Zero-pad every module to this rank (alpha adjusted)."
     ),
     rank: int = typer.Option(None, "--rank", help="r for inputs that do not store it (loralib)."),
-    alpha: float = typer.Option(None, "--alpha", help="alpha for inputs that do not store it (loralib)."),
+    alpha: float = opt.ALPHA,
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,

@@ -40,6 +40,7 @@ def inspect(
     plot: Path = typer.Option(None, "--plot", help="With --spectrum: draw energy-vs-rank curves to a PNG."),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     subfolder: str = opt.SUBFOLDER,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
@@ -49,7 +50,7 @@ def inspect(
     from ..errors import UsageError
 
     if spectrum:
-        spec = api.spectrum(adapters, base=base, format=format, allow_pickle=allow_pickle)
+        spec = api.spectrum(adapters, base=base, format=format, allow_pickle=allow_pickle, alpha=alpha)
         if plot is not None:
             from ._plot import spectrum_curves
 
@@ -59,7 +60,13 @@ def inspect(
     if plot is not None:
         raise UsageError("--plot goes with --spectrum")
     result = api.inspect(
-        adapters, base=base, count=count, format=format, allow_pickle=allow_pickle, subfolder=subfolder
+        adapters,
+        base=base,
+        count=count,
+        format=format,
+        allow_pickle=allow_pickle,
+        subfolder=subfolder,
+        alpha=alpha,
     )
 
     def human(r: api.InspectResult) -> None:

@@ -62,6 +62,7 @@ def merge(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     subfolder: str = opt.SUBFOLDER,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
@@ -85,6 +86,7 @@ def merge(
             force=force,
             format=format,
             allow_pickle=allow_pickle,
+            alpha=alpha,
             subfolder=subfolder,
             progress=bar,
         )

@@ -39,6 +39,7 @@ def run(
     quiet: bool = opt.QUIET,
 ) -> None:
     """Run a recipe of check, truncate, combine, convert, merge and inspect steps, validated before anything runs."""
+    from .. import api
     from .. import recipe as rec
     from ..errors import UsageError
     from ._config import read_defaults
@@ -54,14 +55,15 @@ def run(
     globals_ = {k: v for k, v in table.items() if not isinstance(v, dict)}
     for kind in rec.STEP_KINDS:
         defaults[kind] = {**globals_, **defaults.get(kind, {})}
-    plan = rec.load(recipe, overrides=overrides, defaults=defaults, allow_pickle=allow_pickle)
     c = console(stderr=True)
 
     def on_step(r: rec.StepReport) -> None:
         if not (json_out or quiet) and sys.stderr.isatty():
             c.print(f"{r.status:>7}  {r.name} ({r.kind}) {r.seconds:.1f}s")
 
-    result = rec.run(plan, dry_run=dry_run, on_step=on_step)
+    result = api.run(
+        recipe, vars=overrides, dry_run=dry_run, allow_pickle=allow_pickle, defaults=defaults, on_step=on_step
+    )
 
     def human(r: rec.RunResult) -> None:
         from rich.table import Table

@@ -41,6 +41,7 @@ def similarity(
     ),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -51,7 +52,9 @@ def similarity(
     if base is not None:
         if len(adapters) != 1:
             raise UsageError("with --base give one adapter")
-        amp = api.amplification(adapters[0], base, module=module, format=format, allow_pickle=allow_pickle)
+        amp = api.amplification(
+            adapters[0], base, module=module, format=format, allow_pickle=allow_pickle, alpha=alpha
+        )
 
         def human_amp(r: api.AmplificationResult) -> None:
             from rich.table import Table
@@ -75,6 +78,8 @@ def similarity(
         return
     if len(adapters) != 2:
         raise UsageError("give two adapters (or one adapter and --base)")
+    if alpha is not None:
+        raise UsageError("--alpha is for --base: φ compares factors and needs no scale")
     result = api.similarity(
         adapters[0],
         adapters[1],

@@ -51,6 +51,7 @@ def truncate(
     ),
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -71,6 +72,7 @@ def truncate(
         force=force,
         format=format,
         allow_pickle=allow_pickle,
+        alpha=alpha,
     )
 
     def human(r: api.TruncateResult) -> None:

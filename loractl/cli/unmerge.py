@@ -36,6 +36,7 @@ def unmerge(
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
+    alpha: float = opt.ALPHA,
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
@@ -53,6 +54,7 @@ def unmerge(
             force=force,
             format=format,
             allow_pickle=allow_pickle,
+            alpha=alpha,
             progress=bar,
         )
 

@@ -15,12 +15,14 @@ GGUF files are not safetensors: ``gguf.read_file(path, options)`` reads them who
 from __future__ import annotations
 
 import importlib
+import math
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError, InputError, UsageError
+from ..errors import FormatError, InputError, LoractlError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -61,7 +63,8 @@ class ReadOptions:
             (kohya's underscores) and to know the architecture's layout; None without ``--base``.
         base_config: the base's ``config.json`` (architecture, layer count) when known.
         rank: r for formats that do not store it (loralib); None: from the shapes.
-        alpha: alpha for formats that do not store it (loralib); None: alpha = r.
+        alpha: lora_alpha for adapters that do not state it: loralib (None: alpha = r), a PEFT adapter
+            without adapter_config.json (None: refused, unless only_factor is set).
         enable_lora: loralib ``MergedLinear``'s enabled slices, for all packed modules or by module.
         fan_in_fan_out: force loralib's layout flag instead of guessing it from module names.
         subfolder: for a Hub reference, the folder inside the repo that holds the adapter.
@@ -138,8 +141,13 @@ def read_tensors(
             )
         import torch
 
+        from ..io.files import open_regular
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with os.fdopen(open_regular(path, "pickle file"), "rb") as fh:
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
+        except LoractlError:
+            raise
         except Exception as e:  # torch raises many types for a bad pickle
             raise FormatError(
                 f"{path}: cannot be read as a weights-only pickle ({type(e).__name__}: {e})"
@@ -162,11 +170,27 @@ def read_tensors(
         out: dict[str, torch.Tensor] = {}
         for k in f.keys():
             if any(frag in k for frag in skip):
-                info = f.tensors[k]
+                info = f.readable_info(k)
                 out[k] = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
             else:
                 out[k] = f.mapped(k)
         return out, dict(f.metadata)
+
+
+def alpha_value(t: torch.Tensor, key: str, source: Path) -> float:
+    """The alpha stored in tensor ``key`` (kohya's and diffusers' ``.alpha``): one finite number.
+
+    Raises:
+        FormatError: not one element, not a number (a boolean), or NaN/Inf.
+    """
+    if t.numel() != 1:
+        raise FormatError(f"{source}: tensor {key!r} has shape {list(t.shape)}, not a scalar alpha")
+    if t.dtype.is_complex or str(t.dtype) == "torch.bool" or t.is_meta:
+        raise FormatError(f"{source}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}, not a number")
+    value = float(t.reshape(()).double().item())
+    if not math.isfinite(value):
+        raise FormatError(f"{source}: tensor {key!r} holds alpha {value}, not a finite number")
+    return value
 
 
 def refuse_lycoris(keys: list[str], source: Path) -> None:
@@ -191,10 +215,10 @@ def detect(keys: list[str], metadata: dict[str, str], source: Path) -> str:
         if mod.detect(keys, metadata):
             return name
     shown = ", ".join(repr(k) for k in keys[:3])
-    raise FormatError(
-        f"{source}: unknown adapter layout (keys such as {shown})",
-        hint=f"pass --format ({', '.join(FORMATS)}) if you know the format",
-    )
+    hint = f"pass --format ({', '.join(FORMATS)}) if you know the format"
+    if not any(frag in k for k in keys for frags in FACTOR_KEYS.values() for frag in frags):
+        hint = "no key is a LoRA factor: is this a base model? were the arguments swapped (loractl merge BASE ADAPTER)?"
+    raise FormatError(f"{source}: unknown adapter layout (keys such as {shown})", hint=hint)
 
 
 def weights_file(path: Path) -> Path:
@@ -231,14 +255,45 @@ def load_adapter(path: str | Path, format: str | None = None, options: ReadOptio
     if format is not None:
         format_module(format)  # a clear error for an unknown name
     if format == "gguf" or (format is None and path.suffix == ".gguf"):
-        return format_module("gguf").read_file(path, options)
+        adapter = format_module("gguf").read_file(path, options)
+        check_modules(adapter, path)
+        return adapter
     weights = weights_file(path)
     tensors, metadata = read_tensors(weights, options.allow_pickle, options.only_factor)
     keys = list(tensors)
     if not keys:
         raise FormatError(f"{weights}: holds no tensors")
     fmt = format or detect(keys, metadata, weights)
-    return format_module(fmt).read(path, weights, tensors, metadata, options)
+    adapter = format_module(fmt).read(path, weights, tensors, metadata, options)
+    check_modules(adapter, weights)
+    return adapter
+
+
+def check_modules(adapter: Adapter, source: Path) -> None:
+    """What every format's modules must be, whatever the file said: factors (and DoRA magnitudes,
+    ``lora_B`` biases) of a floating-point dtype, a rank of at least 1, a finite alpha.
+
+    Raises:
+        FormatError: naming the module and the tensor or value.
+    """
+    for m in adapter.modules.values():
+        for label, t in (
+            ("lora_A", m.down),
+            ("lora_B", m.up),
+            ("lora_B.bias", m.bias),
+            ("magnitude", m.magnitude),
+        ):
+            if t is not None and not t.is_floating_point():
+                raise FormatError(
+                    f"{source}: module {m.name!r}: {label} is {str(t.dtype).replace('torch.', '')}, "
+                    "not a floating-point tensor",
+                    hint="LoRA factors are float tensors; the file is damaged or not a LoRA",
+                )
+        if m.rank < 1:
+            raise FormatError(f"{source}: module {m.name!r} has rank 0 (lora_A {list(m.down.shape)})")
+        if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(m.alpha):
+            raise FormatError(f"{source}: module {m.name!r} has alpha {m.alpha!r}, not a finite number")
+
 
 
 def writable(fmt: str) -> str:

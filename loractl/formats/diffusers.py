@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError
-from . import peft
+from ..io.files import loads_json
+from . import alpha_value, peft
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -155,10 +156,7 @@ def component_configs(
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{source}: header entry {METADATA_KEY!r} is not valid JSON ({e})") from None
+    data = loads_json(raw, f"{source}: header entry {METADATA_KEY!r}")
     if not isinstance(data, dict):
         raise FormatError(f"{source}: header entry {METADATA_KEY!r} is not a JSON object")
     out: dict[str | None, dict[str, Any]] = {}
@@ -170,6 +168,8 @@ def component_configs(
             out[comp] = sub
     if not out and ("r" in data or "lora_alpha" in data or "peft_type" in data):
         out = {comp: data for comp in components}
+    for comp, cfg in out.items():
+        peft.check_config(cfg, f"{source}: header entry {METADATA_KEY!r}" + (f" ({comp}.*)" if comp else ""))
     return out
 
 
@@ -223,7 +223,7 @@ def read(
                 raise FormatError(
                     f"{weights}: tensor {_full(comp, rel + '.alpha')!r} has shape {list(t.shape)}, not a scalar"
                 )
-            values[rel] = float(t.float().reshape(-1)[0])
+            values[rel] = alpha_value(t, _full(comp, rel + ".alpha"), weights)
         if values and config:  # the header wins; alpha tensors that disagree with it are an error
             for rel, alpha in values.items():
                 if alpha != part.modules[rel].alpha:

@@ -38,6 +38,8 @@ Supported bases (``config.json`` ``architectures``, else ``model_type``): Llama 
 
 from __future__ import annotations
 
+import math
+import os
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InputError, UnsupportedAdapterError, UsageError
+from ..io.files import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -53,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from . import ReadOptions, WriteOptions
 
+#: the most layers a GGUF adapter may name (``blk.N``); the name map is built for every layer
+MAX_LAYERS = 65_536
 _LLAMA_MODULES = (
     "model.embed_tokens",
     "lm_head",
@@ -506,6 +511,7 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
     """
     path = Path(path)
     gguf = _gguf(path)
+    os.close(open_regular(path, ".gguf file"))  # a FIFO would block np.memmap's open
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/KeyError/IndexError for damaged files
@@ -564,7 +570,10 @@ def _lora_header(kv: dict[str, Any], path: Path, options: ReadOptions) -> tuple[
             )
     if "adapter.lora.alpha" not in kv:
         raise FormatError(f"{path}: no adapter.lora.alpha key")
-    return spec, float(kv["adapter.lora.alpha"])
+    alpha = kv["adapter.lora.alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise FormatError(f"{path}: adapter.lora.alpha is {alpha!r}, not a finite number")
+    return spec, float(alpha)
 
 
 def _pairs(reader: Any, path: Path) -> tuple[dict[str, dict[str, Any]], int]:
@@ -577,6 +586,10 @@ def _pairs(reader: Any, path: Path) -> tuple[dict[str, dict[str, Any]], int]:
             pairs.setdefault(name[:-7], {})[name[-1]] = t
             parts = name.split(".")
             if len(parts) > 1 and parts[0] == "blk" and parts[1].isdecimal():
+                if len(parts[1]) > 5 or int(parts[1]) >= MAX_LAYERS:
+                    raise FormatError(
+                        f"{path}: tensor {name!r}: layer {parts[1][:20]} is beyond {MAX_LAYERS} layers"
+                    )
                 max_bid = max(max_bid, int(parts[1]))
         elif name.endswith("_norm.weight"):
             raise UnsupportedAdapterError(

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InputError
-from . import sd_names
+from ..io.files import loads_json
+from . import alpha_value, sd_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Collection
@@ -215,11 +216,8 @@ def _te_path(component: str, path: str) -> str:
 # reading
 # ------------------------------------------------------------------------------------------------
 def _alpha(t: torch.Tensor, lora_name: str, rank: int, source: Path) -> float:
-    if t.numel() != 1:
-        raise FormatError(f"{source}: tensor {lora_name}.alpha has shape {list(t.shape)}, not a scalar")
-    value = float(t.reshape(()).item())
-    if not math.isfinite(value):
-        raise FormatError(f"{source}: tensor {lora_name}.alpha is {value}")
+    """sd-scripts' ``LoRAModule``: ``alpha = lora_dim if alpha is None or alpha == 0``."""
+    value = alpha_value(t, f"{lora_name}.alpha", source)
     return float(rank) if value == 0 else value
 
 
@@ -324,16 +322,11 @@ def dylora_unit(adapter: Adapter) -> int | None:
     if not adapter.metadata.get("ss_network_module", "").endswith("dylora"):
         return None
     raw = adapter.metadata.get("ss_network_args") or "{}"
-    try:
-        args = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError(
-            f"{adapter.path}: header entry ss_network_args is not JSON ({raw[:60]!r})"
-        ) from None
+    args = loads_json(raw, f"{adapter.path}: header entry ss_network_args")
     value = args.get("unit", args.get("block_size", 1)) if isinstance(args, dict) else 1
     try:
-        unit = int(value)
-    except (TypeError, ValueError):
+        unit = int(value) if not isinstance(value, bool) else 0
+    except (TypeError, ValueError, OverflowError):
         unit = 0
     if unit < 1:
         raise FormatError(

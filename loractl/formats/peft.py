@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, InputError
+from ..errors import FormatError, InputError, UsageError
+from ..io.files import loads_json, read_json
+from .patterns import PatternError, matches
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -41,9 +43,14 @@ _PART = re.compile(
 
 
 def pattern_key(patterns: list[str], module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern k with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    """PEFT's ``get_pattern_key``: the first pattern k with ``re.match(rf"(.*\\.)?({k})$", module)``,
+    decided without exponential backtracking (:func:`loractl.formats.patterns.matches`).
+
+    Raises:
+        PatternError: a key that is not a regular expression, or one that could take forever.
+    """
     for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", module):
+        if matches(k, module):
             return k
     return None
 
@@ -64,11 +71,37 @@ def read(
     metadata: dict[str, str],
     options: ReadOptions,
 ) -> Adapter:
-    """A PEFT adapter; its config from ``adapter_config.json`` beside the weights, or from the header."""
+    """A PEFT adapter; its config from ``adapter_config.json`` beside the weights, or from the header.
+
+    Without either, the scale alpha/r is unknown (PEFT itself cannot load such a folder): the
+    adapter is refused unless ``options.alpha`` states alpha, or only one factor is read
+    (``options.only_factor``, for analyses that need no scale).
+
+    Raises:
+        InputError: no config and no ``options.alpha``.
+        UsageError: ``options.alpha`` given for an adapter whose config states its alpha.
+        FormatError: see :func:`read_config` and :func:`build_adapter`.
+    """
     cfg_path, _ = find_files(path)
     config = read_config(cfg_path, metadata)
+    if config and options.alpha is not None:
+        stated = cfg_path if cfg_path is not None else f"the header of {weights}"
+        raise UsageError(
+            f"{path}: states its own lora_alpha in {stated}; --alpha is for adapters that do not",
+            hint="leave out --alpha, or edit lora_alpha in the config",
+        )
+    if options.alpha is not None and (isinstance(options.alpha, bool) or not math.isfinite(options.alpha)):
+        raise UsageError(f"--alpha {options.alpha} is not a finite number")
     files = [weights] + ([cfg_path] if cfg_path else [])
-    return build_adapter(path, tensors, config, metadata, files, weights)
+    adapter = build_adapter(path, tensors, config, metadata, files, weights, alpha=options.alpha)
+    if not config and options.alpha is None and options.only_factor is None:
+        raise InputError(
+            f"{path}: a PEFT adapter without {CONFIG} (and no config in the header of {weights.name}): "
+            "its lora_alpha, and so its scale alpha/r, is unknown",
+            hint=f"put its {CONFIG} beside it, or pass --alpha A (the lora_alpha it was trained with; "
+            "--alpha equal to the rank means scale 1)",
+        )
+    return adapter
 
 
 def base_changing_init(config: dict[str, Any]) -> str | None:
@@ -92,67 +125,152 @@ def find_files(path: Path) -> tuple[Path | None, Path]:
         for name in WEIGHTS:
             if (path / name).exists():
                 return (cfg if cfg.exists() else None), path / name
+        from ..io.base import looks_like_base
+
+        if looks_like_base(path):
+            raise InputError(
+                f"{path}: is a base model folder (model weights, no adapter files), not an adapter",
+                hint="were the arguments swapped? the model comes first, then the adapters (loractl merge BASE ADAPTER -o OUT)",
+            )
         raise InputError(
             f"{path}: no adapter weights found (expected {' or '.join(WEIGHTS)})",
             hint="point at a PEFT adapter folder or at the adapter's .safetensors file",
+        )
+    if path.suffix == ".json":
+        raise InputError(
+            f"{path}: is a JSON file, not the adapter's weights",
+            hint=f"pass the folder that holds it ({path.parent}), or the adapter's .safetensors file",
         )
     cfg = path.parent / CONFIG
     return (cfg if cfg.exists() else None), path
 
 
 def read_config(cfg_path: Path | None, metadata: dict[str, str]) -> dict[str, Any]:
-    """adapter_config.json, or the PEFT config some writers put in the header (diffusers)."""
+    """adapter_config.json, or the PEFT config some writers put in the header (diffusers), checked
+    by :func:`check_config`; ``{}`` when there is neither.
+
+    Raises:
+        InputError: the config file is not a readable regular file.
+        FormatError: not a JSON object, or a value of the wrong type or range.
+    """
     if cfg_path is not None:
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{cfg_path}: not a readable JSON adapter config ({e})") from None
+        cfg = read_json(cfg_path, CONFIG)
         if not isinstance(cfg, dict):
             raise FormatError(f"{cfg_path}: not a JSON object")
-        return cfg
+        return check_config(cfg, cfg_path)
     for key in ("lora_adapter_metadata", "peft_config"):
         if key in metadata:
-            try:
-                cfg = json.loads(metadata[key])
-            except json.JSONDecodeError:
-                continue
-            if isinstance(cfg, dict):
-                return cfg
+            where = f"header entry {key}"
+            cfg = loads_json(metadata[key], where)
+            if not isinstance(cfg, dict):
+                raise FormatError(f"{where}: not a JSON object")
+            return check_config(cfg, where)
     return {}
 
 
-def _number(value: Any, what: str, source: Path | str, integer: bool = False) -> float:
-    try:
-        if isinstance(value, bool) or value is None:
-            raise TypeError
-        return int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise FormatError(
-            f"{source}: {what} is {value!r}, not a number", hint="fix the adapter config"
-        ) from None
+#: config keys PEFT reads as booleans (``null`` is read as false, as PEFT's truth tests do)
+BOOL_KEYS = ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "inference_mode")
+#: config keys that name modules: a list of strings or null (``target_modules`` and
+#: ``exclude_modules`` may also be one string, a regular expression)
+NAME_LIST_KEYS = {
+    "modules_to_save": False,
+    "target_modules": True,
+    "exclude_modules": True,
+    "target_parameters": False,
+}
+
+
+def _bad(source: Path | str, key: str, value: Any, want: str) -> FormatError:
+    """``<source>: <key> is <value as JSON>, not <want>``."""
+    shown = json.dumps(value, default=repr)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    if isinstance(value, str):
+        shown += " (a string)"
+    return FormatError(f"{source}: {key} is {shown}, not {want}", hint="fix the adapter config")
+
+
+def check_number(value: Any, key: str, source: Path | str, *, positive: bool) -> float:
+    """A finite JSON number (not a boolean, not a string), positive if asked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(source, key, value, "a finite number")
+    if positive and value <= 0:
+        raise _bad(source, key, value, "a positive number")
+    return float(value)
+
+
+def check_rank(value: Any, key: str, source: Path | str) -> int:
+    """A positive JSON integer (PEFT's ``update_layer`` refuses r <= 0; a float is no layer width)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _bad(source, key, value, "a positive integer")
+    return value
+
+
+def check_config(cfg: dict[str, Any], source: Path | str) -> dict[str, Any]:
+    """Every value loractl reads from a PEFT config, typed and in range as PEFT's ``LoraConfig`` needs
+    it: ``r`` and ``rank_pattern`` values positive integers, ``lora_alpha`` and ``alpha_pattern``
+    values finite numbers, the flags booleans, module lists lists of strings, pattern keys regular
+    expressions that cannot take forever (:mod:`loractl.formats.patterns`).
+
+    Returns:
+        ``cfg`` itself.
+
+    Raises:
+        FormatError: naming the key and its value.
+    """
+    if "r" in cfg:
+        check_rank(cfg["r"], "r", source)
+    if "lora_alpha" in cfg:
+        check_number(cfg["lora_alpha"], "lora_alpha", source, positive=False)
+    for name in ("rank_pattern", "alpha_pattern"):
+        pats = cfg.get(name)
+        if pats is None:
+            continue
+        if not isinstance(pats, dict):
+            raise _bad(source, name, pats, "an object of patterns")
+        for k, v in pats.items():
+            if name == "rank_pattern":
+                check_rank(v, f"{name}[{k!r}]", source)
+            else:
+                check_number(v, f"{name}[{k!r}]", source, positive=False)
+            try:
+                matches(k, "")
+            except PatternError as e:
+                raise FormatError(f"{source}: {name} key {k!r}: {e}", hint="fix the adapter config") from None
+    for name in BOOL_KEYS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], bool):
+            raise _bad(source, name, cfg[name], "true or false")
+    for name, may_be_regex in NAME_LIST_KEYS.items():
+        v = cfg.get(name)
+        if v is None or (may_be_regex and isinstance(v, str)):
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            want = (
+                "a list of module names, a regular expression or null"
+                if may_be_regex
+                else "a list of module names or null"
+            )
+            raise _bad(source, name, v, want)
+    init = cfg.get("init_lora_weights", True)
+    if init is not None and not isinstance(init, (bool, str)):
+        raise _bad(source, "init_lora_weights", init, "true, false or the name of an initialisation")
+    return cfg
 
 
 def module_alpha_rank(
     config: dict[str, Any], module: str, rank: int, source: Path | str = "adapter_config.json"
 ) -> tuple[float, int]:
-    """(alpha, r) of a module under the config's patterns; r defaults to the tensors' rank."""
+    """(alpha, r) of a module under a config checked by :func:`check_config`; r defaults to the
+    tensors' rank and alpha to PEFT's default 8."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise FormatError(f"{source}: rank_pattern and alpha_pattern must be JSON objects")
     try:
         rk = pattern_key(list(rank_pattern), module)
         ak = pattern_key(list(alpha_pattern), module)
-    except re.error as e:
-        raise FormatError(f"{source}: a rank_pattern/alpha_pattern key is not a valid regex ({e})") from None
-    if rk is not None:
-        r = int(_number(rank_pattern[rk], f"rank_pattern[{rk!r}]", source, integer=True))
-    else:
-        r = int(_number(config.get("r", rank), "r", source, integer=True)) if config else rank
-    if ak is not None:
-        alpha = _number(alpha_pattern[ak], f"alpha_pattern[{ak!r}]", source)
-    else:
-        alpha = _number(config.get("lora_alpha", 8), "lora_alpha", source) if config else float(rank)
+    except PatternError as e:
+        raise FormatError(f"{source}: a rank_pattern/alpha_pattern key, on module {module!r}: {e}") from None
+    r = int(rank_pattern[rk]) if rk is not None else int(config.get("r", rank))
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(config.get("lora_alpha", 8))
     return alpha, r
 
 
@@ -164,8 +282,11 @@ def build_adapter(
     files: list[Path],
     source: Path,
     fmt: str = "peft",
+    alpha: float | None = None,
 ) -> Adapter:
-    """Group PEFT keys into modules and apply the config's scale rules."""
+    """Group PEFT keys into modules and apply the config's scale rules (a config checked by
+    :func:`check_config`). Without a config, every module's alpha is ``alpha`` (given by the
+    user), or r when ``alpha`` is None (diffusers' convention; a PEFT reader refuses that case)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -205,7 +326,10 @@ def build_adapter(
                 "do not have the same rank"
             )
         rank = int(a.shape[0])
-        alpha, r_cfg = module_alpha_rank(config, name, rank, files[-1] if len(files) > 1 else source)
+        if config:
+            m_alpha, r_cfg = module_alpha_rank(config, name, rank, files[-1] if len(files) > 1 else source)
+        else:
+            m_alpha, r_cfg = (float(alpha) if alpha is not None else float(rank)), rank
         if config and r_cfg != rank:
             raise FormatError(
                 f"{source}: module {name!r} has rank {rank} but the config says r={r_cfg}",
@@ -216,7 +340,7 @@ def build_adapter(
             kind=kind,
             down=a,
             up=b,
-            alpha=alpha,
+            alpha=m_alpha,
             rslora=rslora,
             fan_in_fan_out=fifo and kind == "linear",
             bias=p.get("lora_B.bias"),

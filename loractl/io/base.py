@@ -6,7 +6,6 @@ Only headers are read here; tensors are read one at a time by the operations tha
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -15,14 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError
+from .files import read_json
+from .hub import WEIGHT_SUFFIXES, is_hub_ref, resolve_base
+from .names import INDEX_NAMES, SINGLE_NAMES
 from .safetensors import SafetensorsFile, TensorInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from .quant import QuantizedWeight
 
-INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
-SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 RECEIPT_NAME = "loractl.receipt"
+#: the longest file name (in bytes) a shard may have: NAME_MAX of common filesystems
+MAX_NAME_BYTES = 255
 
 #: The files of a base folder that merge copies beside the weights: what transformers and diffusers
 #: save with a model (configs, tokenizer and processor files, chat templates, the model's own code
@@ -68,7 +70,6 @@ def is_copied(
     name: str, patterns: tuple[str, ...] = COPIED_PATTERNS, names: frozenset[str] = COPIED_NAMES
 ) -> bool:
     """Is ``name`` (a file directly in a base folder) one merge copies? Never weights or hidden files."""
-    from .hub import WEIGHT_SUFFIXES
 
     low = name.lower()
     if low.startswith(".") or low.endswith(WEIGHT_SUFFIXES):
@@ -215,20 +216,111 @@ class BaseModel:
         self.close()
 
 
+def read_index(idx: Path) -> tuple[list[str], dict[str, Any]]:
+    """The shard names an index lists (in order of first mention) and its ``metadata``.
+
+    A shard must be named by a plain file name in the index's folder that ends in ``.safetensors``
+    (as transformers and diffusers write them): no folder part, no ``..``, no absolute path, never
+    loractl's own receipt, at most :data:`MAX_NAME_BYTES` bytes.
+
+    Raises:
+        InputError: the index is not a readable regular file.
+        FormatError: not JSON, no ``weight_map`` object of shard names, ``metadata`` not an object, or
+            a shard name that is not a plain ``.safetensors`` file name.
+    """
+    index = read_json(idx, "safetensors index")
+    if not isinstance(index, dict):
+        raise FormatError(f"{idx}: not a safetensors index (not a JSON object)")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        what = "missing" if "weight_map" not in index else f"{type(weight_map).__name__}, not an object"
+        raise FormatError(f"{idx}: not a valid safetensors index (weight_map is {what})")
+    if not weight_map:
+        raise FormatError(f"{idx}: weight_map lists no tensors")
+    metadata = index.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise FormatError(f"{idx}: metadata is {type(metadata).__name__}, not an object")
+    for tensor, shard in weight_map.items():
+        problem = _shard_name_problem(shard)
+        if problem:
+            raise FormatError(
+                f"{idx}: weight_map[{tensor!r}] {problem}",
+                hint="an index names shards by file name in its own folder (model-00001-of-00002.safetensors)",
+            )
+    return list(dict.fromkeys(weight_map.values())), dict(metadata)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _shard_name_problem(shard: object) -> str | None:
+    """What is wrong with a shard name of an index (the end of a sentence), or None."""
+    if not isinstance(shard, str):
+        return f"is {'null' if shard is None else type(shard).__name__}, not a shard file name"
+    if shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+        return f"= {_short(shard)} is not a plain file name in the index's folder"
+    if len(shard.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"is a shard name of {len(shard)} characters, longer than a file name may be"
+    if shard == RECEIPT_NAME:
+        return f"= {shard!r} is loractl's receipt, not a shard"
+    if not shard.endswith(".safetensors"):
+        return f"= {_short(shard)} is not a .safetensors file"
+    return None
+
+
+#: files only a LoRA adapter folder holds
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "pytorch_lora_weights.safetensors",
+)
+#: key fragments that only LoRA factors have
+_LORA_FRAGMENTS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_down.",
+    ".lora_up.",
+    ".lora.down.",
+    ".lora.up.",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    ".lora_magnitude_vector",
+    ".alpha",
+)
+
+
+def looks_like_base(folder: Path) -> bool:
+    """Does ``folder`` hold a base model (an index or model weights, and no adapter files)?"""
+    if any((folder / n).exists() for n in ADAPTER_FILES):
+        return False
+    return any((folder / n).exists() for n in (*INDEX_NAMES, *SINGLE_NAMES))
+
+
+def _not_an_adapter(path: Path) -> None:
+    """Refuse an adapter given where a base model is expected (the arguments swapped)."""
+    found = [n for n in ADAPTER_FILES if (path / n).exists()] if path.is_dir() else []
+    if found:
+        raise InputError(
+            f"{path}: is a LoRA adapter ({found[0]}), not a base model",
+            hint="were the arguments swapped? the model comes first, then the adapters (loractl merge BASE ADAPTER -o OUT)",
+        )
+
+
 def _weights_in(folder: Path) -> tuple[list[Path], str | None, dict[str, Any]]:
+    _not_an_adapter(folder)
     for name in INDEX_NAMES:
         idx = folder / name
         if idx.exists():
-            try:
-                index = json.loads(idx.read_text())
-                weight_map = index["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise FormatError(f"{idx}: not a valid safetensors index (no weight_map)") from None
-            shards = list(dict.fromkeys(weight_map.values()))
+            shards, metadata = read_index(idx)
             for s in shards:
                 if not (folder / s).exists():
                     raise InputError(f"{idx}: lists shard {s} which is missing from {folder}")
-            return [folder / s for s in shards], name, dict(index.get("metadata") or {})
+            return [folder / s for s in shards], name, metadata
     for name in SINGLE_NAMES:
         if (folder / name).exists():
             return [folder / name], None, {}
@@ -254,8 +346,6 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
         InputError: the path is missing or holds no weights; the Hub repo or revision does not exist.
         FormatError: a weights file is corrupt or two shards hold the same tensor.
     """
-    from .hub import is_hub_ref, resolve_base
-
     if is_hub_ref(path):
         path = resolve_base(path, progress=progress)
     path = Path(path)
@@ -263,6 +353,11 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
         raise InputError(f"{path}: no such file or folder", hint="check the base model path")
     if path.is_dir():
         shard_paths, index_name, index_meta = _weights_in(path)
+    elif path.suffix == ".json":
+        raise InputError(
+            f"{path}: is a JSON file, not model weights",
+            hint=f"pass the folder that holds the model ({path.parent}), or its .safetensors file",
+        )
     else:
         shard_paths, index_name, index_meta = [path], None, {}
     shards: list[SafetensorsFile] = []
@@ -282,13 +377,23 @@ def open_base(path: str | Path, *, progress: bool = False) -> BaseModel:
                     f"{s.path}: tensor {name!r} is also in {shards[base.tensors[name][0]].path.name}"
                 )
             base.tensors[name] = (i, info)
+    if base.tensors and all(any(f in name for f in _LORA_FRAGMENTS) for name in base.tensors):
+        base.close()
+        raise InputError(
+            f"{path}: holds only LoRA factors ({next(iter(base.tensors))!r}): an adapter, not a base model",
+            hint="were the arguments swapped? the model comes first, then the adapters (loractl merge BASE ADAPTER -o OUT)",
+        )
     if path.is_dir():
         cfg = path / "config.json"
         if cfg.exists():
             try:
-                base.config = json.loads(cfg.read_text())
-            except (OSError, ValueError):
-                base.config = {}
+                config = read_json(cfg, "config.json")
+                if not isinstance(config, dict):
+                    raise FormatError(f"{cfg}: not a JSON object")
+            except BaseException:
+                base.close()
+                raise
+            base.config = config
         skip = {p.name for p in shard_paths} | {index_name or "", RECEIPT_NAME}
         base.files = folder_files(path, skip)
         base.other_files = sorted(base.files.copied)

@@ -1,8 +1,9 @@
 """Hugging Face Hub references: ``org/name`` or ``org/name@revision`` for a base model or an adapter.
 
-Everything goes through huggingface_hub's own functions, so its cache (``HF_HOME``,
-``HF_HUB_CACHE``), ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and token (``HF_TOKEN``, ``hf auth login``)
-are honoured. Only the files loractl needs are downloaded:
+Resolution is huggingface_hub's ``snapshot_download``, so its cache (``HF_HOME``, ``HF_HUB_CACHE``),
+``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and token (``HF_TOKEN``, ``hf auth login``) are honoured, and so
+is its handling of a Hub out of reach: the cache answers (``refs/`` for a branch or tag, the commit's
+file listing it keeps beside the snapshot). Only the files loractl needs are downloaded:
 
 - a base model: its safetensors index first, then exactly the shards it lists (or the single
   ``model.safetensors``), plus the small files that are not weights (``config.json``, tokenizer
@@ -11,9 +12,9 @@ are honoured. Only the files loractl needs are downloaded:
 - an adapter: ``adapter_config.json`` + ``adapter_model.safetensors``, or the one ``.safetensors``
   or ``.gguf`` file of the repo (or of ``subfolder``).
 
-The revision is resolved to a commit once and every file is downloaded at that commit, so a branch
-that moves meanwhile cannot mix files of two commits. With ``HF_HUB_OFFLINE=1``, or when the Hub
-cannot be reached, the revision and the files come from the cache alone.
+The first ``snapshot_download`` resolves the revision to a commit (and lists that commit's files);
+every later one is given the commit, so a branch that moves meanwhile cannot mix files of two
+commits.
 
 huggingface_hub is imported only when a reference is resolved (``loractl --help`` stays light).
 """
@@ -21,19 +22,17 @@ huggingface_hub is imported only when a reference is resolved (``loractl --help`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from ..errors import FormatError, InputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from huggingface_hub import HfApi
+from .names import INDEX_NAMES, SINGLE_NAMES
 
 __all__ = ["WEIGHT_SUFFIXES", "is_hub_ref", "parse_hub_ref", "resolve_adapter", "resolve_base"]
 
@@ -44,35 +43,9 @@ _REF_RE = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^\s@]+))?")
 _FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".json", ".toml")
 
 #: weights in any format: a base repo's non-weight files are everything else (config, tokenizer...)
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".gguf",
-    ".ggml",
-    ".onnx",
-    ".onnx_data",
-    ".h5",
-    ".msgpack",
-    ".ot",
-    ".tflite",
-    ".mlmodel",
-    ".pb",
-    ".npz",
-    ".npy",
-    ".pkl",
-    ".pickle",
-    ".joblib",
-    ".nemo",
-    ".pdparams",
-    ".llamafile",
-    ".mar",
-    ".engine",
-    ".zip",
-    ".tar",
-    ".gz",
+WEIGHT_SUFFIXES = tuple(
+    ".safetensors .bin .pt .pth .ckpt .gguf .ggml .onnx .onnx_data .h5 .msgpack .ot .tflite .mlmodel .pb"
+    " .npz .npy .pkl .pickle .joblib .nemo .pdparams .llamafile .mar .engine .zip .tar .gz".split()
 )
 #: model-card media: not part of the model either
 _MEDIA_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".mp4", ".webm", ".wav", ".mp3", ".pdf")
@@ -81,6 +54,7 @@ _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTER_PICKLES = ("adapter_model.bin", "adapter_model.pt")
 _LOGIN_HINT = "set HF_TOKEN or run `hf auth login`"
+_REACH_HINT = "check the connection, proxy and HF_ENDPOINT; once downloaded, HF_HUB_OFFLINE=1 uses the cache"
 
 
 def parse_hub_ref(text: str) -> tuple[str, str | None] | None:
@@ -121,7 +95,7 @@ def resolve_base(ref: str | os.PathLike[str], *, progress: bool = False) -> Path
 
     Downloads the safetensors index first, then exactly the shards it lists (or the single
     ``model.safetensors`` / ``diffusion_pytorch_model.safetensors``, or the repo's only
-    ``.safetensors`` file), then every top-level file that is not weights (``config.json``,
+    ``.safetensors`` file), with every top-level file that is not weights (``config.json``,
     ``generation_config.json``, tokenizer files...). Other weight formats are never downloaded.
 
     Args:
@@ -133,14 +107,15 @@ def resolve_base(ref: str | os.PathLike[str], *, progress: bool = False) -> Path
 
     Raises:
         InputError: not a Hub reference, no such repo or revision, gated or private repo without
-            access, no safetensors weights, not cached in offline mode, the Hub unreachable.
+            access, no safetensors weights, an index listing a shard that is not in the repo (or a
+            path leaving it), not cached in offline mode, the Hub unreachable and not cached.
         FormatError: the repo's safetensors index is not valid JSON with a ``weight_map``.
     """
     repo_id, revision = _parse(ref)
     with _progress_bars(progress), _hub_errors(repo_id, revision):
-        snap = _Snapshot.open(repo_id, revision)
-        paths = [snap.get(f) for f in _base_files(snap)]
-    return paths[0].parent
+        snap = _Snapshot.open(repo_id, revision, first=INDEX_NAMES)
+        snap.fetch(_base_files(snap))
+    return snap.folder
 
 
 def resolve_adapter(
@@ -163,15 +138,17 @@ def resolve_adapter(
     Raises:
         InputError: not a Hub reference, no such repo, revision or subfolder, no adapter file or
             several candidates, a pickle-only adapter, gated or private repo without access, not
-            cached in offline mode, the Hub unreachable.
+            cached in offline mode, the Hub unreachable and not cached.
     """
     repo_id, revision = _parse(ref)
     sub = (subfolder or "").strip("/")
+    config = f"{sub}/{_ADAPTER_CONFIG}" if sub else _ADAPTER_CONFIG
     with _progress_bars(progress), _hub_errors(repo_id, revision):
-        snap = _Snapshot.open(repo_id, revision)
+        snap = _Snapshot.open(repo_id, revision, first=[config])
         files, result = _adapter_files(snap, sub)
-        paths = {f: snap.get(f) for f in files}
-    return paths[result].parent if PurePosixPath(result).name == _ADAPTER_CONFIG else paths[result]
+        snap.fetch(files)
+    path = snap.folder / result
+    return path.parent if path.name == _ADAPTER_CONFIG else path
 
 
 def _parse(ref: str | os.PathLike[str]) -> tuple[str, str | None]:
@@ -188,88 +165,72 @@ def _label(repo_id: str, revision: str | None) -> str:
 
 @dataclass
 class _Snapshot:
-    """The files of one commit of a repo, and the way to get each of them as a local file.
+    """One commit of a repo: its folder in the Hugging Face cache and the files it holds.
 
     Attributes:
         repo_id: ``org/name``.
         revision: the revision as the user gave it (None: the default branch).
-        commit: the commit it resolved to; every download is pinned to it.
-        files: every file of the commit (``/``-separated paths); only the cached ones when offline.
-        cached_folder: the cached snapshot folder when resolving from the cache alone, else None.
-        unreachable: why the Hub was not asked (an exception), when resolving from the cache.
+        folder: ``snapshots/<commit>`` in the cache (files appear in it as they are downloaded).
+        files: every file of the commit (``/``-separated paths), from the listing huggingface_hub
+            keeps in its cache; only the files in ``folder`` when it has none (a cache filled by
+            another tool, read offline).
+        listed: whether ``files`` is the commit's full listing.
     """
 
     repo_id: str
     revision: str | None
-    commit: str
+    folder: Path
     files: list[str]
-    cached_folder: Path | None = None
-    unreachable: BaseException | None = None
+    listed: bool = True
 
     @property
     def label(self) -> str:
         return _label(self.repo_id, self.revision)
 
-    @classmethod
-    def open(cls, repo_id: str, revision: str | None) -> _Snapshot:
-        """Resolve the revision and list the files: from the Hub, or from the cache when offline or unreachable."""
-        from huggingface_hub import HfApi, is_offline_mode
-
-        api = HfApi()
-        if is_offline_mode():
-            return cls._from_cache(api, repo_id, revision, None)
-        try:
-            info = api.model_info(repo_id, revision=revision)
-            # records revision -> commit in the cache's refs/, so that offline use finds it
-            pinned = api.resolve_revision(repo_id, revision=revision)
-            if pinned.resolved != info.sha:  # the branch moved in between: list the commit recorded
-                info = api.model_info(repo_id, revision=pinned.resolved)
-        except Exception as e:
-            if not _is_unreachable(e):
-                raise
-            return cls._from_cache(api, repo_id, revision, e)
-        files = [s.rfilename for s in info.siblings or []]
-        return cls(repo_id, revision, pinned.resolved, files)
+    @property
+    def commit(self) -> str:
+        return self.folder.name
 
     @classmethod
-    def _from_cache(
-        cls, api: HfApi, repo_id: str, revision: str | None, unreachable: BaseException | None
-    ) -> _Snapshot:
-        from huggingface_hub import constants
-        from huggingface_hub.errors import RevisionResolutionError
-        from huggingface_hub.file_download import repo_folder_name
+    def open(cls, repo_id: str, revision: str | None, first: Sequence[str]) -> _Snapshot:
+        """Resolve the revision to a commit and list its files, downloading those of ``first`` it has."""
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
+        folder = _download(repo_id, revision, first)
         try:
-            pinned = api.resolve_revision(repo_id, revision=revision, local_files_only=True)
-        except RevisionResolutionError:
-            _not_cached(_label(repo_id, revision), unreachable)
-        folder = (
-            Path(constants.HF_HUB_CACHE)
-            / repo_folder_name(repo_id=repo_id, repo_type="model")
-            / "snapshots"
-            / pinned.resolved
-        )
-        if not folder.is_dir():
-            _not_cached(_label(repo_id, revision), unreachable)
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        return cls(repo_id, revision, pinned.resolved, files, folder, unreachable)
+            files = [f.path for f in get_cached_repo_tree(repo_id, revision=folder.name)]
+        except CachedRepoTreeNotFoundError:
+            cached = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            return cls(repo_id, revision, folder, cached, listed=False)
+        return cls(repo_id, revision, folder, files)
 
-    def get(self, filename: str) -> Path:
-        """The local path of one file of the commit, downloaded if needed (a cache hit costs nothing)."""
-        if PurePosixPath(filename).is_absolute() or ".." in PurePosixPath(filename).parts:
-            raise InputError(f"{self.label}: refusing the file name {filename!r}, which leaves the repo")
-        if self.cached_folder is not None:
-            path = self.cached_folder / filename
-            if not path.is_file():
-                _not_cached(f"{self.label} ({filename})", self.unreachable)
-            return path
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
+    def fetch(self, files: Sequence[str]) -> None:
+        """Download ``files`` at the commit (a cached file costs nothing); each must then be in the cache."""
+        from huggingface_hub import try_to_load_from_cache
 
-        try:
-            return Path(hf_hub_download(self.repo_id, filename, revision=self.commit))
-        except RemoteEntryNotFoundError:
-            raise InputError(f"{self.label}: file {filename} is missing from the Hub repo") from None
+        _download(self.repo_id, self.commit, files)
+        for f in files:
+            if not isinstance(try_to_load_from_cache(self.repo_id, f, revision=self.commit), str):
+                _unavailable(f"{self.label} ({f})", None)
+
+
+def _download(repo_id: str, revision: str | None, files: Sequence[str]) -> Path:
+    """``snapshot_download`` of exactly ``files`` (those of them in the repo); the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [re.sub(r"([*?[])", r"[\1]", f) for f in files]  # fnmatch patterns, each matching one name
+    logger = logging.getLogger("huggingface_hub._snapshot_download")
+    logger.addFilter(_no_news)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    finally:
+        logger.removeFilter(_no_news)
+
+
+def _no_news(record: logging.LogRecord) -> bool:
+    """Drop snapshot_download's warning that no file matched: a repo without an index is no news."""
+    return not record.getMessage().startswith("No files matched")
 
 
 def _top_level(files: list[str], folder: str = "") -> list[str]:
@@ -290,24 +251,25 @@ def _is_small_file(name: str) -> bool:
 
 
 def _base_files(snap: _Snapshot) -> list[str]:
-    """The files of a base model to fetch, in order: the index (fetched here to read it), its shards, the rest."""
-    from .base import INDEX_NAMES, SINGLE_NAMES
-
+    """The files of a base model to fetch: the index (already fetched, read here) and its shards, the rest."""
     top = _top_level(snap.files)
     index = next((n for n in INDEX_NAMES if n in top), None)
     if index is not None:
-        path = snap.get(index)
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
+            weight_map = json.loads((snap.folder / index).read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
+            leaving = next(
+                (s for s in shards if PurePosixPath(s).is_absolute() or ".." in s.split("/")), None
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise FormatError(
                 f"{snap.label}: {index} is not a valid safetensors index (no weight_map)"
             ) from None
-        if snap.cached_folder is None:
-            missing = [s for s in shards if s not in snap.files]
-            if missing:
-                raise InputError(f"{snap.label}: {index} lists shard {missing[0]} which is not in the repo")
+        if leaving is not None:
+            raise InputError(f"{snap.label}: {index} lists shard {leaving!r}, a path that leaves the repo")
+        missing = [s for s in shards if s not in snap.files]
+        if missing and snap.listed:
+            raise InputError(f"{snap.label}: {index} lists shard {missing[0]} which is not in the repo")
         weights = [index, *shards]
     else:
         single = next((n for n in SINGLE_NAMES if n in top), None)
@@ -328,7 +290,7 @@ def _base_files(snap: _Snapshot) -> list[str]:
 
 
 def _no_weights(snap: _Snapshot, top: list[str]) -> NoReturn:
-    where = "in the cache" if snap.cached_folder is not None else "in the repo"
+    where = "in the repo" if snap.listed else "in the cache"
     pickles = [f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     if pickles:
         raise InputError(
@@ -344,7 +306,7 @@ def _adapter_files(snap: _Snapshot, sub: str) -> tuple[list[str], str]:
     """The adapter files to fetch and the one that stands for the adapter (its config: the folder)."""
     where = f"{snap.label}{f' (subfolder {sub})' if sub else ''}"
     if sub and not any(f.startswith(f"{sub}/") for f in snap.files):
-        cached = " in the cache" if snap.cached_folder is not None else ""
+        cached = "" if snap.listed else " in the cache"
         raise InputError(f"{snap.label}: no subfolder {sub}{cached}", hint="check --subfolder")
     here = _top_level(snap.files, sub)
     prefix = f"{sub}/" if sub else ""
@@ -380,34 +342,39 @@ def _adapter_files(snap: _Snapshot, sub: str) -> tuple[list[str], str]:
     raise InputError(f"{where}: no adapter (adapter_model.safetensors, *.safetensors or *.gguf)", hint=hint)
 
 
-def _is_unreachable(e: BaseException) -> bool:
-    """The Hub could not be asked (no network, timeout, Hub down): the cache may still answer."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionResolutionError
-
-    if isinstance(e, HfHubHTTPError):  # the Hub down or rate-limiting
-        return e.response is not None and (e.response.status_code >= 500 or e.response.status_code == 429)
-    # connection refused, DNS, timeouts...: the transport errors of the HTTP client huggingface_hub
-    # uses (httpx2 for huggingface_hub 2.x, httpx for 1.x), already imported by it
-    transport = tuple(sys.modules[m].TransportError for m in ("httpx2", "httpx") if m in sys.modules)
-    return isinstance(e, (*transport, OfflineModeIsEnabled, RevisionResolutionError))
-
-
 def _endpoint() -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT
 
 
-def _not_cached(what: str, unreachable: BaseException | None) -> NoReturn:
-    """Raise the error of a reference that is not in the cache, offline or with the Hub out of reach."""
-    if unreachable is None:
+def _unavailable(what: str, cause: BaseException | None) -> NoReturn:
+    """Raise the error of files that huggingface_hub could neither download nor find in the cache.
+
+    ``cause`` is the error that kept them from the Hub (its ``OfflineModeIsEnabled``, a connection
+    error, an HTTP error...), None when it did not say.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, OfflineModeIsEnabled
+
+    status = getattr(cause.response, "status_code", None) if isinstance(cause, HfHubHTTPError) else None
+    if isinstance(cause, OfflineModeIsEnabled) or (cause is None and constants.is_offline_mode()):
         raise InputError(
             f"{what}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it",
             hint="run once without HF_HUB_OFFLINE to download it",
         )
+    if status in (401, 403):
+        raise InputError(
+            f"{what}: the Hub refused access (HTTP {status})",
+            hint=f"{_LOGIN_HINT} with a token that can read the repo",
+        )
+    if isinstance(cause, FileMetadataError):
+        raise InputError(
+            f"{what}: {_endpoint()} does not answer like the Hugging Face Hub", hint="check HF_ENDPOINT"
+        )
+    why = f" ({_why(cause)})" if cause is not None else ""
     raise InputError(
-        f"{what}: cannot reach the Hub at {_endpoint()} ({_why(unreachable)}) and it is not in the cache",
-        hint="check the connection, proxy and HF_ENDPOINT; once downloaded, HF_HUB_OFFLINE=1 uses the cache",
+        f"{what}: cannot reach the Hub at {_endpoint()}{why} and it is not in the cache", hint=_REACH_HINT
     )
 
 
@@ -419,19 +386,34 @@ def _why(e: BaseException) -> str:
     return f"HTTP {status}" if status is not None else type(e).__name__
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The network errors of the HTTP client huggingface_hub is built on (httpx2 from 2.0, httpx before).
+
+    huggingface_hub falls back to the cache on a refused connection or a timeout, but lets the
+    others through (a proxy refusing, a connection cut in the middle of an answer).
+    """
+    import importlib
+
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one-line InputErrors naming the repo and revision."""
     from huggingface_hub.errors import (
         DisabledRepoError,
-        FileMetadataError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
-        RevisionResolutionError,
     )
 
     label = _label(repo_id, revision)
@@ -454,29 +436,23 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         ) from None
     except DisabledRepoError:
         raise InputError(f"{label}: access to this repo is disabled on the Hub") from None
+    except LocalEntryNotFoundError as e:  # neither downloaded nor cached: why not is its cause
+        _unavailable(label, e.__cause__)
+    except OfflineModeIsEnabled as e:
+        _unavailable(label, e)
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
+        status = getattr(e.response, "status_code", None)
         if status in (401, 403):
-            raise InputError(
-                f"{label}: the Hub refused access (HTTP {status})",
-                hint=f"{_LOGIN_HINT} with a token that can read {repo_id}",
-            ) from None
+            _unavailable(label, e)  # the Hub refused access
         raise InputError(
             f"{label}: the Hub answered HTTP {status}",
             hint="retry later; once downloaded, HF_HUB_OFFLINE=1 uses the cache",
         ) from None
-    except FileMetadataError:
-        raise InputError(
-            f"{label}: {_endpoint()} does not answer like the Hugging Face Hub", hint="check HF_ENDPOINT"
-        ) from None
-    except (LocalEntryNotFoundError, RevisionResolutionError, OfflineModeIsEnabled) as e:
-        _not_cached(label, None if isinstance(e, OfflineModeIsEnabled) else e)
     except Exception as e:
-        if not _is_unreachable(e):
+        if not isinstance(e, _transport_errors()):
             raise
         raise InputError(
-            f"{label}: cannot reach the Hub at {_endpoint()} ({_why(e)})",
-            hint="check the connection, proxy and HF_ENDPOINT; once downloaded, HF_HUB_OFFLINE=1 uses the cache",
+            f"{label}: cannot reach the Hub at {_endpoint()} ({_why(e)})", hint=_REACH_HINT
         ) from None
 
 

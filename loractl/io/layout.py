@@ -7,7 +7,6 @@ Nothing here computes a tensor: :mod:`loractl.io.stream` writes the files this m
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -16,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from .atomic import copy_file
-from .safetensors import DTYPE_INFO, FLOAT_DTYPES
+from .safetensors import FLOAT_DTYPES, dtype_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import BaseModel
 
+#: ``--dtype`` choices -> the safetensors dtype written (None: the base's own)
+DTYPES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
 
 
@@ -53,7 +54,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_INFO[self.dtype][0]
+        return dtype_nbytes(self.dtype, self.shape)
 
 
 #: the output's files in order, each with its tensors in order

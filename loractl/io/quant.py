@@ -37,12 +37,12 @@ themselves. We check that the stored map equals the table (within the 1e-6 that
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError
+from .files import loads_json
 from .safetensors import DTYPE_INFO, FLOAT_DTYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,9 +172,11 @@ def _read_state(base: BaseModel, key: str) -> dict[str, Any]:
         )
     raw = base.read(key).numpy().tobytes()
     try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(base, key, "does not hold a JSON quant state") from None
+        state = loads_json(raw, "quant state")
+    except FormatError as e:
+        raise _bad(
+            base, key, f"does not hold a JSON quant state ({e.message.removeprefix('quant state: ')})"
+        ) from None
     if not isinstance(state, dict):
         raise _bad(base, key, "the quant state is not a JSON object")
     return state

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import FormatError, InputError, OutputError
+from ..errors import FormatError, OutputError
+from .files import loads_json, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-# name -> (bytes per element, torch dtype attribute name)
+# name -> (bytes per element, torch dtype attribute name): the dtypes loractl reads and writes
 DTYPE_INFO: dict[str, tuple[int, str]] = {
     "F64": (8, "float64"),
     "F32": (4, "float32"),
@@ -39,6 +40,10 @@ DTYPE_INFO: dict[str, tuple[int, str]] = {
     "BF16": (2, "bfloat16"),
     "F8_E4M3": (1, "float8_e4m3fn"),
     "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+    "C64": (8, "complex64"),
     "I64": (8, "int64"),
     "I32": (4, "int32"),
     "I16": (2, "int16"),
@@ -49,13 +54,27 @@ DTYPE_INFO: dict[str, tuple[int, str]] = {
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
 }
+#: bits per element of every dtype a safetensors header may declare (safetensors 0.8's ``Dtype``);
+#: tensors of the sub-byte ones (F4, F6) are accepted in headers and copied, but not read as tensors
+DTYPE_BITS: dict[str, int] = {name: 8 * size for name, (size, _) in DTYPE_INFO.items()}
+DTYPE_BITS.update({"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6})
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-MAX_HEADER = 100 * 1024 * 1024
+#: safetensors' limit on the header length
+MAX_HEADER = 100_000_000
+_U64 = 2**64
+_TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def dtype_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``dtype`` (any :data:`DTYPE_BITS` name) and ``shape``."""
+    return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
 
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
+    if name not in DTYPE_INFO:
+        raise FormatError(f"dtype {name} cannot be read as a torch tensor by loractl")
     return getattr(torch, DTYPE_INFO[name][1])
 
 
@@ -85,6 +104,26 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def _dups(obj: dict) -> frozenset[str]:
+    """The duplicated keys of an object parsed with ``duplicates=True`` (none recorded otherwise)."""
+    return getattr(obj, "dups", frozenset())
+
+
+def _no_duplicate_fields(raw: bytes, entries: int) -> bool:
+    """Can a header whose ``entries`` tensor entries all have ``dtype``, ``shape`` and
+    ``data_offsets`` hold no entry with one of them twice, and at most one ``__metadata__``? Yes when
+    each name occurs literally exactly once per entry (``__metadata__`` at most once) and no ``\\u``
+    escape could spell one otherwise."""
+    if b"\\u" in raw or raw.count(b'"__metadata__"') > 1:
+        return False
+    return all(raw.count(b'"%s"' % f.encode()) == entries for f in _TENSOR_FIELDS)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, default=repr) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class SafetensorsFile:
     """A safetensors file opened for reading one tensor at a time.
 
@@ -100,16 +139,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self._fd = -1
         self._map: mmap.mmap | None = None  # for mapped(); tensors made from it keep it alive
-        if self.path.is_dir():
-            raise InputError(f"{self.path}: is a directory, expected a .safetensors file")
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise InputError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise InputError(f"{self.path}: is a directory, expected a .safetensors file") from None
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot be read ({e.strerror})") from None
+        self._fd = open_regular(self.path, ".safetensors file")
         try:
             self.size = os.fstat(self._fd).st_size
             self.metadata, self.tensors, self.data_start = self._read_header()
@@ -126,49 +156,107 @@ class SafetensorsFile:
         )
 
     def _read_header(self) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
+        """The header, checked exactly as ``safetensors.safe_open`` checks it (safetensors'
+        ``SafeTensors::read_metadata`` and ``Metadata::validate``): the length fits the file, the JSON
+        is serde_json's, every entry has a known dtype, a shape and two offsets that are unsigned 64-bit
+        integers, the sizes do not overflow 64 bits, the tensors are contiguous from offset 0 in offset
+        order, and they cover the rest of the file exactly (no gap, no overlap, no trailing bytes)."""
         if self.size < 8:
             raise self._fail(f"{self.size} bytes, too short for a header")
         (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
         if n > MAX_HEADER or 8 + n > self.size:
             raise self._fail(f"header length {n} does not fit in the file's {self.size} bytes")
         raw = os.pread(self._fd, n, 8)
+        if len(raw) != n:
+            raise self._fail("the file changed while being read")
+        # parsed first without recording duplicate keys (four times faster); where a duplicate field
+        # could hide in what was accepted, parsed again recording them
+        result = self._parse_header(raw, n, duplicates=False)
+        if not _no_duplicate_fields(raw, len(result[1])):
+            result = self._parse_header(raw, n, duplicates=True)
+        return result
+
+    def _parse_header(
+        self, raw: bytes, n: int, duplicates: bool
+    ) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._fail("header is not JSON") from None
+            header = loads_json(raw, f"{self.path}: header", strict=True, duplicates=duplicates)
+        except FormatError as e:
+            raise self._fail("header: " + e.message.split(": header: ", 1)[-1]) from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
-        data_start = 8 + n
-        data_len = self.size - data_start
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        if "__metadata__" in _dups(header):
+            raise self._fail("header has two __metadata__ entries")
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise self._fail("__metadata__ is not a map of strings")
-        infos: list[TensorInfo] = []
-        for name, entry in header.items():
-            try:
-                dtype = entry["dtype"]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._fail(f"tensor {name!r} has a malformed entry") from None
-            if dtype not in DTYPE_INFO:
-                raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
-            if any(d < 0 for d in shape) or begin < 0 or end < begin:
-                raise self._fail(f"tensor {name!r} has a negative shape or offset")
-            if end - begin != math.prod(shape) * DTYPE_INFO[dtype][0]:
-                raise self._fail(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} {dtype}")
-            if end > data_len:
-                raise FormatError(
-                    f"{self.path}: truncated: tensor {name!r} ends at byte {data_start + end} "
-                    f"but the file has {self.size} bytes",
-                    hint="the file is incomplete (interrupted download or copy?); fetch it again",
-                )
-            infos.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
-        infos.sort(key=lambda t: t.begin)
-        for a, b in zip(infos, infos[1:]):
-            if b.begin < a.end:
-                raise self._fail(f"tensors {a.name!r} and {b.name!r} overlap")
-        return metadata, {t.name: t for t in infos}, data_start
+        data_start = 8 + n
+        infos = [self._entry(name, entry, data_start) for name, entry in header.items()]
+        infos.sort(key=lambda t: (t.begin, t.end))
+        end = data_start
+        for t in infos:
+            if t.begin != end:
+                what = "overlaps the tensor before it" if t.begin < end else "leaves a gap before it"
+                if end == data_start and t.begin > end:
+                    what = "does not start at offset 0 (a gap at the start of the data)"
+                raise self._fail(f"tensor {t.name!r} {what} (data_offsets {t.begin - data_start})")
+            end = t.end
+        if end > self.size:
+            last = next(t for t in infos if t.end > self.size)
+            raise FormatError(
+                f"{self.path}: truncated: tensor {last.name!r} ({list(last.shape)} {last.dtype}) ends at "
+                f"byte {last.end} but the file has {self.size} bytes",
+                hint="the file is incomplete (interrupted download or copy?); fetch it again",
+            )
+        if end < self.size:
+            raise self._fail(
+                f"{self.size - end} bytes after the last tensor, which the header does not cover"
+            )
+        return dict(metadata), {t.name: t for t in infos}, data_start
+
+    def _entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
+        """One header entry, as safetensors' ``TensorInfo`` (with serde's checks) and its size."""
+        if type(entry) is not dict:
+            if not isinstance(entry, dict):
+                raise self._fail(f"tensor {name!r}: entry is not a JSON object")
+            for field in _TENSOR_FIELDS:
+                if field in _dups(entry):
+                    raise self._fail(f"tensor {name!r}: two {field!r} fields")
+        try:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except KeyError as e:
+            raise self._fail(f"tensor {name!r}: no {e.args[0]!r} field") from None
+        if type(dtype) is not str:
+            if isinstance(dtype, dict) and len(dtype) == 1 and next(iter(dtype.values())) is None:
+                dtype = next(iter(dtype))  # serde's other spelling of an enum's unit variant: {"F32": null}
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if type(shape) is not list:
+            raise self._fail(f"tensor {name!r}: shape {_short(shape)} is not a list of unsigned integers")
+        if type(offsets) is not list or len(offsets) != 2:
+            raise self._fail(f"tensor {name!r}: data_offsets {_short(offsets)} is not two unsigned integers")
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not (0 <= begin < _U64 and 0 <= end < _U64):
+            raise self._fail(f"tensor {name!r}: data_offsets {_short(offsets)} is not two unsigned integers")
+        elements = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d < _U64:  # (bool is not int here, as in serde)
+                raise self._fail(f"tensor {name!r}: shape {_short(shape)} is not a list of unsigned integers")
+            elements *= d
+            if elements >= _U64:
+                raise self._fail(f"tensor {name!r}: shape {_short(shape)} has more than 2^64 elements")
+        bits = elements * DTYPE_BITS[dtype]
+        if bits >= _U64:
+            raise self._fail(f"tensor {name!r}: shape {_short(shape)} {dtype} is more than 2^64 bits")
+        if bits % 8:
+            raise self._fail(f"tensor {name!r}: shape {shape} {dtype} does not end on a byte boundary")
+        if end < begin:
+            raise self._fail(f"tensor {name!r}: data_offsets [{begin}, {end}] end before they begin")
+        if end - begin != bits // 8:
+            raise self._fail(f"tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}")
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
     # -- reading ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -190,12 +278,26 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: truncated while reading tensor {name!r}")
             pos += got
 
+    def readable_info(self, name: str) -> TensorInfo:
+        """The entry of tensor ``name``, refusing what torch cannot hold (a sub-byte dtype, a dimension
+        beyond 2^63 - 1, which a header may declare for an empty tensor)."""
+        info = self.tensors[name]
+        if info.dtype not in DTYPE_INFO:
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has dtype {info.dtype}, which loractl cannot read"
+            )
+        if any(d >= 2**63 for d in info.shape):
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has shape {list(info.shape)}, beyond what torch holds"
+            )
+        return info
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read tensor ``name`` into a new (writable, owned) torch tensor, or into ``out`` (a contiguous
         tensor of its dtype and shape, e.g. from :class:`loractl.io.buffers.BufferPool`)."""
         import torch
 
-        info = self.tensors[name]
+        info = self.readable_info(name)
         if out is None:
             out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         elif (
@@ -213,7 +315,7 @@ class SafetensorsFile:
         :meth:`read` for tensors not aligned to their element size."""
         import torch
 
-        info = self.tensors[name]
+        info = self.readable_info(name)
         dtype = torch_dtype(info.dtype)
         size = DTYPE_INFO[info.dtype][0]
         if info.nbytes == 0 or info.begin % size:
@@ -275,7 +377,7 @@ def header_bytes(
         header["__metadata__"] = dict(metadata)
     off = 0
     for name, dtype, shape in entries:
-        n = math.prod(shape) * DTYPE_INFO[dtype][0]
+        n = dtype_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -454,7 +556,7 @@ class SafetensorsWriter:
         if self._next >= len(self._entries):
             raise RuntimeError(f"{self.path}: no more tensors expected, got {name!r}")
         ename, dtype, shape = self._entries[self._next]
-        want = math.prod(shape) * DTYPE_INFO[dtype][0]
+        want = dtype_nbytes(dtype, shape)
         if ename != name or want != nbytes:
             raise RuntimeError(
                 f"{self.path}: expected {ename!r} ({want} bytes), got {name!r} ({nbytes} bytes)"

@@ -45,6 +45,8 @@ PEFT_COMBINATION_TYPES: dict[str, str] = {
     "magnitude-prune": "magnitude_prune_svd",
 }
 
+#: ``combine --method`` choices
+COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare-linear", "dare-ties", "magnitude-prune")
 _NEEDS_DENSITY = ("ties", "dare-linear", "dare-ties", "magnitude-prune")
 _Prune = Literal["magnitude", "random"]
 _F64 = torch.float64

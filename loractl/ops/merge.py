@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -30,6 +30,33 @@ _T = TypeVar("_T")
 
 #: elements per chunk of the element-wise passes: small enough to stay in the CPU's cache
 CHUNK_ELEMENTS = 1 << 18
+
+
+class NonFiniteBlock(ArithmeticError):
+    """A row block of :func:`fused_merge` / :func:`fused_unmerge` came out with a NaN or an infinity.
+
+    Raised as soon as the block is computed (the check runs on the block while it is in the cache),
+    leaving the output partly written: the caller redoes the tensor on the general path, where the
+    result is compared with the original element by element (the original may hold infinities of
+    its own, which a merge keeps).
+
+    Attributes:
+        row: the first row of the block.
+    """
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"a NaN or infinity in the row block at row {row}")
+        self.row = row
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """A screen for NaN and infinity in ``t``: one sum per cache-sized chunk, in ``t``'s dtype. NaN
+    and ±inf propagate through a sum, which costs a tenth of ``isfinite().all()``. True means every
+    value is finite; False means one may not be (a finite chunk whose sum overflows the dtype, e.g.
+    |sum| > 65504 in float16, reads as False), for an exact ``isfinite`` comparison to settle."""
+    if not t.is_floating_point():
+        return True
+    return all(math.isfinite(float(c.sum())) for (c,) in _chunks(t))
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -262,6 +289,9 @@ def fused_merge(
 ) -> dict[str, torch.Tensor] | None:
     """``out = w0 + w·s·(B·A)`` rounded exactly as PEFT's ``W += (B @ A) * s``, one row block at a time.
 
+    Each merged block is checked for NaN/Inf while it is in the cache; one that has any raises
+    :class:`NonFiniteBlock` (the caller decides, on the general path, whether the original held them).
+
     Each block's product, scaling and addition happen while the block is in the CPU's cache, instead
     of three passes over whole tensors in memory; the addition is the very torch op of PEFT's
     ``W += ΔW`` (computed in the promoted dtype, rounded once to W's). The product of a row block
@@ -301,9 +331,13 @@ def fused_merge(
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
             if not residual:
                 torch.add(wc, dc, out=oc)
+                if not all_finite(oc):
+                    raise NonFiniteBlock(r0)
                 continue
             mc = _scratch("merged", (n, cols), w0.dtype) if in_place else oc
             torch.add(wc, dc, out=mc)
+            if not all_finite(mc):
+                raise NonFiniteBlock(r0)
             rc = _scratch("rec", (n, cols), w0.dtype)
             torch.sub(mc, dc, out=rc)  # what an unmerge without the receipt computes
             chunk = residual_ops.encode_block(
@@ -344,7 +378,11 @@ def _on_two_threads(rows: int, step: int, work: Callable[[int, int], _T]) -> lis
                 initargs=(1,),
             )
         later = _helper.submit(work, mid, rows)
-    first = work(0, mid)
+    try:
+        first = work(0, mid)
+    except BaseException:
+        wait([later])  # the other half writes into the same output: let it finish before anyone reuses it
+        raise
     return [first, later.result()]
 
 
@@ -353,7 +391,7 @@ _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Tensor) -> torch.Tensor:
     """``out = m_w − w·s·(B·A)`` rounded as :func:`unapply_delta` rounds it, one row block at a time
-    (the inverse of :func:`fused_merge`, with the same row-block products)."""
+    (the inverse of :func:`fused_merge`, with the same row-block products and the same NaN/Inf check)."""
     a, b, s = _fused_factors(m, weight)
     rows, cols = m_w.shape
     step = row_block(cols)
@@ -361,7 +399,10 @@ def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Te
     def rows_from(start: int, stop: int) -> None:
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
-            torch.sub(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), out=out[r0 : r0 + n])
+            oc = out[r0 : r0 + n]
+            torch.sub(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), out=oc)
+            if not all_finite(oc):
+                raise NonFiniteBlock(r0)
 
     _on_two_threads(rows, step, rows_from)
     return out
@@ -544,6 +585,7 @@ def merge_tensor(
     fused: bool,
     receipt: bool,
     original: Callable[[], torch.Tensor],
+    check: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, Parts | None]:
     """A merge's job for one base tensor: the merged tensor and, with ``receipt``, what an unmerge
     needs to give ``w0`` back bit for bit (the residual parts, DoRA's factors, or the whole original).
@@ -554,20 +596,32 @@ def merge_tensor(
         out_dtype: the dtype written.
         fused: the merge may compute a single plain LoRA by row blocks (see :func:`fused_ok`).
         receipt: also return the receipt's parts.
-        original: reads ``w0`` again (when most values differ the whole original is the smaller record,
-            and the row-block path has overwritten the buffer by then).
+        original: reads ``w0`` again (when most values differ the whole original is the smaller
+            record; when a row block comes out with NaN/Inf the tensor is redone on the general
+            path; the row-block path has overwritten the buffer by then).
+        check: called with the merged tensor on the general path (the row-block path checks each
+            block itself and raises :class:`NonFiniteBlock`), to refuse NaN/Inf the base did not hold.
     """
     if fused and one_fused_lora(contribs) and w0.dtype == out_dtype:
         c = contribs[0]
         assert c.module is not None
-        parts = fused_merge(w0, c.module, c.weight, out=w0, residual=receipt)
-        if receipt and parts is None:  # most values differ: the whole original is smaller
-            parts = {"full": original()}
-        return w0, parts
+        try:
+            parts = fused_merge(w0, c.module, c.weight, out=w0, residual=receipt)
+        except NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
+            w0 = original()
+        else:
+            if receipt and parts is None:  # most values differ: the whole original is smaller
+                parts = {"full": original()}
+            return w0, parts
     if not receipt:  # nothing needs the original: merge into the buffer just read
-        return merged_tensor(w0, contribs, out_dtype, inplace=True), None
+        merged = merged_tensor(w0, contribs, out_dtype, inplace=True)
+        if check is not None:
+            check(merged)
+        return merged, None
     deltas: dict[int, torch.Tensor] = {}
     merged = merged_tensor(w0, contribs, out_dtype, deltas=deltas)
+    if check is not None:
+        check(merged)
     if any(c.kind == "replace" for c in contribs):
         return merged, {"full": w0}
     factors = dora_factors(w0, contribs, deltas)
@@ -579,17 +633,32 @@ def merge_tensor(
 
 
 def unmerge_tensor(
-    m: torch.Tensor, contribs: Sequence[Contribution], orig_dtype: torch.dtype, parts: Parts, *, fused: bool
+    m: torch.Tensor,
+    contribs: Sequence[Contribution],
+    orig_dtype: torch.dtype,
+    parts: Parts,
+    *,
+    fused: bool,
+    merged: Callable[[], torch.Tensor],
+    check: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """An unmerge's job for one merged tensor: the updates subtracted (last first), then the receipt's
-    ``parts`` applied (``{}`` without a receipt: the subtraction, close but not exact)."""
+    ``parts`` applied (``{}`` without a receipt: the subtraction, close but not exact). ``merged``
+    reads ``m`` again (after a row block came out with NaN/Inf); ``check`` is called with the result."""
     if "full" in parts:
         return parts["full"]
     factors = {int(k[4:]): v for k, v in parts.items() if k.startswith("dora")}
+    rec: torch.Tensor | None = None
     if fused and one_fused_lora(contribs) and m.dtype == orig_dtype:
         c = contribs[0]
         assert c.module is not None
-        rec = fused_unmerge(m, c.module, c.weight, out=m)
-    else:
+        try:
+            rec = fused_unmerge(m, c.module, c.weight, out=m)
+        except NonFiniteBlock:  # m is partly unmerged: redo it whole, and check it
+            m = merged()
+    if rec is None:
         rec = unmerged_tensor(m, contribs, orig_dtype, factors)
-    return residual_ops.decode(rec, parts)
+    restored = residual_ops.decode(rec, parts)
+    if check is not None:
+        check(restored)
+    return restored

@@ -11,6 +11,9 @@ import torch
 from ..adapter import LoraModule
 from .factored import balanced_factors, choose_rank, energy_kept, factored_svd
 
+#: ``truncate --dylora-convention`` choices: how a nested truncation sets alpha
+DYLORA_CONVENTIONS = ("original", "kohya", "lycoris")
+
 
 @dataclass
 class Truncated:

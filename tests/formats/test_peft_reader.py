@@ -12,8 +12,8 @@ from conftest import build_model, make_adapter, read_st, same_bits, save_base
 from safetensors.torch import load_file, save_file
 
 from loractl import api
-from loractl.errors import FormatError
-from loractl.formats import load_adapter
+from loractl.errors import FormatError, InputError
+from loractl.formats import ReadOptions, load_adapter
 from loractl.formats.peft import pattern_key
 
 
@@ -56,8 +56,11 @@ def test_single_file_with_sibling_config_and_lone_file(peft_dir, tmp_path: Path)
     assert {m.scale for m in a.modules.values()} == {2.0}
     lone = tmp_path / "lone.safetensors"
     shutil.copy(ad / "adapter_model.safetensors", lone)
-    b = load_adapter(lone)  # no config anywhere: alpha = r, scale 1
-    assert {m.scale for m in b.modules.values()} == {1.0}
+    with pytest.raises(InputError, match="lora_alpha.*unknown") as e:  # no config anywhere: no scale
+        load_adapter(lone)
+    assert "--alpha" in (e.value.cli_hint or "") and "alpha=A" in (e.value.hint or "")
+    b = load_adapter(lone, options=ReadOptions(alpha=8))  # unless the user states alpha (r = 4)
+    assert {m.scale for m in b.modules.values()} == {2.0}
     # a PEFT config in the header (as diffusers writes it) is honoured
     meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 12})}
     save_file(load_file(lone), tmp_path / "withmeta.safetensors", metadata=meta)

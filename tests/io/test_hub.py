@@ -7,6 +7,7 @@ and its cache lives in tmp_path.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,9 +135,8 @@ def test_sharded_base_fetches_the_index_then_its_shards_and_no_decoy(hub: FakeHu
     )
     assert folder.name == repos["base"]  # the snapshot folder of the commit main points to
     touched = hub.touched("org/base")
-    assert touched[0] == "model.safetensors.index.json"
-    assert touched[1:3] == shards
-    assert not set(touched) & set(DECOYS)
+    assert touched[0] == "model.safetensors.index.json"  # read before anything else is asked for
+    assert sorted(touched[1:]) == sorted([*shards, *small])  # then its shards and the small files
     assert sorted(hub.downloads("org/base")) == sorted(["model.safetensors.index.json", *shards, *small])
     with open_base(folder) as b:
         assert b.index_name == "model.safetensors.index.json" and len(b.shards) == 2
@@ -162,6 +162,49 @@ def test_single_file_base_skips_the_pickle_twin(hub: FakeHub) -> None:
     assert sorted(hub.touched("org/single")) == ["config.json", "model.safetensors"]
 
 
+def test_only_the_needed_files_are_requested(hub: FakeHub, repos: dict) -> None:
+    sha = repos["base"]
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    needed = ["model.safetensors.index.json", *shards, "config.json", "generation_config.json", *TOKENIZER]
+    folder = resolve_base("org/base")
+
+    asked = [(r.method, r.path) for r in hub.requests]
+    # one revision lookup, one listing of that commit, then one HEAD and one GET per needed file
+    assert asked[:2] == [
+        ("GET", "/api/models/org/base/revision/main"),
+        ("GET", f"/api/models/org/base/tree/{sha}"),
+    ]
+    assert sorted(asked[2:]) == sorted(
+        (m, f"/org/base/resolve/{sha}/{f}") for f in needed for m in ("HEAD", "GET")
+    )
+    assert len(asked) == 2 + 2 * len(needed) == 24
+
+    hub.clear()  # cached: the branch is looked up again (it may have moved), nothing else
+    assert resolve_base("org/base") == folder
+    assert [r.path for r in hub.requests] == ["/api/models/org/base/revision/main"]
+    hub.clear()  # cached at a commit: nothing can have moved, nothing is asked
+    assert resolve_base(f"org/base@{sha}") == folder
+    assert hub.requests == []
+
+
+def test_no_warning_when_a_repo_has_no_index(hub: FakeHub, local: dict) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("huggingface_hub")
+    hf_logger.addHandler(handler)
+    try:
+        hub.add_commit("org/gguf", {"lora.gguf": b"GGUF"})
+        hub.add_commit("org/single", {"model.safetensors": b"w", "config.json": "{}"})
+        assert resolve_adapter("org/gguf").read_bytes() == b"GGUF"
+        assert resolve_base("org/single").joinpath("model.safetensors").read_bytes() == b"w"
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+
+
 def test_adapter_at_a_tag_a_commit_and_the_default_branch(hub: FakeHub, repos: dict, local: dict) -> None:
     v1 = resolve_adapter("org/adapter@v1")
     assert v1.name == repos["v1"] and _same_files(v1, local["v1"])
@@ -171,20 +214,47 @@ def test_adapter_at_a_tag_a_commit_and_the_default_branch(hub: FakeHub, repos: d
     assert set(hub.touched("org/adapter")) == {"adapter_config.json", "adapter_model.safetensors"}
 
 
-def test_a_branch_moving_meanwhile_cannot_mix_commits(hub: FakeHub) -> None:
-    old = hub.add_commit("org/race", {"model.safetensors": b"old", "config.json": '{"v": 1}'})
+def _index(*shards: str) -> str:
+    return json.dumps({"metadata": {}, "weight_map": {f"t{i}": s for i, s in enumerate(shards)}})
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["/api/models/org/race/tree/", "model.safetensors.index.json", "old.safetensors"],
+    ids=["after-the-revision-lookup", "after-the-listing", "while-fetching-the-shards"],
+)
+def test_a_branch_moving_meanwhile_cannot_mix_commits(hub: FakeHub, moment: str) -> None:
+    old = hub.add_commit(
+        "org/race",
+        {
+            "model.safetensors.index.json": _index("old.safetensors"),
+            "old.safetensors": b"old",
+            "config.json": "1",
+        },
+    )
     new: list[str] = []
 
-    def commit_once(request: Request) -> None:
-        if not new and request.path == "/api/models/org/race":  # right after the file listing
-            new.append(hub.add_commit("org/race", {"model.safetensors": b"new", "config.json": '{"v": 2}'}))
+    def commit_once(request: Request) -> None:  # main moves as this request arrives, before it is answered
+        if not new and moment in request.path:
+            files = {"model.safetensors.index.json": _index("new.safetensors"), "new.safetensors": b"new"}
+            new.append(hub.add_commit("org/race", {**files, "config.json": "2"}))
 
     hub.on_request = commit_once
     folder = resolve_base("org/race")
-    assert new and new[0] != old and folder.name == new[0]
-    assert (folder / "model.safetensors").read_bytes() == b"new"
-    assert (folder / "config.json").read_text() == '{"v": 2}'
-    assert {p.split("/")[4] for p in hub.paths() if "/resolve/" in p} == {new[0]}  # pinned downloads
+    assert new and hub.repos["org/race"].refs["main"] == new[0] != old  # main did move meanwhile
+    assert folder.name == old  # every file is the commit main pointed to when it was looked up
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.safetensors.index.json",
+        "old.safetensors",
+    ]
+    assert (folder / "config.json").read_text() == "1"
+    assert {p.split("/")[4] for p in hub.paths() if "/resolve/" in p} == {old}  # pinned downloads
+    assert {p.split("/")[6] for p in hub.paths() if "/tree/" in p} == {old}  # and listing
+
+    later = resolve_base("org/race")  # the next resolution sees the new commit, whole
+    assert later.name == new[0] and (later / "new.safetensors").read_bytes() == b"new"
+    assert not (later / "old.safetensors").exists() and (later / "config.json").read_text() == "2"
 
 
 def test_merge_with_hub_resolved_paths_equals_the_local_merge(
@@ -214,8 +284,8 @@ def test_offline_resolves_from_the_cache(hub: FakeHub, repos: dict, monkeypatch:
         resolve_adapter("org/adapter"),
     )
     assert resolve_adapter("org/adapter@refs/pr/1") == v1
-    hub.stop()
     set_offline(monkeypatch)
+    hub.clear()
 
     assert resolve_base("org/base") == base
     assert resolve_adapter("org/adapter@v1") == v1  # the tag, through the cache's refs/
@@ -224,6 +294,7 @@ def test_offline_resolves_from_the_cache(hub: FakeHub, repos: dict, monkeypatch:
     assert resolve_adapter("org/adapter") == latest
     with open_base(resolve_base("org/base")) as b:
         assert len(b.shards) == 2
+    assert hub.requests == []  # the Hub still runs: offline asked it nothing
 
 
 def test_offline_and_not_cached_names_the_repo(
@@ -243,13 +314,80 @@ def test_offline_and_not_cached_names_the_repo(
 
 def test_hub_out_of_reach_uses_the_cache_or_says_so(hub: FakeHub, repos: dict) -> None:
     base = resolve_base("org/base")
+    latest = resolve_adapter("org/adapter")
     hub.stop()  # HF_HUB_OFFLINE is not set: connections are refused
     assert resolve_base("org/base") == base
+    assert resolve_adapter("org/adapter") == latest
+    assert resolve_adapter(f"org/adapter@{repos['v2']}") == latest
     with pytest.raises(
         InputError, match=r"^org/adapter@v1: cannot reach the Hub at http://127\.0\.0\.1"
     ) as e:
         resolve_adapter("org/adapter@v1")
     assert "HF_HUB_OFFLINE=1" in (e.value.hint or "")
+
+
+def test_hub_out_of_reach_from_the_command_line(hub: FakeHub, repos: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loractl.cli.app import app
+
+    resolve_adapter("org/adapter")
+    hub.stop()
+    r = CliRunner().invoke(app, ["inspect", "org/adapter", "--json"])  # cached: works unreachable
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, ["merge", "org/base", "org/adapter", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.stdout == "" and not (tmp_path / "out").exists()
+    error, hint = r.stderr.splitlines()
+    assert re.fullmatch(
+        r"error: org/base: cannot reach the Hub at http://127\.0\.0\.1:\d+ \(ConnectError\) and it is not in the cache",
+        error,
+    )
+    assert hint.startswith("hint: check the connection")
+
+
+@pytest.mark.parametrize("how", ["offline", "unreachable"])
+def test_a_partly_cached_base_is_refused(
+    hub: FakeHub, repos: dict, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    folder = resolve_base("org/base")
+    (folder / "model-00002-of-00002.safetensors").unlink()  # e.g. a download interrupted, or a cache pruned
+    set_offline(monkeypatch) if how == "offline" else hub.stop()
+    expected = {
+        "offline": r"^org/base: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it$",
+        "unreachable": r"^org/base: cannot reach the Hub at \S+ \(ConnectError\) and it is not in the cache$",
+    }
+    with pytest.raises(InputError, match=expected[how]):
+        resolve_base("org/base")
+
+
+def test_offline_with_a_cache_filled_file_by_file(
+    hub: FakeHub, repos: dict, local: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache filled file by file (``hf_hub_download``, as transformers' ``from_pretrained`` does) holds
+    no listing of the commit: offline, the files in its snapshot folder are what there is."""
+    from huggingface_hub import hf_hub_download
+
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for f in ["model.safetensors.index.json", shards[0], "config.json"]:
+        base = Path(hf_hub_download("org/base", f)).parent
+    for f in local["v1"].iterdir():
+        adapter = Path(hf_hub_download("org/adapter", f.name, revision="v1")).parent
+    set_offline(monkeypatch)
+
+    assert resolve_adapter("org/adapter@v1") == adapter and _same_files(adapter, local["v1"])
+    with pytest.raises(InputError, match=r"^org/adapter@v1: no subfolder x in the cache$"):
+        resolve_adapter("org/adapter@v1", subfolder="x")
+    with pytest.raises(
+        InputError, match=rf"^org/base \({shards[1]}\): not in the Hugging Face cache, and HF_HUB_OFFLINE"
+    ):
+        resolve_base("org/base")  # the index lists a shard that was never downloaded
+    set_offline(monkeypatch, False)
+    hf_hub_download("org/base", shards[1])
+    set_offline(monkeypatch)
+    assert resolve_base("org/base") == base
+    assert sorted(p.name for p in base.iterdir()) == sorted(
+        ["model.safetensors.index.json", *shards, "config.json"]
+    )
 
 
 def test_hub_down_names_the_status(hub: FakeHub, repos: dict) -> None:
@@ -307,6 +445,24 @@ def test_index_listing_a_missing_shard(hub: FakeHub) -> None:
         resolve_base("org/broken")
 
 
+@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/../../x.safetensors", "/tmp/x.safetensors"])
+def test_index_listing_a_shard_outside_the_repo_is_refused(
+    hub: FakeHub, local: dict, tmp_path: Path, shard: str
+) -> None:
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": shard}}
+    hub.add_commit(
+        "org/evil",
+        {"model.safetensors.index.json": json.dumps(index), "model-00001-of-00002.safetensors": b"w"},
+    )
+    with pytest.raises(
+        InputError,
+        match=rf"^org/evil: model.safetensors.index.json lists shard '{re.escape(shard)}', a path that leaves the repo$",
+    ):
+        api.merge("org/evil", [local["v1"]], tmp_path / "out")
+    assert hub.touched("org/evil") == ["model.safetensors.index.json"]  # nothing fetched after the index
+    assert not (tmp_path / "out").exists()
+
+
 def test_pickle_only_base_points_at_a_conversion(hub: FakeHub) -> None:
     hub.add_commit("org/old", {"pytorch_model.bin": b"pickle", "config.json": "{}"})
     with pytest.raises(InputError, match=r"^org/old: holds only pickle weights \(pytorch_model.bin\)") as e:
@@ -329,6 +485,8 @@ def test_adapter_candidates_and_subfolders(hub: FakeHub, local: dict) -> None:
     assert gguf.name == "lora.gguf" and gguf.read_bytes() == b"GGUF"
     with pytest.raises(InputError, match=r"^org/multi: no subfolder z$"):
         resolve_adapter("org/multi", subfolder="z")
+    with pytest.raises(InputError, match=r"^org/multi: no subfolder \.\./a$"):
+        resolve_adapter("org/multi", subfolder="../a")
     with pytest.raises(InputError, match=r"^org/multi \(subfolder c\): no adapter"):
         resolve_adapter("org/multi", subfolder="c")
 
@@ -358,16 +516,16 @@ def test_progress_bars_only_when_asked_and_only_meanwhile(
     monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_PROGRESS_BARS", None)
     seen: list[bool] = []
-    real = huggingface_hub.hf_hub_download
+    real = huggingface_hub.snapshot_download
 
     def spy(*args: object, **kwargs: object) -> str:
         seen.append(are_progress_bars_disabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     assert not are_progress_bars_disabled()
     resolve_adapter("org/adapter", progress=progress)
-    assert seen == [not progress] * 2
+    assert seen == [not progress] * 2  # the config (listing the commit), then the weights
     assert not are_progress_bars_disabled()  # as before the call
 
 
