@@ -117,8 +117,6 @@ def _mixtral(*num_experts: str, renames: tuple = ()) -> Arch:
     return Arch(r"mlp\.experts", _GATE_UP_DOWN, num_experts, split=_MIXTRAL, renames=_BLOCK_SPARSE + renames)
 
 
-_LLAMA4 = Arch(r"feed_forward\.experts", _GATE_UP_DOWN, ("num_local_experts",))
-
 #: model_type (config.json) -> its experts facts. Every entry is checked end to end against PEFT's merge
 #: (tests/formats/test_experts.py). Model types transformers maps onto the same conversions but left out
 #: here (untested): afmoe, deepseek_v32, dots1, glm4_moe_lite, longcat_flash, flex_olmo, minimax_m2, ...
@@ -155,9 +153,9 @@ ARCHS: dict[str, Arch] = {
         ("num_local_experts", "num_experts"),
         is_transposed=True,
     ),
-    # stored [E, H, 2I] and used as x @ W[e], but no is_transposed: PEFT's in/out are its out/in
-    "llama4": _LLAMA4,
-    "llama4_text": _LLAMA4,
+    # stored [E, H, 2I] and used as x @ W[e], but no is_transposed: PEFT's in/out are its out/in. Llama4ForCausalLM
+    # writes model_type llama4_text; the multimodal "llama4" config holds it as text_config (model_type_of)
+    "llama4_text": Arch(r"feed_forward\.experts", _GATE_UP_DOWN, ("num_local_experts",)),
     # DbrxExperts holds DbrxExpertGLU `mlp` with 2-D [E·F, H] w1, v1, w2: PEFT puts ONE rank-r LoRA on the
     # whole stack (num_experts 1), not one per expert
     "dbrx": Arch(r"ffn\.experts\.mlp", ("w1", "v1", "w2"), ("ffn_config.moe_num_experts",)),

@@ -156,7 +156,7 @@ def test_model_type_and_count_from_hub_style_configs():
     )
     assert fx.num_experts({"model_type": "dbrx", "ffn_config": {"moe_num_experts": 16}}) == 16
     llama4 = {"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_local_experts": 16}}
-    assert fx.model_type_of(llama4) == "llama4" and fx.num_experts(llama4) == 16
+    assert fx.model_type_of(llama4) == "llama4_text" and fx.num_experts(llama4) == 16
     assert fx.model_type_of({"model_type": "llava", "text_config": {"model_type": "mixtral"}}) == "mixtral"
     assert fx.num_experts({"model_type": "llama"}) is None
 
