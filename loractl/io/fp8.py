@@ -473,31 +473,38 @@ def _read_scale(base: BaseModel, w: Fp8Weight) -> torch.Tensor:
     return s.reshape(-1, *w.grid[-2:]) if len(w.shape) > 2 else s
 
 
-def _scale_rows(x: torch.Tensor, s: torch.Tensor, w: Fp8Weight, r0: int) -> torch.Tensor:
-    """Multiply rows ``r0 .. r0 + len(x)`` of one ``[out, in]`` matrix (float32, ``x`` [n, in]) by
-    their scales in place; ``s`` is that matrix's scale grid (float32)."""
+def _apply_scales(
+    x: torch.Tensor, s: torch.Tensor, block: tuple[int, int] | None, r0: int, *, divide: bool = False
+) -> torch.Tensor:
+    """Multiply (or divide) rows ``r0 .. r0 + len(x)`` of one ``[out, in]`` matrix (float32, ``x``
+    [n, in], in place) by their scales. ``s`` (float32) is that matrix's scale grid ``[gr, gc]`` for
+    blocks, ``[out, 1]`` per channel (``block`` None), or ``[1, 1]`` for one scale."""
     n, cols = x.shape
-    if w.strategy == "tensor":
-        return x.mul_(s.reshape(()))
-    if w.strategy == "channel":
-        return x.mul_(s[r0 : r0 + n])
-    assert w.block is not None
-    b0, b1 = w.block
+    op = "div_" if divide else "mul_"
+    if block is None:
+        if s.numel() == 1:
+            return getattr(x, op)(s.reshape(()))
+        return getattr(x, op)(s[r0 : r0 + n])
+    b0, b1 = block
     rows_s = s[r0 // b0 : -(-(r0 + n) // b0)].repeat_interleave(b0, 0)[:n]  # [n, grid cols]
     full = cols // b1
     if full:
-        x[:, : full * b1].view(n, full, b1).mul_(rows_s[:, :full, None])
+        getattr(x[:, : full * b1].view(n, full, b1), op)(rows_s[:, :full, None])
     if cols > full * b1:
-        x[:, full * b1 :].mul_(rows_s[:, full : full + 1])
+        getattr(x[:, full * b1 :], op)(rows_s[:, full : full + 1])
     return x
 
 
-def _row_chunk(w: Fp8Weight) -> int:
-    """Rows dequantized at once: whole blocks of rows, about :data:`CHUNK_ELEMS` elements."""
-    rows, cols = w.shape[-2:]
-    step = w.block[0] if w.block else 1
-    n = max(1, CHUNK_ELEMS // max(1, cols * step)) * step
-    return min(n, rows) if rows else 1
+def _matrices(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``shape`` as (matrices, rows, columns): ``[*leading, out, in]``; a 0-d or 1-D tensor is one row."""
+    rows, cols = shape[-2:] if len(shape) >= 2 else (1, math.prod(shape))
+    return (math.prod(shape) // (rows * cols) if rows * cols else 0), rows, cols
+
+
+def _row_step(cols: int, block: tuple[int, int] | None) -> int:
+    """Rows worked on at once: whole rows of blocks, about :data:`CHUNK_ELEMS` elements."""
+    b0 = block[0] if block else 1
+    return max(1, CHUNK_ELEMS // max(1, cols * b0)) * b0
 
 
 def dequantize(
@@ -539,14 +546,13 @@ def dequantize(
     ct = w.method == CT_METHOD
     if ct:  # compressed-tensors: the product is rounded to the scale's dtype
         s_all = s_all.to(torch_dtype(w.scale_dtype)).to(torch.float32)
-    rows, cols = w.shape[-2:] if len(w.shape) >= 2 else (1, w.numel)
-    mats = w.numel // max(1, rows * cols) if rows * cols else 0
+    mats, rows, cols = _matrices(w.shape)
     f = base.file_of(w.name)
     begin = base.info(w.name).begin
     fp8 = torch_dtype(w.dtype)
-    step = _row_chunk(w)
-    buf = torch.empty(min(step, rows) * cols, dtype=torch.uint8)
-    tmp = torch.empty(min(step, rows) * cols, dtype=torch.float32)
+    step = min(_row_step(cols, w.block), rows)
+    buf = torch.empty(step * cols, dtype=torch.uint8)
+    tmp = torch.empty(step * cols, dtype=torch.float32)
     flat_out = out.view(mats, rows, cols)
     for m in range(mats):
         s = s_all[m] if s_all.ndim == 3 else s_all
@@ -556,12 +562,9 @@ def dequantize(
             f.read_range_into(begin + (m * rows + r0) * cols, memoryview(b.numpy()), w.name)
             x = tmp[: n * cols].view(n, cols)
             x.copy_(b.view(fp8).view(n, cols))
-            _scale_rows(x, s, w, r0)
+            _apply_scales(x, s, w.block, r0)
             dst = flat_out[m, r0 : r0 + n]
-            if ct:
-                dst.copy_(x.to(torch_dtype(w.scale_dtype)))
-            else:
-                dst.copy_(x)
+            dst.copy_(x.to(torch_dtype(w.scale_dtype)) if ct else x)
             if not bool(torch.isfinite(dst).all()):
                 _not_finite(base, w, b.view(fp8).view(n, cols), dst, m, r0, dtype)
     return out
@@ -595,42 +598,36 @@ def _fmax(fp8_dtype: torch.dtype) -> float:
     return float(torch.finfo(fp8_dtype).max)
 
 
-def _tiles(w32: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``w32`` [*lead, out, in] zero-padded to whole blocks, as [lead, grid rows, B0, grid cols, B1]."""
+def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The largest ``|x|`` of each block of ``x`` [n, in] (a partial last block: of what it holds)."""
     import torch
 
-    *lead, rows, cols = w32.shape
+    n, cols = x.shape
     b0, b1 = block
-    gr, gc = -(-rows // b0), -(-cols // b1)
-    flat = w32.reshape(-1, rows, cols)
-    if rows % b0 or cols % b1:
-        padded = torch.zeros(flat.shape[0], gr * b0, gc * b1, dtype=w32.dtype)
-        padded[:, :rows, :cols] = flat
-        flat = padded
-    return flat.reshape(-1, gr, b0, gc, b1)
+    gr, gc = -(-n // b0), -(-cols // b1)
+    a = x.abs()
+    if n % b0 or cols % b1:  # zero-padded to whole blocks: |x| >= 0, so the padding changes no maximum
+        padded = torch.zeros(gr * b0, gc * b1, dtype=a.dtype)
+        padded[:n, :cols] = a
+        a = padded
+    return a.view(gr, b0, gc, b1).amax(dim=(1, 3))
 
 
-def _expanded_div(
-    w32: torch.Tensor, s32: torch.Tensor, block: tuple[int, int] | None, fp8_dtype: torch.dtype
+def _divide(
+    w: torch.Tensor, s: torch.Tensor, block: tuple[int, int] | None, r0: int, fp8_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``fp8(clamp(w / s))`` element by element, ``s`` the grid ``[lead, gr, gc]`` (or one scale);
-    where a scale is 0 the code is +0 (every code dequantizes to 0 there)."""
+    """``fp8(clamp(w / s, ±fmax))`` for rows ``r0 ..`` of one matrix (``s`` float32, as
+    :func:`_apply_scales`); where a scale is 0 the code is +0 (every code dequantizes to 0 there)."""
     import torch
 
+    zero = s == 0
+    if bool(zero.any()):  # w / inf = ±0, then + 0.0 makes it +0
+        s = s.masked_fill(zero, math.inf)
+    x = _apply_scales(w.to(torch.float32, copy=True), s, block, r0, divide=True)
+    if bool(zero.any()):
+        x.add_(0.0)
     fmax = _fmax(fp8_dtype)
-    shape = w32.shape
-    if block is None:
-        s = s32.reshape(())
-        if float(s) == 0.0:
-            return torch.zeros(shape, dtype=fp8_dtype)
-        return (w32 / s).clamp_(-fmax, fmax).to(fp8_dtype)
-    *lead, rows, cols = shape
-    tiles = _tiles(w32, block)
-    s = s32.reshape(tiles.shape[0], tiles.shape[1], 1, tiles.shape[3], 1)
-    q = (tiles / s).clamp_(-fmax, fmax)
-    q = torch.where(s == 0, torch.zeros((), dtype=q.dtype), q).to(fp8_dtype)
-    q = q.reshape(q.shape[0], tiles.shape[1] * block[0], tiles.shape[3] * block[1])[:, :rows, :cols]
-    return q.reshape(shape).contiguous()
+    return x.clamp_(-fmax, fmax).to(fp8_dtype)
 
 
 def requantize(
@@ -647,6 +644,8 @@ def requantize(
     rule (fp8.md §2.4), so weights a merge leaves alone come back with their own bytes. Start from the
     float32 merge: a bfloat16 intermediate changes nearly every scale. With bfloat16/float16 scales
     (Qwen3-FP8), ``s`` is rounded to that dtype first and ``q`` divides by the rounded scale.
+
+    Works a few rows of blocks at a time: besides ``w32`` and the result it holds one chunk.
 
     Args:
         w32: the weight, float32, ``[*leading, out, in]``.
@@ -668,22 +667,41 @@ def requantize(
     scale_dtype = torch.float32 if scale_dtype is None else scale_dtype
     if w32.dtype != torch.float32:
         raise ValueError(f"requantize needs the float32 weight, got {w32.dtype}")
-    bad = int((~torch.isfinite(w32)).sum())
-    if bad:
-        raise ValueError(f"{bad} values are NaN or infinite: they have no FP8 code")
     fmax = _fmax(fp8_dtype)
+    mats, rows, cols = _matrices(tuple(w32.shape))
+    w3 = w32.reshape(mats, rows, cols)
+    q = torch.empty(w3.shape, dtype=fp8_dtype)
+
+    def scale_of(amax: torch.Tensor) -> torch.Tensor:
+        s = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).to(scale_dtype)
+        s32 = s.to(torch.float32)
+        if not bool((torch.isfinite(s32) & (s32 > 0)).all()):
+            raise ValueError(f"a block's scale (amax / {fmax:g}) is not representable in {scale_dtype}")
+        return s
+
+    def finite(x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(w32)).sum())
+            raise ValueError(f"{bad} values are NaN or infinite: they have no FP8 code")
+
     if block is None:
-        amax = w32.abs().amax() if w32.numel() else torch.zeros(())
-    else:
-        amax = _tiles(w32, block).abs().amax(dim=(2, 4))  # [lead, gr, gc]
-    s = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).to(scale_dtype)
-    s32 = s.to(torch.float32)
-    if not bool((torch.isfinite(s32) & (s32 > 0)).all()):
-        raise ValueError(f"a block's scale (amax / {fmax:g}) is not representable in {scale_dtype}")
-    q = _expanded_div(w32, s32, block, fp8_dtype)
-    if block is None:
-        return q, s.reshape(())
-    return q, s.reshape(*w32.shape[:-2], *s.shape[-2:]).contiguous()
+        finite(w32)
+        s = scale_of(w32.abs().amax() if w32.numel() else torch.zeros(()))
+        for m in range(mats):
+            q[m] = _divide(w3[m], s.to(torch.float32).reshape(1, 1), None, 0, fp8_dtype)
+        return q.reshape(w32.shape), s.reshape(())
+    gr, gc = -(-rows // block[0]), -(-cols // block[1])
+    scales = torch.empty(mats, gr, gc, dtype=scale_dtype)
+    step = _row_step(cols, block)
+    for m in range(mats):
+        for r0 in range(0, rows, step):
+            x = w3[m, r0 : r0 + step]
+            finite(x)
+            s = scale_of(_block_amax(x, block))
+            g0 = r0 // block[0]
+            scales[m, g0 : g0 + s.shape[0]] = s
+            q[m, r0 : r0 + step] = _divide(x, s.to(torch.float32), block, 0, fp8_dtype)
+    return q.reshape(w32.shape), scales.reshape(*w32.shape[:-2], gr, gc)
 
 
 def quantize_with_scales(
@@ -714,7 +732,16 @@ def quantize_with_scales(
             raise ValueError(f"scales {list(s32.shape)} do not fit {list(w.shape)} in blocks {list(block)}")
     elif s32.numel() != 1:
         raise ValueError(f"one scale expected for block=None, got {list(s32.shape)}")
-    return _expanded_div(w.to(torch.float32), s32, block, fp8_dtype)
+    mats, rows, cols = _matrices(tuple(w.shape))
+    w3 = w.reshape(mats, rows, cols)
+    s3 = s32.reshape(mats, *need[-2:]) if block is not None else s32.reshape(1, 1)
+    q = torch.empty(w3.shape, dtype=fp8_dtype)
+    step = _row_step(cols, block)
+    for m in range(mats):
+        for r0 in range(0, rows, step):
+            s = s3[m] if block is not None else s3
+            q[m, r0 : r0 + step] = _divide(w3[m, r0 : r0 + step], s, block, r0, fp8_dtype)
+    return q.reshape(w.shape)
 
 
 def encode_codes(
