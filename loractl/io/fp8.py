@@ -565,9 +565,18 @@ def dequantize(
             _apply_scales(x, s, w.block, r0)
             dst = flat_out[m, r0 : r0 + n]
             dst.copy_(x.to(torch_dtype(w.scale_dtype)) if ct else x)
-            if not bool(torch.isfinite(dst).all()):
+            if not _all_finite(dst):
                 _not_finite(base, w, b.view(fp8).view(n, cols), dst, m, r0, dtype)
     return out
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or infinity in ``x`` (non-empty): its min and max are finite (they propagate NaN), a
+    reduction that is many times faster than ``isfinite(x).all()`` on bfloat16."""
+    import torch
+
+    lo, hi = torch.aminmax(x)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _not_finite(
@@ -680,7 +689,7 @@ def requantize(
         return s
 
     def finite(x: torch.Tensor) -> None:
-        if not bool(torch.isfinite(x).all()):
+        if x.numel() and not _all_finite(x):
             bad = int((~torch.isfinite(w32)).sum())
             raise ValueError(f"{bad} values are NaN or infinite: they have no FP8 code")
 
