@@ -303,8 +303,14 @@ def find_fp8(base: BaseModel) -> dict[str, Fp8Weight]:
                 + (" (it is listed in modules_to_not_convert, yet stored as FP8)" if listed else ""),
             )
         found[name] = _check_pair(base, name, scale_key, block, "block" if block else "tensor", out_dtype)
-        act = name.removesuffix(".weight") + ".activation_scale" if name.endswith(".weight") else None
-        if act is not None and act in base.tensors:
+        # a static activation scheme's scale: <m>.activation_scale, or <m>.gate_up_proj_activation_scale
+        # beside fused experts (transformers' FP8Experts)
+        act = (
+            name[: -len(".weight")] + ".activation_scale"
+            if name.endswith(".weight")
+            else name + "_activation_scale"
+        )
+        if act in base.tensors:
             found[name].aux.append(act)
     if not found:
         raise _config_error(

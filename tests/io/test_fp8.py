@@ -248,7 +248,13 @@ def test_fused_experts_with_leading_dims(tmp_path: Path) -> None:
     q2, s2 = torch.stack([a for a, _ in qs2]), torch.stack([b for _, b in qs2])
     path = _write_base(
         tmp_path / "fused",
-        {"e.gate_up_proj": q, "e.gate_up_proj_scale_inv": s, "f.down_proj": q2, "f.down_proj_scale_inv": s2},
+        {
+            "e.gate_up_proj": q,
+            "e.gate_up_proj_scale_inv": s,
+            "f.down_proj": q2,
+            "f.down_proj_scale_inv": s2,
+            "e.gate_up_proj_activation_scale": torch.ones(3),
+        },
         _qc((32, 32)),
         dtype="bfloat16",
     )
@@ -256,6 +262,7 @@ def test_fused_experts_with_leading_dims(tmp_path: Path) -> None:
         found = fp8.find_fp8(b)
         w = found["e.gate_up_proj"]
         assert w.grid == (3, 3, 2)
+        assert w.aux == ["e.gate_up_proj_scale_inv", "e.gate_up_proj_activation_scale"]
         ours = fp8.dequantize(b, w, F32)
         assert same_bits(ours, Fp8Dequantize(None)._dequantize_one(q, s, F32))
         ours2 = fp8.dequantize(b, found["f.down_proj"], BF16)
@@ -533,6 +540,17 @@ def small(tmp_path: Path) -> Path:
         _qc((32, 32)),
         dtype="bfloat16",
     )
+
+
+def test_a_static_activation_scale_belongs_to_its_weight(small: Path) -> None:
+    # activation_scheme "static" stores <m>.activation_scale (transformers' serialized_names): it goes
+    # with the weight (left out of a dequantized copy, kept by a requantized one)
+    _edit(small, m__a__activation_scale=torch.tensor(0.5))
+    _config(small, activation_scheme="static")
+    with open_base(small) as b:
+        found = fp8.find_fp8(b)
+    assert found["m.a.weight"].aux == ["m.a.weight_scale_inv", "m.a.activation_scale"]
+    assert fp8.aux_keys(found) == {"m.a.weight_scale_inv", "m.a.activation_scale", "m.c.weight_scale_inv"}
 
 
 def _edit(path: Path, drop=(), **replace: torch.Tensor) -> None:
