@@ -161,18 +161,15 @@ def test_dequantize_works_in_chunks_of_block_rows(ceil_bases, monkeypatch) -> No
             want = {
                 k: dequantize_blocks(tensors[k], tensors[w.scale_key], block, BF16) for k, w in found.items()
             }
-            for elems in (1, 3 * block[0] * 256, 10**9):  # one row of blocks; three; the whole weight
+            # one row of blocks at a time; three (the last chunk partial); the defaults cover a whole weight
+            for elems in (1, 3 * block[0] * 256):
                 monkeypatch.setattr(fp8, "CHUNK_ELEMS", elems)
                 for k, w in found.items():
                     assert same_bits(fp8.dequantize(b, w), want[k]), (block, elems, k)
-                    # so do the quantizers
-                    q, s = fp8.requantize(fp8.dequantize(b, w, F32), block)
-                    assert same_bits(q, tensors[k]) and same_bits(s, tensors[w.scale_key]), (block, elems, k)
-                    assert same_bits(fp8.quantize_with_scales(want[k], s, block), tensors[k]), (
-                        block,
-                        elems,
-                        k,
-                    )
+                    if elems == 1:  # so do the quantizers
+                        q, s = fp8.requantize(fp8.dequantize(b, w, F32), block)
+                        assert same_bits(q, tensors[k]) and same_bits(s, tensors[w.scale_key]), (block, k)
+                        assert same_bits(fp8.quantize_with_scales(want[k], s, block), tensors[k]), (block, k)
             out = torch.empty(found[Q_PROJ].shape, dtype=BF16)  # into a given buffer
             assert fp8.dequantize(b, found[Q_PROJ], BF16, out=out) is out and same_bits(out, want[Q_PROJ])
             with pytest.raises(ValueError, match="buffer"):
