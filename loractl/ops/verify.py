@@ -396,12 +396,24 @@ def _dora_by_column(m: LoraModule) -> bool:
     return m.kind == "embedding" or (m.kind == "linear" and m.fan_in_fan_out)
 
 
-def _gemm_error(m: LoraModule) -> float:
-    """The factor G/T: two merges' updates (ours and theirs) each within γ_{r+4}·T_exact of the exact
-    ``w·s·B·A`` (r products and sums, the scale's multiply, the scale and the weight each rounded to
-    float32 once, a scaled factor), and T as computed (float32, all terms ≥ 0) ≥ (1 − γ_{r+1})·T_exact."""
+def _gemm_error(m: LoraModule) -> tuple[float, float]:
+    """``(ρ, α)`` with G = ρ·T + α bounding how far two merges' updates (ours and theirs) may be apart.
+
+    Each is within γ_{r+4}·T_exact + (r+4)·η₃₂ of the exact ``w·s·B·A``: r products and r−1 sums (any
+    order, FMA or not: Higham Thm 3.5), the scale's multiply, the scale and the weight each rounded
+    to float32 once, a scaled factor; η₃₂ per operation that may underflow into the subnormals. T as
+    computed (float32, all terms ≥ 0) is ≥ (1 − γ_{r+1})·T_exact.
+    """
     r = m.rank
-    return 2.0 * gamma(r + 4) / (1.0 - gamma(r + 1)) * _SLACK
+    rho = 2.0 * gamma(r + 4) / (1.0 - gamma(r + 1)) * _SLACK
+    return rho, 2.0 * (r + 4) * smallest_subnormal(torch.float32)
+
+
+def _gemm_term(m: LoraModule, weight: float, r0: int, r1: int) -> torch.Tensor:
+    """G for rows r0:r1, float64 [n, cols]."""
+    rho, alpha = _gemm_error(m)
+    t = update_rows(m, weight, r0, r1, absolute=True).reshape(r1 - r0, -1).to(torch.float64)
+    return t.mul_(rho).add_(alpha)
 
 
 @dataclass
@@ -450,7 +462,7 @@ def _expect_block(
     - start: E = W; β = u·|W| + η/2 if d cannot hold the base's values (cast first), else 0;
     - replace R: E = R; β = u·|R| + η/2 if d cannot hold R's values, else 0;
     - lora_bias b: E += w·s·b; β += 2·γ₃·|w·s·b|;
-    - LoRA: E += ΔW; β += G = 2·γ_{r+4}·T/(1 − γ_{r+1}) (:func:`_gemm_error`); an embedding's update is
+    - LoRA: E += ΔW; β += G = 2·γ_{r+4}·T/(1 − γ_{r+1}) + 2(r+4)·η₃₂ (:func:`_gemm_error`); an embedding's update is
       rounded to the weight's dtype before it is added (PEFT): β += u·(|ΔW| + G) + η/2;
     - DoRA, f = m/‖W + ΔW‖ (float64; per row, or per column for Conv1D and embeddings):
       E = f·(E + ΔW); β = |f|·(β + G + δ·(|E + ΔW| + β + G)) with δ = γ_{n+6} + ‖β₀ + G‖/‖W + ΔW‖
@@ -482,8 +494,7 @@ def _expect_block(
             m = c.module
             assert m is not None
             delta = update_rows(m, c.weight, r0, r1).reshape(r1 - r0, -1).to(torch.float64)
-            g = update_rows(m, c.weight, r0, r1, absolute=True).reshape(r1 - r0, -1).to(torch.float64)
-            g.mul_(_gemm_error(m))
+            g = _gemm_term(m, c.weight, r0, r1)
             if m.is_dora:
                 if _dora_by_column(m):
                     f, rel = columns[i].factor, columns[i].rel
@@ -545,8 +556,7 @@ def _column_dora(
         beta0 = _base_cast_term(w64, base.dtype, d)
         for i, m in todo:
             delta = update_rows(m, changes[i].weight, r0, r1).reshape(r1 - r0, -1).to(torch.float64)
-            g = update_rows(m, changes[i].weight, r0, r1, absolute=True).reshape(r1 - r0, -1)
-            g = g.to(torch.float64).mul_(_gemm_error(m))
+            g = _gemm_term(m, changes[i].weight, r0, r1)
             pert = g if beta0 is None else g + beta0
             sx, sp = sums[i]
             sx += (w64 + delta).square().sum(dim=0)
