@@ -422,6 +422,7 @@ class _Dora:
 
     factor: torch.Tensor  # [1, cols], float64
     rel: torch.Tensor  # [1, cols]: the norm's relative perturbation from the update's error
+    nu: torch.Tensor  # [1, cols]: the norm
 
 
 @dataclass
@@ -447,6 +448,56 @@ def _base_cast_term(w64: torch.Tensor, base_dtype: torch.dtype, d: torch.dtype) 
     return w64.abs().mul_(unit_roundoff(d) * _SLACK).add_(smallest_subnormal(d) / 2)
 
 
+@dataclass
+class _Step:
+    """One LoRA change as :func:`_expect_block` applied it, for PEFT's replay around a later DoRA norm."""
+
+    g: torch.Tensor  # G
+    before: torch.Tensor  # E before it
+    after: torch.Tensor  # E after it
+    dora: _DoraStep | None = None
+
+
+@dataclass
+class _DoraStep:
+    f: torch.Tensor  # m/‖W + ΔW‖, broadcastable
+    x: torch.Tensor  # E before + ΔW
+    nu: torch.Tensor  # ‖W + ΔW‖, broadcastable
+    n: int  # elements in the norm
+    dim: int  # the norm's axis in the [n, cols] block: 1 (rows) or 0 (columns)
+
+
+def _replay(
+    steps: list[_Step], beta: torch.Tensor, u: float, half_eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT ≥ 0.21 merges a DoRA adapter into a weight that already holds others by unmerging those
+    (last first), taking the norm of what is left (W̃ ≈ W) and merging them again
+    (``LoraLayer._unmerged_base_weight``): each step rounds once more. Returns (β of the value merged
+    again, β of W̃). Unmerging DoRA divides by f (the cached norm: f's own error δ·|x|) and subtracts
+    ΔW in float32; merging DoRA again takes a new norm of W̃ + ΔW."""
+    b = beta
+    for st in reversed(steps):
+        if st.dora is not None:
+            dora = st.dora
+            fa = dora.f.abs()
+            delta_f = gamma(dora.n + 6) * _SLACK
+            b = b / fa + delta_f * (dora.x.abs() + b / fa) + st.g + (dora.x.abs() + b / fa) * (2 * 2.0**-24)
+        else:
+            b = b + st.g
+        b = b + (st.before.abs() + b) * u + half_eta
+    b_w = b
+    for st in steps:
+        if st.dora is not None:
+            dora = st.dora
+            rel = torch.linalg.vector_norm(b_w + st.g, dim=dora.dim, keepdim=True) / dora.nu
+            delta_f = gamma(dora.n + 6) * _SLACK + rel
+            b = dora.f.abs() * (b + st.g + delta_f * (dora.x.abs() + b + st.g))
+        else:
+            b = b + st.g
+        b = b + (st.after.abs() + b) * u + half_eta
+    return b, b_w
+
+
 def _expect_block(
     base: torch.Tensor,
     changes: Sequence[Change],
@@ -459,32 +510,34 @@ def _expect_block(
 
     With ``u = u_d·(1 + 2⁻¹⁰)``, ``η = η_d`` (d the merged dtype) and ``T = |w·s|·|B|·|A|`` per module:
 
-    - start: E = W; β = u·|W| + η/2 if d cannot hold the base's values (cast first), else 0;
+    - start: E = W; β = β₀ = u·|W| + η/2 if d cannot hold the base's values (cast first), else 0;
     - replace R: E = R; β = u·|R| + η/2 if d cannot hold R's values, else 0;
     - lora_bias b: E += w·s·b; β += 2·γ₃·|w·s·b|;
-    - LoRA: E += ΔW; β += G = 2·γ_{r+4}·T/(1 − γ_{r+1}) + 2(r+4)·η₃₂ (:func:`_gemm_error`); an embedding's update is
-      rounded to the weight's dtype before it is added (PEFT): β += u·(|ΔW| + G) + η/2;
+    - LoRA: E += ΔW; β += G = 2·γ_{r+4}·T/(1 − γ_{r+1}) + 2(r+4)·η₃₂ (:func:`_gemm_error`); an
+      embedding's update is rounded to the weight's dtype before it is added (PEFT): β += u·(|ΔW| + G) + η/2;
     - DoRA, f = m/‖W + ΔW‖ (float64; per row, or per column for Conv1D and embeddings):
-      E = f·(E + ΔW); β = |f|·(β + G + δ·(|E + ΔW| + β + G)) with δ = γ_{n+6} + ‖β₀ + G‖/‖W + ΔW‖
+      E = f·(E + ΔW); β = |f|·(β + G + δ·(|E + ΔW| + β + G)) with δ = γ_{n+6} + ‖β_W + G‖/‖W + ΔW‖
       over the norm's n elements (its sum of squares, sqrt, division, the add before it and the
-      multiply after it; the perturbation of the norm by the update's error and the base's cast);
+      multiply after it; the perturbation of the norm by the update's error and by β_W, the error of
+      the weight the norm is taken of: β₀, or after earlier adapters PEFT's replay, :func:`_replay`);
     - after every change but the last, the running value is rounded (PEFT: to the weight's dtype,
       the merged dtype at worst): β += u·(|E| + β) + η/2. The last rounding, c₁·ulp(M), is the caller's.
     """
-    dt = d
-    u = unit_roundoff(dt) * _SLACK
-    half_eta = smallest_subnormal(dt) / 2
+    u = unit_roundoff(d) * _SLACK
+    half_eta = smallest_subnormal(d) / 2
     w64 = _rows2d(base, r0, r1).to(torch.float64)
-    beta0 = _base_cast_term(w64, base.dtype, dt)
+    beta0 = _base_cast_term(w64, base.dtype, d)
     e = w64.clone()
     beta = beta0.clone() if beta0 is not None else torch.zeros_like(w64)
+    steps: list[_Step] = []
     last = len(changes) - 1
     for i, c in enumerate(changes):
         if c.kind == "replace":
             assert c.tensor is not None
             e = _rows2d(c.tensor, r0, r1).to(torch.float64)
-            cast = _base_cast_term(e, c.tensor.dtype, dt)
+            cast = _base_cast_term(e, c.tensor.dtype, d)
             beta = cast if cast is not None else torch.zeros_like(e)
+            steps = []
         elif c.kind == "bias":
             assert c.module is not None
             bd = merge_ops.bias_delta(c.module, c.weight)[r0:r1].reshape(r1 - r0, -1).to(torch.float64)
@@ -495,24 +548,31 @@ def _expect_block(
             assert m is not None
             delta = update_rows(m, c.weight, r0, r1).reshape(r1 - r0, -1).to(torch.float64)
             g = _gemm_term(m, c.weight, r0, r1)
+            before = e
             if m.is_dora:
-                if _dora_by_column(m):
-                    f, rel = columns[i].factor, columns[i].rel
-                else:
-                    x_norm = w64 + delta
-                    nu = torch.linalg.vector_norm(x_norm, dim=1, keepdim=True)
-                    pert = g if beta0 is None else g + beta0
-                    rel = torch.linalg.vector_norm(pert, dim=1, keepdim=True) / nu
-                    f = _magnitude(m)[r0:r1].view(-1, 1) / nu
-                delta_f = gamma(_norm_length(base, m) + 6) * _SLACK + rel
+                b_w = beta0 if beta0 is not None else torch.zeros_like(w64)
+                if steps:
+                    beta, b_w = _replay(steps, beta, u, half_eta)
+                dim = 0 if _dora_by_column(m) else 1
+                n = _norm_length(base, m)
+                if i in columns:
+                    f, rel, nu = columns[i].factor, columns[i].rel, columns[i].nu
+                else:  # rows, or columns of a block that is the whole tensor
+                    nu = torch.linalg.vector_norm(w64 + delta, dim=dim, keepdim=True)
+                    rel = torch.linalg.vector_norm(b_w + g, dim=dim, keepdim=True) / nu
+                    mag = _magnitude(m)
+                    f = (mag.view(1, -1) if dim == 0 else mag[r0:r1].view(-1, 1)) / nu
+                delta_f = gamma(n + 6) * _SLACK + rel
                 x = e + delta
                 beta = f.abs() * (beta + g + delta_f * (x.abs() + beta + g))
                 e = f * x
+                steps.append(_Step(g, before, e, _DoraStep(f, x, nu, n, dim)))
             else:
                 e = e + delta
                 beta = beta + g
                 if m.kind == "embedding":
                     beta = beta + (delta.abs() + g) * u + half_eta
+                steps.append(_Step(g, before, e))
         if i != last:
             beta = beta + (e.abs() + beta) * u + half_eta
     if len(changes) == 1 and changes[0].kind == "lora" and not changes[0].module.is_dora:  # type: ignore[union-attr]
@@ -538,11 +598,15 @@ def _column_dora(
     """Prepass for DoRA modules whose norm runs down columns: the sums of squares of ``W + ΔW`` and of
     the norm's perturbation, per column, accumulated over row blocks in float64."""
     out: dict[int, _Dora] = {}
-    todo = [
-        (i, c.module)
-        for i, c in enumerate(changes)
-        if c.kind == "lora" and c.module is not None and c.module.is_dora and _dora_by_column(c.module)
-    ]
+    todo = []
+    earlier = False  # a LoRA change before this one (since the last replacement): PEFT replays it
+    for i, c in enumerate(changes):
+        if c.kind == "replace":
+            earlier = False
+        elif c.kind == "lora" and c.module is not None:
+            if c.module.is_dora and _dora_by_column(c.module) and not earlier:
+                todo.append((i, c.module))
+            earlier = True
     if not todo:
         return out
     rows = base.shape[0]
@@ -564,8 +628,25 @@ def _column_dora(
     for i, m in todo:
         sx, sp = sums[i]
         nu = sx.sqrt()
-        out[i] = _Dora((_magnitude(m) / nu).view(1, -1), (sp.sqrt() / nu).view(1, -1))
+        out[i] = _Dora((_magnitude(m) / nu).view(1, -1), (sp.sqrt() / nu).view(1, -1), nu.view(1, -1))
     return out
+
+
+def _block_rows(base: torch.Tensor, changes: Sequence[Change]) -> int:
+    """Rows per block: about :data:`.merge.CHUNK_ELEMENTS` elements; the whole tensor when PEFT's replay
+    (:func:`_replay`) takes a norm down the columns of a weight that other adapters changed first."""
+    rows = base.shape[0] if base.dim() else 1
+    earlier = column = replay = False
+    for c in changes:
+        if c.kind == "replace":
+            earlier = False
+        elif c.kind == "lora" and c.module is not None:
+            column |= c.module.is_dora and _dora_by_column(c.module)
+            replay |= c.module.is_dora and earlier
+            earlier = True
+    if column and replay:
+        return rows
+    return merge_ops.row_block(max(1, base.numel() // max(1, rows)))
 
 
 def expected_and_bound(
@@ -574,7 +655,7 @@ def expected_and_bound(
     """The whole tensor's E (float64) and elementwise bound β (float64), shaped like ``base``: what
     :func:`check_changed` compares block by block (for tests and diagnostics; it holds whole tensors)."""
     rows = base.shape[0] if base.dim() else 1
-    step = merge_ops.row_block(max(1, base.numel() // max(1, rows)))
+    step = _block_rows(base, changes)
     b = base if base.dim() else base.reshape(1)
     mm = merged if merged.dim() else merged.reshape(1)
     columns = _column_dora(b, changes, merged.dtype, step)
@@ -762,7 +843,7 @@ def _judge(
     b = base if base.dim() else base.reshape(1)
     mm = merged if merged.dim() else merged.reshape(1)
     cols = max(1, b.numel() // max(1, rows))
-    step = merge_ops.row_block(cols)
+    step = _block_rows(b, changes)
     c1 = final_rounding_constant(merged.dtype)
 
     def rows_from(start: int, stop: int) -> _Tally:

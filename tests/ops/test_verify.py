@@ -169,6 +169,22 @@ def test_two_adapters_merged_in_turn(tmp_path: Path, dtype: torch.dtype) -> None
     _assert_all_ok(_verify(theirs, before, one_one, exact=False), one_one, None)
 
 
+@pytest.mark.parametrize("case", ["llama-dora", "gpt2-dora"])
+def test_accepts_peft_merging_two_dora_adapters_in_turn(tmp_path: Path, case: str) -> None:
+    """PEFT merges a DoRA adapter into a weight that holds another by unmerging it, taking the norm and
+    merging it again (``_unmerged_base_weight``): more roundings than loractl's order, so other bits,
+    still within the bound (rows for Llama, columns of GPT-2's Conv1D: the whole tensor at once)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        arch, base, adapters = _setup(tmp_path / str(dtype), case, dtype, n_adapters=2)
+        theirs, before, changes = _peft(base, adapters, dtype, arch), read_st(base), _changes(base, adapters)
+        checks = _verify(theirs, before, changes)
+        assert all(c.ok for c in checks.values()), {k: c for k, c in checks.items() if not c.ok}
+        assert any(checks[k].exact is None for k in changes)  # not loractl's bits: judged by the bound
+        api.merge(base, adapters, tmp_path / str(dtype) / "merged", receipt=False)
+        ours = read_st(tmp_path / str(dtype) / "merged")
+        _assert_all_ok(_verify(ours, before, changes), changes, verify.PEFT_ORDER)
+
+
 def _fp32_then_cast(
     base: dict[str, torch.Tensor], changes: dict[str, list], dtype: torch.dtype, accurate: bool
 ):
