@@ -82,7 +82,8 @@ class TensorCheck:
         residual: ``‖(M − W) − c·(E − W)‖ / ‖E − W‖`` after that fit.
         outside: elements outside the bound (changed tensors) or different from the base (untouched).
         elements: the tensor's elements.
-        max_excess: the largest ``|M − E| − β`` (≤ 0 when every element is within the bound).
+        max_excess: the largest ``|M − E| − β`` (≤ 0 when every element is within the bound); None
+            when the bound was not needed (an exact match, an untouched tensor) or no element is finite.
         max_abs_diff: the largest ``|M − E|`` (changed) or ``|M − W|`` (untouched), finite elements.
         worst: the index of the element with the largest excess (or difference), or None.
         nonfinite: elements that are NaN/±inf in the merged tensor where the expected value is finite.
@@ -96,7 +97,7 @@ class TensorCheck:
     residual: float | None = None
     outside: int = 0
     elements: int = 0
-    max_excess: float = 0.0
+    max_excess: float | None = None
     max_abs_diff: float = 0.0
     worst: tuple[int, ...] | None = None
     nonfinite: int = 0
@@ -831,7 +832,7 @@ def check_changed(
         return check_untouched(merged, base)
     order = exact_match(merged, base, changes) if exact else None
     if order is not None:
-        return TensorCheck(OK, exact=order, elements=merged.numel(), modules=modules, max_excess=-math.inf)
+        return TensorCheck(OK, exact=order, elements=merged.numel(), modules=modules)
     return _judge(merged, base, changes, modules)
 
 
@@ -873,7 +874,7 @@ def _verdict(t: _Tally, shape: torch.Size, modules: tuple[str, ...]) -> TensorCh
         residual=residual,
         outside=t.outside,
         elements=t.elements,
-        max_excess=t.max_excess,
+        max_excess=t.max_excess if math.isfinite(t.max_excess) else None,
         max_abs_diff=t.max_abs,
         worst=_index(t.worst, shape),
         nonfinite=t.nonfinite,

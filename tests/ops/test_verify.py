@@ -384,7 +384,10 @@ def test_realistic_weights_wrong_scale_1_01_and_missing_module(tmp_path: Path, m
             good = verify.check_changed(theirs[k], before[k], ch, exact=False)
             assert good.ok and good.outside == 0 and good.max_excess <= 0, (k, good)
             c = verify.check_changed(wrong[k], before[k], ch)
-            assert c.verdict == verify.WRONG_SCALE and c.outside > 0, (dtype, k, c)
+            assert c.verdict == verify.WRONG_SCALE and c.outside > 0 and c.max_excess > 0, (dtype, k, c)
+            e, beta = verify.expected_and_bound(wrong[k], before[k], ch)  # the worst element is where it says
+            gap = (wrong[k].double() - e).abs() - beta
+            assert float(gap[c.worst]) == pytest.approx(c.max_excess) == float(gap.max())
             assert c.ratio == pytest.approx(1.01, abs=2e-3)
             assert c.fraction > (0.01 if dtype == torch.bfloat16 else 0.9), (dtype, k, c)
             gone = verify.check_changed(before[k], before[k], ch)
