@@ -767,6 +767,95 @@ def _tally_nonfinite(
     tally.s_bd += _dot(bd, bd)
 
 
+def _abs_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """|A| and |B| in float32, kept on the module (the bound needs them for every block)."""
+    key = (m.down.data_ptr(), m.up.data_ptr())
+    cached = m.__dict__.get("_abs_factors")
+    if cached is None or cached[0] != key:
+        a, b = _factors(m, absolute=True)
+        cached = m.__dict__["_abs_factors"] = (key, a, b)
+    return cached[1], cached[2]
+
+
+def _single(changes: Sequence[Change]) -> LoraModule | None:
+    """The module, when the changes are one plain LoRA module on a 2-D weight (the common case)."""
+    if len(changes) != 1 or changes[0].kind != "lora":
+        return None
+    m = changes[0].module
+    if m is None or m.is_dora or m.kind == "conv":
+        return None
+    return m
+
+
+def _tally_single(
+    tally: _Tally,
+    m_blk: torch.Tensor,
+    w_blk: torch.Tensor,
+    m: LoraModule,
+    weight: float,
+    r0: int,
+    r1: int,
+    c1: float,
+    offset: int,
+) -> bool:
+    """:func:`_expect_block` and :func:`_tally_block` for one plain LoRA module, in place in this thread's
+    scratch blocks (fresh memory per operation costs page faults) and without the NaN handling:
+    returns False, leaving ``tally`` alone, when something is not finite (the caller goes the careful way)."""
+    n, cols = m_blk.shape
+    d = m_blk.dtype
+    u = unit_roundoff(d) * _SLACK
+    half_eta = smallest_subnormal(d) / 2
+    f64 = torch.float64
+    delta = merge_ops._scratch("v-delta", (n, cols), f64)
+    beta = merge_ops._scratch("v-beta", (n, cols), f64)
+    r = merge_ops._scratch("v-r", (n, cols), f64)
+    err = merge_ops._scratch("v-err", (n, cols), f64)
+    s = m.scale * weight
+    rho, alpha = _gemm_error(m)
+    if m.kind == "linear" and not m.fan_in_fan_out:
+        a, b = merge_ops._factors32(m)
+        aa, ba = _abs_factors(m)
+        p32 = merge_ops._scratch("v-p32", (n, cols), a.dtype)
+        torch.mm(b[r0:r1], a, out=p32)
+        delta.copy_(p32).mul_(s)  # the update in float64 from the float32 product (G covers both)
+        torch.mm(ba[r0:r1], aa, out=p32)
+        beta.copy_(p32).mul_(abs(s) * rho).add_(alpha)
+    else:
+        delta.copy_(update_rows(m, weight, r0, r1).reshape(n, cols))
+        beta.copy_(update_rows(m, weight, r0, r1, absolute=True).reshape(n, cols)).mul_(rho).add_(alpha)
+    if m.kind == "embedding":  # PEFT rounds the update to the weight's dtype before adding it
+        err.copy_(delta).abs_().add_(beta).mul_(u).add_(half_eta)
+        beta.add_(err)
+    if not exact_cast(w_blk.dtype, d):  # the base cast to the merged dtype first
+        err.copy_(w_blk).abs_().mul_(u).add_(half_eta)
+        beta.add_(err)
+    # c₁·ulp(M): the exponent field alone is 2^e (0 for zero and subnormals: + c₁·η covers those)
+    itype, mask = _EXP[d]
+    pow2 = merge_ops._scratch("v-pow2", (n, cols), itype)
+    torch.bitwise_and(m_blk.view(itype), mask, out=pow2)
+    beta.add_(pow2.view(d), alpha=c1 * 2.0 ** (1 - _P[d])).add_(c1 * smallest_subnormal(d))
+    r.copy_(m_blk).sub_(w_blk)  # M − W
+    torch.sub(r, delta, out=err).abs_()  # |M − E|
+    if not math.isfinite(float(err.sum())):
+        return False
+    top_abs = float(err.max())
+    excess = err.sub_(beta)
+    top = float(excess.max())
+    tally.elements += n * cols
+    if top > 0:
+        tally.outside += int(torch.count_nonzero(excess > 0))
+    if top > tally.max_excess:
+        tally.max_excess, tally.worst = top, offset + int(torch.argmax(excess.reshape(-1)))
+    tally.max_abs = max(tally.max_abs, top_abs)
+    tally.s_rd += _dot(r, delta)
+    tally.s_dd += _dot(delta, delta)
+    tally.s_rr += _dot(r, r)
+    tally.s_bb += _dot(beta, beta)
+    bd = beta.mul_(delta)
+    tally.s_bd += _dot(bd, bd)
+    return True
+
+
 class _OneTorchThread:
     """torch at one thread inside (each half of the rows runs on its own thread, as the merge does:
     with more, every small op waits for a team of threads that a busy machine may not schedule)."""
@@ -847,12 +936,19 @@ def _judge(
     step = _block_rows(b, changes)
     c1 = final_rounding_constant(merged.dtype)
 
+    single = _single(changes)
+
     def rows_from(start: int, stop: int) -> _Tally:
         tally = _Tally()
         for r0 in range(start, stop, step):
             r1 = min(stop, r0 + step)
+            m_blk = _rows2d(mm, r0, r1)
+            if single is not None and _tally_single(
+                tally, m_blk, _rows2d(b, r0, r1), single, changes[0].weight, r0, r1, c1, r0 * cols
+            ):
+                continue
             ex = _expect_block(b, changes, merged.dtype, r0, r1, columns)
-            _tally_block(tally, _rows2d(mm, r0, r1), ex, c1, r0 * cols)
+            _tally_block(tally, m_blk, ex, c1, r0 * cols)
         return tally
 
     with _OneTorchThread():

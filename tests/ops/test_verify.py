@@ -388,6 +388,7 @@ def test_realistic_weights_wrong_scale_1_01_and_missing_module(tmp_path: Path, m
             e, beta = verify.expected_and_bound(wrong[k], before[k], ch)  # the worst element is where it says
             gap = (wrong[k].double() - e).abs() - beta
             assert float(gap[c.worst]) == pytest.approx(c.max_excess) == float(gap.max())
+            assert int((gap > 0).sum()) == c.outside
             assert c.ratio == pytest.approx(1.01, abs=2e-3)
             assert c.fraction > (0.01 if dtype == torch.bfloat16 else 0.9), (dtype, k, c)
             gone = verify.check_changed(before[k], before[k], ch)
