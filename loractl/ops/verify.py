@@ -471,7 +471,7 @@ class _DoraStep:
 def _replay(
     steps: list[_Step], beta: torch.Tensor, u: float, half_eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT ≥ 0.21 merges a DoRA adapter into a weight that already holds others by unmerging those
+    """PEFT (0.21.2) merges a DoRA adapter into a weight that already holds others by unmerging those
     (last first), taking the norm of what is left (W̃ ≈ W) and merging them again
     (``LoraLayer._unmerged_base_weight``): each step rounds once more. Returns (β of the value merged
     again, β of W̃). Unmerging DoRA divides by f (the cached norm: f's own error δ·|x|) and subtracts
