@@ -203,25 +203,9 @@ def _module_names(changes: Sequence[Change]) -> tuple[str, ...]:
 # 1. the exact recomputation
 # --------------------------------------------------------------------------------------------
 def peft_order(w0: torch.Tensor, changes: Sequence[Change], out_dtype: torch.dtype) -> torch.Tensor:
-    """The changes applied to ``w0`` in turn exactly as PEFT merges them (``api.merged_tensor``):
-    computed in the wider of ``w0``'s dtype and ``out_dtype``, each update added with one rounding,
-    then cast to ``out_dtype``. ``w0`` is not changed."""
-    compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
-    w = w0.to(compute, copy=True)
-    base_c = w0.to(compute) if compute != w0.dtype else w0
-    for c in changes:
-        if c.kind == "replace":
-            assert c.tensor is not None
-            w = c.tensor.to(compute, copy=True)
-        elif c.kind == "bias":
-            assert c.module is not None
-            w += merge_ops.bias_delta(c.module, c.weight)
-        else:
-            assert c.module is not None
-            delta = merge_ops.delta_weight(c.module, c.weight)
-            factor = merge_ops.dora_factor(c.module, base_c, delta) if c.module.is_dora else None
-            w = merge_ops.apply_delta(w, c.module, delta, factor)
-    return w.to(out_dtype) if w.dtype != out_dtype else w
+    """The changes applied to ``w0`` in turn exactly as PEFT merges them: the merge's own arithmetic
+    (:func:`loractl.ops.merge.merged_tensor`). ``w0`` is not changed."""
+    return merge_ops.merged_tensor(w0, changes, out_dtype)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ from conftest import build_model, make_adapter, peft_merged, read_st, same_bits,
 from loractl import api
 from loractl.adapter import LoraModule
 from loractl.io.base import open_base
+from loractl.ops import merge as merge_ops
 from loractl.ops import verify
+from loractl.plan import plan_merge
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -92,10 +94,10 @@ def _peft(base: Path, adapters: list[Path], dtype: torch.dtype, arch: str) -> di
 
 
 def _changes(base: Path, adapters: list[Path], weights: list[float] | None = None) -> dict[str, list]:
-    """What each base tensor gets, as the merge plans it (api.plan_merge)."""
+    """What each base tensor gets, as the merge plans it (loractl.plan.plan_merge)."""
     loaded = [api.load_adapter(a) for a in adapters]
     with open_base(base) as b:
-        plan = api.plan_merge(b, loaded, weights or [1.0] * len(loaded))
+        plan = plan_merge(b, loaded, weights or [1.0] * len(loaded))
     assert not plan.unmatched
     return plan.changes
 
@@ -151,9 +153,9 @@ def test_accepts_loractl_and_peft_merges(tmp_path: Path, case: str, dtype: torch
         for k, ch in changes.items():  # the bound alone (how another tool's merge is judged)
             c = verify.check_changed(merged[k], before[k], ch, exact=False)
             assert c.ok and c.outside == 0, (k, c)
-    # the exact recomputation is the merge's own arithmetic (api.merged_tensor), bit for bit
+    # the exact recomputation is the merge's own arithmetic (ops.merge.merged_tensor), bit for bit
     for k, ch in changes.items():
-        assert same_bits(verify.peft_order(before[k], ch, dtype), api.merged_tensor(before[k], ch, dtype)), k
+        assert same_bits(verify.peft_order(before[k], ch, dtype), merge_ops.merged_tensor(before[k], ch, dtype)), k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -438,7 +440,7 @@ def _random_case(seed: int):
         delta = sum(verify.update_rows(m, 1.0, 0, shape[0]).double() for m in mods)
         w = torch.where(torch.rand(shape, generator=g) < 0.5, -delta + w * 1e-3, w)
     w = w.to(base_dtype)
-    changes = [api.Contribution(0, "lora", pick([1.0, 0.7, 1.3]), module=m) for m in mods]
+    changes = [merge_ops.Contribution(0, "lora", pick([1.0, 0.7, 1.3]), module=m) for m in mods]
     return w, changes, d
 
 
@@ -492,7 +494,7 @@ def test_bound_is_half_an_ulp_for_one_update_in_the_same_dtype() -> None:
     assert verify.final_rounding_constant(torch.float32) == pytest.approx(0.5, rel=1e-7)
     for d in (torch.bfloat16, torch.float32):
         w = (torch.randn(256, 512, generator=g) * 0.5).to(d)
-        changes = [api.Contribution(0, "lora", 1.0, module=m)]
+        changes = [merge_ops.Contribution(0, "lora", 1.0, module=m)]
         merged = verify.peft_order(w, changes, d)
         _, beta = verify.expected_and_bound(merged, w, changes)
         in_ulps = beta / verify.ulp(merged)
@@ -522,7 +524,7 @@ def test_ulp_is_the_spacing_above() -> None:
 def test_shape_dtype_names() -> None:
     g = torch.Generator().manual_seed(0)
     m = _module(g, "linear", 8, 6, 2, 0.1)
-    ch = [api.Contribution(0, "lora", 1.0, module=m)]
+    ch = [merge_ops.Contribution(0, "lora", 1.0, module=m)]
     w = torch.randn(8, 6, generator=g)
     c = verify.check_changed(torch.zeros(6, 8), w, ch)
     assert c.verdict == verify.MISMATCH and "shape [6, 8]" in c.note
