@@ -52,6 +52,9 @@ from .ops.truncate import DYLORA_CONVENTIONS
 from .plan import match, plan_merge
 from .provenance import AdapterRef, metadata, refs
 from .recipe import RunResult, StepReport
+from .verifying import Counts as VerifyCounts
+from .verifying import Finding as VerifyFinding
+from .verifying import verify_model, verify_notes
 
 __all__ = [
     "AdapterInfo",
@@ -74,6 +77,7 @@ __all__ = [
     "TruncateResult",
     "TruncatedModule",
     "UnmergeResult",
+    "VerifyResult",
     "amplification",
     "check",
     "combine",
@@ -87,6 +91,7 @@ __all__ = [
     "spectrum",
     "truncate",
     "unmerge",
+    "verify",
 ]
 
 
@@ -412,6 +417,100 @@ def unmerge(
     finally:
         if rec is not None:
             rec.close()
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VerifyResult:
+    """What ``verify`` found.
+
+    Attributes:
+        ok: every tensor is what a correct merge writes (no finding).
+        merged: the merged model checked, as given.
+        base: the base model, as given.
+        adapters: the adapters it should hold, in merge order, with their weights.
+        findings: each tensor no correct merge can have written (:class:`~loractl.verifying.Finding`).
+        tensors: counts per tensor (:class:`~loractl.verifying.Counts`).
+        seconds: wall time.
+        notes: what a user should know (the merged model's dtype is not the base's...).
+    """
+
+    ok: bool
+    merged: str
+    base: str
+    adapters: list[AdapterRef]
+    findings: list[VerifyFinding]
+    tensors: VerifyCounts
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@_keeps_torch_threads
+def verify(
+    merged: str | Path,
+    adapters: Adapters,
+    *,
+    base: str | Path,
+    weights: Weights = None,
+    allow_partial: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+    alpha: float | None = None,
+    progress: Progress | None = None,
+) -> VerifyResult:
+    """Audit a merged model, whoever made it (loractl, PEFT ``merge_and_unload``, mergekit...): every
+    tensor the adapters change must equal ``base + Σ wᵢ·ΔWᵢ`` up to the rounding a correct merge may
+    make in its dtype, every other tensor must equal the base (or the base cast to the merged dtype).
+
+    Reads the base and the merged model tensor by tensor; nothing is written. The arithmetic and the
+    bound are :mod:`loractl.ops.verify` (docs/merge.md, "verify: the rounding bound").
+
+    Args:
+        merged: the merged model (folder, file or Hub reference).
+        adapters: the adapters it should hold, in merge order.
+        base: the base model they were merged into (a 4-bit base: read dequantized, as merge does).
+        weights: the merge weight of each adapter (default 1).
+        allow_partial: check the modules that match a base weight and ignore the others (for a model
+            merged with ``allow_partial``).
+        format: force the adapters' format.
+        allow_pickle: accept pickle adapters.
+        subfolder: the folder inside a Hub adapter repo.
+        alpha: lora_alpha for adapters that do not state it.
+        progress: called with (bytes read, bytes total).
+
+    Returns:
+        ``ok`` and the findings; ``ok`` is False when the merged model is not a correct merge.
+
+    Raises:
+        InputError: a missing or unreadable model or adapter; an adapter that does not fit the base
+            (as merge refuses it).
+        UsageError: no adapter, or a weight per adapter missing.
+    """
+    t0 = time.perf_counter()
+    adapters = as_list(adapters)
+    if not adapters:
+        raise UsageError("no adapter given")
+    ws = weights_for(weights, len(adapters))
+    with open_base(base, progress=progress is not None) as b, open_base(merged, progress=progress is not None) as m:
+        opts = read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, progress=progress is not None, alpha=alpha)
+        loaded = load_adapters(adapters, format, opts)
+        plan = plan_merge(b, loaded, ws)
+        plan.refuse_unmatched(b, loaded, allow_partial, verb="verify")
+        findings, counts = verify_model(m, b, plan, progress=progress)
+        notes = verify_notes(m, b, plan)
+    return VerifyResult(
+        ok=not findings,
+        merged=str(merged),
+        base=str(base),
+        adapters=refs(loaded, ws),
+        findings=findings,
+        tensors=counts,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
 
 
 # --------------------------------------------------------------------------------------------

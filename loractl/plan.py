@@ -183,9 +183,11 @@ class MergePlan:
     unmatched: list[str]
     fits: list[Fit] = field(default_factory=list)
 
-    def refuse_unmatched(self, base: BaseModel, adapters: Sequence[Adapter], allow_partial: bool) -> None:
+    def refuse_unmatched(
+        self, base: BaseModel, adapters: Sequence[Adapter], allow_partial: bool, verb: str = "merge"
+    ) -> None:
         """Refuse modules that match no base weight (unless ``allow_partial``), and a merge that would
-        change nothing at all.
+        change nothing at all. ``verb``: what the hint offers to do with the rest (``merge``, ``verify``).
 
         Raises:
             InputError: naming the base and the first modules.
@@ -196,7 +198,7 @@ class MergePlan:
             )
             raise InputError(
                 f"{base.path}: {len(self.unmatched)} adapter modules match no base weight: {shown}",
-                hint="is the adapter for this base? pass --allow-partial to merge the rest anyway",
+                hint=f"is the adapter for this base? pass --allow-partial to {verb} the rest anyway",
             )
         if not self.changes:  # --allow-partial, and not one module matched: the output would be the base
             raise InputError(

@@ -18,6 +18,7 @@ from . import run as run_cmd
 from . import similarity as similarity_cmd
 from . import truncate as truncate_cmd
 from . import unmerge as unmerge_cmd
+from . import verify as verify_cmd
 from ._help import Command
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ similarity_cmd.register(app)
 convert_cmd.register(app)
 run_cmd.register(app)
 check_cmd.register(app)
+verify_cmd.register(app)
 for _info in app.registered_commands:  # plain metavars in --help: BASE ADAPTER..., --weight W
     _info.cls = Command
 
