@@ -106,6 +106,16 @@ def peft_merged(base_dir: Path, adapters: list[Path], dtype: torch.dtype, arch: 
     return pm.merge_and_unload(adapter_names=names).eval()
 
 
+def save_peft_merged(base_dir: Path, adapters: list[Path], dtype: torch.dtype, arch: str, out: Path) -> Path:
+    """PEFT's merge (:func:`peft_merged`, the base loaded in ``dtype``) saved as users save it:
+    ``merge_and_unload()`` then transformers' ``save_pretrained(out)``."""
+    peft_merged(base_dir, adapters, dtype, arch).save_pretrained(out)
+    readme = out / "README.md"
+    if readme.exists():
+        readme.unlink()
+    return out
+
+
 def read_st(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model folder or file, by name (safetensors' own reader, not ours)."""
     from safetensors.torch import load_file

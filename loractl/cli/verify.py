@@ -37,12 +37,13 @@ def verify(
     json_out: bool = opt.JSON,
     quiet: bool = opt.QUIET,
 ) -> None:
-    """Verify a merged model: every tensor an adapter changes must equal BASE + Σ wᵢ·ΔWᵢ up to the
-    rounding of its dtype, every other tensor must equal BASE.
+    """Verify a merged model against BASE and the adapters, tensor by tensor.
 
-    Works on merges by loractl, PEFT (merge_and_unload + save_pretrained), mergekit and others, in the
-    base's dtype or another. Exit 1 with a finding per tensor left unmerged, merged at the wrong scale,
-    changed where no adapter touches it, holding NaN/Inf, or missing; 0 when every tensor is right.
+    Every tensor an adapter changes must equal BASE + Σ wᵢ·ΔWᵢ up to the rounding of its dtype,
+    every other tensor must equal BASE. Works on merges by loractl, PEFT (merge_and_unload +
+    save_pretrained), mergekit and others, in the base's dtype or another. Exit 1 with a finding
+    per tensor left unmerged, merged at the wrong scale, changed where no adapter touches it,
+    holding NaN/Inf, or missing; 0 when every tensor is right.
     """
     from .. import api
 

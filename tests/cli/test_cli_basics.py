@@ -15,7 +15,7 @@ from safetensors import safe_open
 import loractl
 
 # every command of CLI.md
-COMMANDS = ["inspect", "merge", "unmerge", "combine", "truncate", "similarity", "convert", "check", "run"]
+COMMANDS = ["inspect", "merge", "unmerge", "combine", "truncate", "similarity", "convert", "check", "verify", "run"]
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -83,6 +83,7 @@ USAGE = {
     "similarity": "ADAPTER...",
     "convert": "ADAPTER",
     "check": "ADAPTER",
+    "verify": "MERGED ADAPTER...",
     "run": "RECIPE",
 }
 #: what typer shows unless told otherwise: types in angle brackets, required arguments in braces
