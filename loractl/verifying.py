@@ -13,12 +13,13 @@ named by its module.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
 
 from .io.buffers import BufferPool
 from .io.layout import layout
@@ -27,12 +28,12 @@ from .merging import _dequantized
 from .ops import verify as verify_ops
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from .io.base import BaseModel
     from .io.stream import Progress
     from .ops.merge import Contribution
     from .plan import MergePlan
+
+_T = TypeVar("_T")
 
 #: the finding codes: the verdicts of :mod:`loractl.ops.verify`, and a tensor of another shape
 CODES = (
@@ -125,16 +126,21 @@ def verify_model(
     shapes = sum(f.code == "shape-mismatch" for f in findings)
     counts = Counts(failed=shapes)
     orders: Counter[str] = Counter()
-    pool = BufferPool()
+    reader = _Reader(merged, base, frozenset(plan.changes))
     total = sum(merged.info(n).nbytes + base.info(n).nbytes for n in names)
     done = 0
     if progress is not None:
         progress(0, total)
-    for name, w, m in _pairs(names, functools.partial(_read_pair, merged, base, pool)):
+    for name, pair in _pairs(names, reader):
         changes = plan.changes.get(name, [])
-        check = verify_ops.check_changed(m, w, changes) if changes else verify_ops.check_untouched(m, w)
-        pool.release(w)
-        pool.release(m)
+        if pair is None:  # the base's bytes
+            check = verify_ops.TensorCheck(verify_ops.OK, exact="base", elements=merged.info(name).numel)
+        else:
+            w, m = pair
+            check = verify_ops.check_changed(m, w, changes) if changes else verify_ops.check_untouched(m, w)
+            reader.pool.release(w)
+            reader.pool.release(m)
+            del w, m, pair
         _count(counts, orders, check, bool(changes))
         if not check.ok:
             findings.append(_finding(name, check, changes))
@@ -144,6 +150,46 @@ def verify_model(
     counts.tensors = len(names) + shapes
     counts.orders = dict(sorted(orders.items()))
     return findings, counts
+
+
+#: bytes compared at a time when an untouched tensor is compared as bytes
+COMPARE_CHUNK = 1 << 22
+
+
+@dataclass
+class _Reader:
+    """Reads the pairs, on one reading thread. A tensor no adapter changes, stored in the same dtype in
+    both models, is first compared as bytes, a chunk at a time (no whole tensor in memory: the
+    embeddings are the largest tensors of a model); only when some byte differs are both read whole."""
+
+    merged: BaseModel
+    base: BaseModel
+    changed: frozenset[str]
+    pool: BufferPool = field(default_factory=BufferPool)
+    chunks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pair, or None when the untouched tensor is the base's byte for byte."""
+        if name not in self.changed and name not in self.base.quantized and self._same_bytes(name):
+            return None
+        return _read_pair(self.merged, self.base, self.pool, name)
+
+    def _same_bytes(self, name: str) -> bool:
+        mi, bi = self.merged.file_of(name).readable_info(name), self.base.file_of(name).readable_info(name)
+        if mi.dtype != bi.dtype or mi.nbytes != bi.nbytes:
+            return False
+        if self.chunks is None:
+            self.chunks = (torch.empty(COMPARE_CHUNK, dtype=torch.uint8), torch.empty(COMPARE_CHUNK, dtype=torch.uint8))
+        a, b = self.chunks
+        va, vb = memoryview(a.numpy()).cast("B"), memoryview(b.numpy()).cast("B")
+        mf, bf = self.merged.file_of(name), self.base.file_of(name)
+        for pos in range(0, mi.nbytes, COMPARE_CHUNK):
+            n = min(COMPARE_CHUNK, mi.nbytes - pos)
+            mf.read_range_into(mi.begin + pos, va[:n], name)
+            bf.read_range_into(bi.begin + pos, vb[:n], name)
+            if not torch.equal(a[:n], b[:n]):
+                return False
+        return True
 
 
 def _read_pair(merged: BaseModel, base: BaseModel, pool: BufferPool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,20 +205,18 @@ def _read_pair(merged: BaseModel, base: BaseModel, pool: BufferPool, name: str) 
     return w, m
 
 
-def _pairs(
-    names: Sequence[str], read: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(name, base tensor, merged tensor)`` for each name, the next pair read on a thread while the
-    caller checks this one."""
+def _pairs(names: Sequence[str], read: Callable[[str], _T]) -> Iterator[tuple[str, _T]]:
+    """``(name, read(name))`` for each name, the next one read on a thread while the caller checks this one."""
     if not names:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-read") as io:
         nxt = io.submit(read, names[0])
         for k, name in enumerate(names):
-            w, m = nxt.result()
+            got = nxt.result()
             if k + 1 < len(names):
                 nxt = io.submit(read, names[k + 1])
-            yield name, w, m
+            yield name, got
+            del got
 
 
 def _count(counts: Counts, orders: Counter[str], check: verify_ops.TensorCheck, changed: bool) -> None:
