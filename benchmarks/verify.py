@@ -73,14 +73,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def prepare(work: Path, size: str, args: argparse.Namespace) -> tuple[Path, Path, dict]:
     """The base and the adapter of benchmarks/merge.py, built or reused."""
     base, adapter, stamp = work / f"base-{size}", work / f"adapter-{size}", work / f"base-{size}.json"
-    spec = {"size": size, "seed": args.seed, "shard_bytes": args.shard_bytes, "block": 16_777_213, "version": 1}
+    spec = {
+        "size": size,
+        "seed": args.seed,
+        "shard_bytes": args.shard_bytes,
+        "block": 16_777_213,
+        "version": 1,
+    }
     if base.exists() and adapter.exists() and stamp.exists() and same_spec(stamp, spec):
         print(f"reusing base {base} and adapter {adapter}", flush=True)
         return base, adapter, json.loads(stamp.read_text()).get("build", {})
     for p in (base, adapter, stamp):
         remove(p)
     print(f"building {size} base ...", flush=True)
-    build = {"base": build_base(base, size, args.seed, args.shard_bytes), "adapter": build_adapter(adapter, size, args.seed, base)}
+    build = {
+        "base": build_base(base, size, args.seed, args.shard_bytes),
+        "adapter": build_adapter(adapter, size, args.seed, base),
+    }
     stamp.write_text(json.dumps({**spec, "build": build}))
     return base, adapter, build
 
@@ -107,7 +116,12 @@ def main(argv: list[str]) -> int:
         base, adapter, _ = prepare(work, size, args)
         lc, lc_env, lc_what = loractl_cmd(args.loractl_ref, work)
         print(f"timing {lc_what}; merging once (untimed) ...", flush=True)
-        timed([*lc, "merge", str(base), str(adapter), "-o", str(merged), "--no-receipt", "-q"], logs / "merge.log", work, lc_env)
+        timed(
+            [*lc, "merge", str(base), str(adapter), "-o", str(merged), "--no-receipt", "-q"],
+            logs / "merge.log",
+            work,
+            lc_env,
+        )
         if args.bound:
             timed(
                 [*lc, "merge", str(base), str(adapter), "-o", str(near), "--no-receipt", "-q", "--weight", repr(NEAR_ONE)],
@@ -140,7 +154,10 @@ def main(argv: list[str]) -> int:
                     lc_env,
                 )
             )
-        print(f"warm-up: {warm(base):.1f}s base, {warm(merged):.1f}s merged (page caches are not dropped)", flush=True)
+        print(
+            f"warm-up: {warm(base):.1f}s base, {warm(merged):.1f}s merged (page caches are not dropped)",
+            flush=True,
+        )
         if args.bound:
             warm(near)
         results: dict[str, dict] = {}
@@ -168,8 +185,13 @@ def main(argv: list[str]) -> int:
                 "size": size,
                 "repeat": args.repeat,
                 "cases": {
-                    c.key: {"label": c.label, "median_s": c.median, "min_s": c.min, "peak_rss_mib": c.peak_rss_mib,
-                            "runs": [asdict(x) for x in c.runs]}
+                    c.key: {
+                        "label": c.label,
+                        "median_s": c.median,
+                        "min_s": c.min,
+                        "peak_rss_mib": c.peak_rss_mib,
+                        "runs": [asdict(x) for x in c.runs],
+                    }
                     for c, _, _, _ in cases
                 },  # fmt: skip
                 "verify_tensors": results,
@@ -183,15 +205,25 @@ def main(argv: list[str]) -> int:
             if created:
                 shutil.rmtree(work, ignore_errors=True)
             else:
-                for p in (work / f"base-{size}", work / f"adapter-{size}", work / f"base-{size}.json", logs, work / "loractl-src"):
+                for p in (
+                    work / f"base-{size}",
+                    work / f"adapter-{size}",
+                    work / f"base-{size}.json",
+                    logs,
+                    work / "loractl-src",
+                ):
                     remove(p) if p.exists() else None
     return 0
 
 
-def report(size: str, base_bytes: int, cases: list[Case], results: dict, info: dict, args: argparse.Namespace) -> None:
+def report(
+    size: str, base_bytes: int, cases: list[Case], results: dict, info: dict, args: argparse.Namespace
+) -> None:
     cp = cases[0].median
     print()
-    print(f"loractl verify benchmark: {size} ({base_bytes / 1e9:.2f} GB bf16 base and merged model), median of {args.repeat}")
+    print(
+        f"loractl verify benchmark: {size} ({base_bytes / 1e9:.2f} GB bf16 base and merged model), median of {args.repeat}"
+    )
     print()
     head = f"{'what':<26} {'median s':>9} {'min s':>8} {'× cp':>6} {'peak RSS MiB':>12} {'CPU s':>7}"
     print(head)
@@ -199,7 +231,9 @@ def report(size: str, base_bytes: int, cases: list[Case], results: dict, info: d
     for c in cases:
         cpu = [r.user_s + r.sys_s for r in c.runs if r.user_s is not None and r.sys_s is not None]
         cpu_s = f"{statistics.median(cpu):7.1f}" if cpu else f"{'-':>7}"
-        print(f"{c.label:<26} {c.median:9.2f} {c.min:8.2f} {c.median / cp:6.2f} {c.peak_rss_mib or 0:12.0f} {cpu_s}")
+        print(
+            f"{c.label:<26} {c.median:9.2f} {c.min:8.2f} {c.median / cp:6.2f} {c.peak_rss_mib or 0:12.0f} {cpu_s}"
+        )
     print()
     for key, t in results.items():
         print(f"{key}: {t}")

@@ -179,7 +179,10 @@ class _Reader:
         if mi.dtype != bi.dtype or mi.nbytes != bi.nbytes:
             return False
         if self.chunks is None:
-            self.chunks = (torch.empty(COMPARE_CHUNK, dtype=torch.uint8), torch.empty(COMPARE_CHUNK, dtype=torch.uint8))
+            self.chunks = (
+                torch.empty(COMPARE_CHUNK, dtype=torch.uint8),
+                torch.empty(COMPARE_CHUNK, dtype=torch.uint8),
+            )
         a, b = self.chunks
         va, vb = memoryview(a.numpy()).cast("B"), memoryview(b.numpy()).cast("B")
         mf, bf = self.merged.file_of(name), self.base.file_of(name)
@@ -192,7 +195,9 @@ class _Reader:
         return True
 
 
-def _read_pair(merged: BaseModel, base: BaseModel, pool: BufferPool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_pair(
+    merged: BaseModel, base: BaseModel, pool: BufferPool, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The base's tensor (dequantized where it is stored 4-bit) and the merged model's, into pooled buffers."""
     q = base.quantized.get(name)
     if q is not None:
@@ -293,7 +298,12 @@ def _finding(tensor: str, check: verify_ops.TensorCheck, changes: Sequence[Contr
 
 
 def _shape_finding(
-    tensor: str, got: tuple[int, ...], want: tuple[int, ...], changes: Sequence[Contribution], merged: BaseModel, base: BaseModel
+    tensor: str,
+    got: tuple[int, ...],
+    want: tuple[int, ...],
+    changes: Sequence[Contribution],
+    merged: BaseModel,
+    base: BaseModel,
 ) -> Finding:
     module, _ = _modules(changes, tensor)
     msg = f"{merged.path}: tensor {tensor!r} is {list(got)} but the base's ({base.path}) is {list(want)}"
@@ -322,9 +332,13 @@ def verify_notes(m: BaseModel, b: BaseModel, plan: MergePlan) -> list[str]:
     differ between the base and the merged model (and how they are judged)."""
     notes = []
     if plan.unmatched:
-        notes.append(f"{len(plan.unmatched)} adapter modules match no base weight and were not checked (--allow-partial)")
+        notes.append(
+            f"{len(plan.unmatched)} adapter modules match no base weight and were not checked (--allow-partial)"
+        )
     if b.quantized:
-        notes.append(f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): compared dequantized, as merge writes them")
+        notes.append(
+            f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): compared dequantized, as merge writes them"
+        )
     pairs = {
         (b.info(n).dtype, m.info(n).dtype)
         for n in m.tensors

@@ -22,26 +22,50 @@ from loractl import api
 from loractl.errors import InputError, ShapeMismatchError, UsageError
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CASES = {
-    "plain": dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL),
-    "rslora": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
-    "patterns": dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=LLAMA_ALL,
-        rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
-        alpha_pattern={r"layers\.0\..*proj": 3, "up_proj": 5},
+CASES = {  # name: (arch, model overrides, LoraConfig kwargs)
+    "plain": ("llama", {}, dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL)),
+    "rslora": (
+        "llama",
+        {},
+        dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
     ),
-    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]),
+    "patterns": (
+        "llama",
+        {},
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_ALL,
+            rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+            alpha_pattern={r"layers\.0\..*proj": 3, "up_proj": 5},
+        ),
+    ),
+    "dora": ("llama", {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])),
+    "lora-bias": (
+        "llama",
+        {"attention_bias": True},
+        dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj"]),
+    ),
+    "modules-to-save": (
+        "llama",
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+    ),
+    "gpt2-fan-in-fan-out": (  # Conv1D weights, and a tied head that save_pretrained leaves out
+        "gpt2",
+        {},
+        dict(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True, target_modules=["c_attn", "c_fc"]),
+    ),
 }
 FP32, BF16 = torch.float32, torch.bfloat16
 DTYPES = pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
 
 
 def _setup(tmp: Path, case: str = "plain", dtype: torch.dtype = BF16, n: int = 1) -> tuple[Path, list[Path]]:
-    model = build_model("llama", dtype, seed=0)
+    arch, over, lora = CASES[case]
+    model = build_model(arch, dtype, seed=0, **over)
     base = save_base(model, tmp / "base")
-    return base, [make_adapter(model, tmp / f"ad{i}", seed=10 + i, **CASES[case]) for i in range(n)]
+    return base, [make_adapter(model, tmp / f"ad{i}", seed=10 + i, **lora) for i in range(n)]
 
 
 def _edited(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
@@ -67,18 +91,25 @@ def _by_code(r: api.VerifyResult) -> dict[str, list]:
 @DTYPES
 @pytest.mark.parametrize("case", list(CASES))
 def test_accepts_loractl_and_peft_merges(tmp_path: Path, case: str, dtype: torch.dtype) -> None:
-    """Both hold exactly the bits of PEFT's order for every changed tensor; the others are the base's."""
+    """Both hold exactly the bits of PEFT's order for every changed tensor (``lora_bias``: the bias too;
+    ``modules_to_save``: the head replaced); the others are the base's."""
     base, ads = _setup(tmp_path, case, dtype)
     ours = tmp_path / "ours"
     merged = api.merge(base, ads, ours)  # with its receipt inside the folder: not a tensor of the model
     assert merged.receipt is not None
-    theirs = save_peft_merged(base, ads, dtype, "llama", tmp_path / "peft")
+    theirs = save_peft_merged(base, ads, dtype, CASES[case][0], tmp_path / "peft")
     n = len(read_st(base))
     for folder in (ours, theirs):
         r = api.verify(folder, ads, base=base)
         assert r.ok and r.findings == [], (folder, r.findings)
         t = r.tensors
-        assert (t.tensors, t.changed, t.exact, t.within_bound, t.failed) == (n, merged.tensors_changed, t.changed, 0, 0)
+        assert (t.tensors, t.changed, t.exact, t.within_bound, t.failed) == (
+            n,
+            merged.tensors_changed,
+            t.changed,
+            0,
+            0,
+        )
         assert t.untouched == n - t.changed
         assert t.orders == {"base": n - t.changed, "peft": t.changed}
         assert r.adapters[0].sha256 == merged.adapters[0].sha256 and r.notes == []
@@ -129,7 +160,9 @@ def test_4bit_base_is_compared_dequantized(tmp_path: Path) -> None:
     cfg = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=BF16, bnb_4bit_quant_type="nf4")
     q = tf.LlamaForCausalLM.from_pretrained(bf16, quantization_config=cfg, device_map="cpu", dtype=BF16)
     q.save_pretrained(tmp_path / "q4")
-    ad = make_adapter(model, tmp_path / "ad", std=0.05, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    ad = make_adapter(
+        model, tmp_path / "ad", std=0.05, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]
+    )
     api.merge(tmp_path / "q4", [ad], tmp_path / "merged")
     r = api.verify(tmp_path / "merged", [ad], base=tmp_path / "q4")
     assert r.ok, r.findings
@@ -159,7 +192,9 @@ def test_finds_a_module_left_unmerged(tmp_path: Path, merged_bf16) -> None:
     assert not r.ok and r.tensors.failed == 1
     (f,) = r.findings
     assert (f.code, f.module, f.tensor) == ("not-merged", "model.layers.1.self_attn.v_proj", key)
-    assert f.message == f"tensor {key!r} equals the base: module 'model.layers.1.self_attn.v_proj' is not merged"
+    assert (
+        f.message == f"tensor {key!r} equals the base: module 'model.layers.1.self_attn.v_proj' is not merged"
+    )
 
 
 @DTYPES
@@ -187,8 +222,16 @@ def test_finds_a_stray_change_in_a_layernorm(tmp_path: Path, merged_bf16) -> Non
 
     r = api.verify(_edited(merged, tmp_path / "bad", edit), ads, base=base)
     (f,) = r.findings
-    assert (f.code, f.module, f.tensor, f.outside) == ("stray-change", "model.layers.0.post_attention_layernorm", key, 1)
-    assert "changed by no adapter, yet 1 of 32 values differ from the base" in f.message and "at [5]" in f.message
+    assert (f.code, f.module, f.tensor, f.outside) == (
+        "stray-change",
+        "model.layers.0.post_attention_layernorm",
+        key,
+        1,
+    )
+    assert (
+        "changed by no adapter, yet 1 of 32 values differ from the base" in f.message
+        and "at [5]" in f.message
+    )
 
 
 def test_finds_a_nan_and_an_inf(tmp_path: Path, merged_bf16) -> None:
@@ -238,7 +281,9 @@ def test_adapter_that_does_not_fit_the_base_is_refused(tmp_path: Path, merged_bf
     base, ads, merged = merged_bf16
     other = build_model("llama", BF16, hidden_size=48, num_attention_heads=4)
     wrong = make_adapter(other, tmp_path / "wrong", r=4, lora_alpha=8, target_modules=["q_proj"])
-    with pytest.raises(ShapeMismatchError, match=r"wrong.*module 'model\.layers\.0\.self_attn\.q_proj'.*\[48, 48\]"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"wrong.*module 'model\.layers\.0\.self_attn\.q_proj'.*\[48, 48\]"
+    ):
         api.verify(merged, [wrong], base=base)
     with pytest.raises(UsageError, match="2 --weight values for 1 adapters"):
         api.verify(merged, ads, base=base, weights=[1, 2])

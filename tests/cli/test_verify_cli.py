@@ -36,7 +36,10 @@ def test_a_correct_merge_exits_0(cli, inputs, merged) -> None:
     r = cli("verify", merged, inputs.adapter, "--base", inputs.base)
     assert r.code == 0, r.stderr
     assert r.stdout.startswith(f"ok: {merged}: 21 tensors checked against {inputs.base} and 1 adapter(s)")
-    assert "14 changed with a correct merge's exact bits, 0 changed within the rounding bound, 7 equal to the base" in r.stdout
+    assert (
+        "14 changed with a correct merge's exact bits, 0 changed within the rounding bound, 7 equal to the base"
+        in r.stdout
+    )
     r = cli("verify", merged, inputs.adapter, "--base", inputs.base, "-q")
     assert (r.code, r.stdout, r.stderr) == (0, "", "")
 
@@ -50,7 +53,11 @@ def test_json_of_a_correct_merge(cli, inputs, merged) -> None:
         "tensors": 21, "changed": 14, "exact": 14, "within_bound": 0, "untouched": 7, "failed": 0,
         "orders": {"base": 7, "peft": 14},
     }  # fmt: skip
-    assert doc["adapters"][0]["weight"] == 1.0 and doc["merged"] == str(merged) and doc["base"] == str(inputs.base)
+    assert (
+        doc["adapters"][0]["weight"] == 1.0
+        and doc["merged"] == str(merged)
+        and doc["base"] == str(inputs.base)
+    )
 
 
 def test_findings_exit_1_with_the_module_named(cli, inputs, merged) -> None:
@@ -87,7 +94,10 @@ def test_findings_table_keeps_module_names_whole(width: int) -> None:
 
     module = "model.layers.11.self_attn.q_proj"
     message = "tensor 'model.layers.11.self_attn.q_proj.weight' holds 2× the expected update; " * 3
-    findings = [Finding("wrong-scale", module, message, module + ".weight", ratio=2.0), Finding("extra", None, "x", "x")]
+    findings = [
+        Finding("wrong-scale", module, message, module + ".weight", ratio=2.0),
+        Finding("extra", None, "x", "x"),
+    ]
     con = Console(width=width, record=True, soft_wrap=True, color_system=None)
     con.print(findings_table(findings, width))
     lines = con.export_text().splitlines()
@@ -95,7 +105,9 @@ def test_findings_table_keeps_module_names_whole(width: int) -> None:
     assert all(len(line.rstrip()) <= width for line in lines), lines
     assert "…" not in con.export_text()
     if width == 240:  # a table: code, module and the start of the message on one line
-        assert any(line.lstrip().startswith("wrong-scale") and module in line and "tensor" in line for line in lines)
+        assert any(
+            line.lstrip().startswith("wrong-scale") and module in line and "tensor" in line for line in lines
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +122,12 @@ def test_adapter_for_another_base_is_exit_2(cli, inputs, merged, tools, bad_inpu
     )  # fmt: skip
     snap = tools.Snapshot([inputs.root, merged, other])
     r = cli("verify", merged, other, "--base", inputs.base)
-    bad_input(r, output=inputs.work / "none", snapshot=snap, names=[other, "model.layers.0.self_attn.v_proj", "[24, 48]", "is [32, 64]"])
+    bad_input(
+        r,
+        output=inputs.work / "none",
+        snapshot=snap,
+        names=[other, "model.layers.0.self_attn.v_proj", "[24, 48]", "is [32, 64]"],
+    )
 
 
 def test_missing_merged_model_and_weight_count_are_exit_2(cli, inputs, merged, tools, bad_input) -> None:
