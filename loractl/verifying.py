@@ -175,7 +175,7 @@ class _Reader:
         return _read_pair(self.merged, self.base, self.pool, name)
 
     def _same_bytes(self, name: str) -> bool:
-        mi, bi = self.merged.file_of(name).readable_info(name), self.base.file_of(name).readable_info(name)
+        mi, bi = self.merged.info(name), self.base.info(name)  # bytes: any dtype
         if mi.dtype != bi.dtype or mi.nbytes != bi.nbytes:
             return False
         if self.chunks is None:
