@@ -71,7 +71,7 @@ _FP64_CERTIFICATE_BELOW = 1e-6
 #: a float32 residual instead of Pythagoras (‖ΔW‖² − ‖B_k‖² cancels there).
 _PYTHAGORAS_ABOVE = 1e-3
 #: Elements per block when ΔW is walked block by block (residuals, norms, Gram matrix).
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 _PRECISION_BITS: dict[torch.dtype, int] = {
     torch.float64: 53,
