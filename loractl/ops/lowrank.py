@@ -335,6 +335,17 @@ def _gram_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w.flip(0).clamp(min=0).sqrt(), v.flip(1)
 
 
+def _gram64(y: torch.Tensor) -> torch.Tensor:
+    """``y · yᵀ`` in float64 for a wide y [k, n], block by block of columns."""
+    k, n = y.shape
+    out = torch.zeros(k, k, dtype=_F64)
+    cols = max(1, _BLOCK // max(k, 1))
+    for j in range(0, n, cols):
+        blk = y[:, j : j + cols].to(_F64)
+        out.addmm_(blk, blk.T)
+    return out
+
+
 def _resolution(shape: torch.Size, s1: float) -> float:
     """Singular values below ``√max(m, n) · 2⁻²⁴ · σ₁`` are not resolved by float32 arithmetic
     (the backward error of a float32 product with inner dimension N is ~√N·u relative)."""
@@ -517,8 +528,7 @@ def low_rank(
     err_sq = _residual_sq(src, b, a, _F64 if delta.dtype == _F64 else _F32)
     if err_sq < _FP64_CERTIFICATE_BELOW * total and delta.dtype != _F64:
         err_sq = _residual_sq(src, b, a, _F64)
-    b64, a64 = b.to(_F64), a.to(_F64)
-    kept = float(((b64.T @ b64) * (a64 @ a64.T)).sum())  # ‖b·a‖²_F = tr(bᵀb · a aᵀ)
+    kept = float((_gram64(b.T) * _gram64(a)).sum())  # ‖b·a‖²_F = tr(bᵀb · a aᵀ)
     return LowRank(
         b=b,
         a=a,
