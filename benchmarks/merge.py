@@ -623,14 +623,15 @@ def report(size, base_bytes, build, cases, receipt_bytes, out_bytes, verificatio
     print()
     print(f"loractl merge benchmark: {size} ({base_bytes / 1e9:.2f} GB bf16 base), median of {args.repeat}")
     print()
-    head = f"{'what':<30} {'median s':>9} {'min s':>8} {'× cp':>6} {'× cp+sync':>9} {'peak RSS MiB':>12} {'CPU s':>7}"
+    w = max(30, *(len(c.label) + 1 for c in cases))
+    head = f"{'what':<{w}} {'median s':>9} {'min s':>8} {'× cp':>6} {'× cp+sync':>9} {'peak RSS MiB':>12} {'CPU s':>7}"
     print(head)
     print("-" * len(head))
     for c in cases:
         cpu = [r.user_s + r.sys_s for r in c.runs if r.user_s is not None and r.sys_s is not None]
         cpu_s = f"{statistics.median(cpu):7.1f}" if cpu else f"{'-':>7}"
         print(
-            f"{c.label:<30} {c.median:9.2f} {c.min:8.2f} {c.median / cp:6.2f} "
+            f"{c.label:<{w}} {c.median:9.2f} {c.min:8.2f} {c.median / cp:6.2f} "
             f"{c.median / by['cp_sync'].median:9.2f} {c.peak_rss_mib:12.0f} {cpu_s}"
         )
     print()
