@@ -309,7 +309,7 @@ def _exact_row_blocks(
                     continue
                 if not o.lossy and o.compute == base.dtype == d:  # the common case, as the merge does it
                     got = merge_ops._scratch("verify", (n, cols), d)
-                    torch.add(wc, dc, out=got)
+                    merge_ops._rounded(wc, dc, got)  # torch.add's bits, through a float32 scratch block
                 else:
                     x = wc.to(d) if o.lossy else wc
                     got = torch.add(x.to(o.compute) if x.dtype != o.compute else x, dc)
