@@ -9,7 +9,8 @@ that weight's real shape (4-bit weights: the shape they dequantize to), the weig
 (``modules_to_save``) must resolve to a base tensor of their shape.
 
 :func:`plan_merge` turns the matches of several adapters into :class:`Contribution` lists per base
-tensor, in the order PEFT applies them: each adapter's full replacements first, then its LoRA updates.
+tensor, in the order PEFT applies them: every adapter's full replacements first (the last one wins, as
+PEFT loads them before merging), then the LoRA updates, adapter by adapter.
 """
 
 from __future__ import annotations
@@ -254,9 +255,12 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
             error = ShapeMismatchError if p.kind in ("shape", "no-bias") else InputError
             raise error(p.message)
         unmatched += [f"{p.module} ({ad.path})" for p in fit.unmatched]
-        # full replacements first: PEFT loads them into the model before any LoRA is merged
+        # full replacements first, every adapter's: PEFT loads them into the model (the last loaded
+        # wins) before any LoRA is merged; an adapter's own replacement must not undo an earlier
+        # adapter's update (two adapters on embed_tokens each save its base_layer.weight)
         for key, bkey in fit.saved.items():
             changes.setdefault(bkey, []).append(Contribution(i, "replace", w, tensor=ad.modules_to_save[key]))
+    for i, (ad, w, fit) in enumerate(zip(adapters, weights, fits)):
         for name, key in fit.weights.items():
             m = ad.modules[name]
             changes.setdefault(key, []).append(Contribution(i, "lora", w, module=m))

@@ -459,3 +459,28 @@ def test_sum64_tells_changed_and_reordered_tensors() -> None:
         swapped = t.clone()
         swapped.view(-1)[[0, 5]] = t.view(-1)[[5, 0]]
         assert tensor_sum64(one) != ref and tensor_sum64(swapped) != ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_two_adapters_on_embed_tokens_equal_peft(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Each adapter saves embed_tokens' base_layer.weight (PEFT's save_embedding_layers): PEFT loads both
+    before merging, so the second must not undo the first's update (it did: the plan put each
+    adapter's replacement just before its own update)."""
+    model = build_model("llama", dtype, seed=0)
+    base = save_base(model, tmp_path / "base")
+    ads = [
+        make_adapter(
+            model,
+            tmp_path / f"ad{i}",
+            seed=10 + i,
+            r=4,
+            lora_alpha=8,
+            target_modules=["embed_tokens", "q_proj"],
+        )
+        for i in range(2)
+    ]
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in read_st(
+        ads[1] / "adapter_model.safetensors"
+    )
+    api.merge(base, ads, tmp_path / "merged", receipt=False)
+    _assert_all_equal(read_st(tmp_path / "merged"), peft_merged(base, ads, dtype, "llama").state_dict())
