@@ -81,11 +81,12 @@ class Counts:
     Attributes:
         tensors: tensors of the base compared with the merged model's.
         changed: of those, tensors the adapters change.
-        exact: changed tensors holding exactly the bits of a correct merge (PEFT's order or float32 then cast).
+        exact: changed tensors holding exactly the bits of a correct merge (PEFT's, loractl's where they
+            differ from PEFT's, or float32 then cast).
         within_bound: changed tensors whose bits differ from those, every element within the rounding bound.
         untouched: tensors no adapter changes, equal to the base (or to the base cast to the merged dtype).
         failed: tensors with a finding (``missing`` and ``extra`` are not counted here).
-        orders: tensors by what they equal: ``peft``, ``fp32`` (changed), ``base``, ``cast`` (untouched).
+        orders: tensors by what they equal: ``peft``, ``loractl``, ``fp32`` (changed), ``base``, ``cast`` (untouched).
     """
 
     tensors: int = 0

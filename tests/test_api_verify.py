@@ -115,21 +115,95 @@ def test_accepts_loractl_and_peft_merges(tmp_path: Path, case: str, dtype: torch
         assert r.adapters[0].sha256 == merged.adapters[0].sha256 and r.notes == []
 
 
-def test_two_adapters_with_weights_and_peft_merging_two_dora_adapters(tmp_path: Path) -> None:
-    """Two adapters at weights 0.7 and 1.3 (loractl's merge). Two DoRA adapters on one weight merged by
-    PEFT, which re-normalises after unmerging the first (loractl takes the norm of the original weight):
-    other bits than loractl's, so judged by the rounding bound, and within it."""
+def test_two_adapters_with_weights(tmp_path: Path) -> None:
+    """Two adapters at weights 0.7 and 1.3 (loractl's merge): PEFT's bits; at weights 1, 1 it is not that merge."""
     base, ads = _setup(tmp_path / "lora", "plain", BF16, n=2)
     api.merge(base, ads, tmp_path / "m", weights=[0.7, 1.3], receipt=False)
     r = api.verify(tmp_path / "m", ads, base=base, weights=[0.7, 1.3])
     assert r.ok and r.tensors.exact == r.tensors.changed > 0
-    assert not api.verify(tmp_path / "m", ads, base=base).ok  # at weights 1, 1 it is not that merge
+    assert not api.verify(tmp_path / "m", ads, base=base).ok
 
-    base, ads = _setup(tmp_path / "dora", "dora", BF16, n=2)
-    theirs = save_peft_merged(base, ads, BF16, "llama", tmp_path / "peft-dora")
+
+LL2 = ["q_proj", "down_proj"]
+DORA_STACKS = {  # name: (arch, LoraConfig kwargs per adapter): a DoRA module merged after another on one weight
+    "dora-dora": ("llama", [dict(use_dora=True, target_modules=LL2)] * 2),
+    "lora-dora": ("llama", [dict(target_modules=LL2), dict(use_dora=True, target_modules=LL2)]),
+    "dora-x3": ("llama", [dict(use_dora=True, target_modules=LL2)] * 3),
+    "gpt2-conv1d": (
+        "gpt2",
+        [dict(use_dora=True, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])] * 2,
+    ),
+    "embedding": ("llama", [dict(use_dora=True, target_modules=["embed_tokens", "q_proj"])] * 2),
+}
+
+
+@DTYPES
+@pytest.mark.parametrize("case", list(DORA_STACKS))
+def test_dora_after_another_adapter_peft_and_loractl_bits(
+    tmp_path: Path, case: str, dtype: torch.dtype
+) -> None:
+    """PEFT (0.21.2) merges a DoRA module into a weight holding earlier adapters by unmerging them, taking
+    the norm and merging them again (``_unmerged_base_weight``): the same f_k·(W_{k−1} + ΔW_k) with
+    f_k = m_k/‖W + ΔW_k‖ as loractl's merge, rounded more often. verify recognises each by its own bits
+    (``peft``, ``loractl``) and judges neither by the bound."""
+    arch, los = DORA_STACKS[case]
+    model = build_model(arch, dtype, seed=0)
+    base = save_base(model, tmp_path / "base")
+    ads = [
+        make_adapter(model, tmp_path / f"ad{i}", seed=10 + i, r=4, lora_alpha=8, **lo)
+        for i, lo in enumerate(los)
+    ]
+    api.merge(base, ads, tmp_path / "ours", receipt=False)
+    theirs = save_peft_merged(base, ads, dtype, arch, tmp_path / "peft")
+    ours_t, peft_t = read_st(tmp_path / "ours"), read_st(theirs)
+    differ = [k for k in peft_t if not torch.equal(ours_t[k].view(torch.uint8), peft_t[k].view(torch.uint8))]
     r = api.verify(theirs, ads, base=base)
     assert r.ok, r.findings
-    assert r.tensors.within_bound > 0 and r.tensors.exact + r.tensors.within_bound == r.tensors.changed
+    assert r.tensors.orders["peft"] == r.tensors.changed and r.tensors.within_bound == 0
+    r = api.verify(tmp_path / "ours", ads, base=base)
+    assert r.ok, r.findings
+    assert r.tensors.within_bound == 0 and r.tensors.orders.get("loractl", 0) == len(differ) > 0
+    assert r.tensors.orders.get("peft", 0) == r.tensors.changed - len(differ)
+
+
+def test_two_dora_adapters_compose_as_peft_forward_with_both_active(tmp_path: Path) -> None:
+    """What is right for two DoRA adapters on one weight: PEFT's model with both adapters active (eval,
+    no dropout) computes f₂·(f₁·(W + ΔW₁) + ΔW₂)·x (the second DoRA rescales the running output), and
+    both merges compute that; the additive W + Σᵢ (fᵢ·(W + ΔWᵢ) − W) is a different model (tens of %)."""
+    import peft
+    import transformers as tf
+
+    base, ads = _setup(tmp_path, "dora", FP32, n=2)
+    api.merge(base, ads, tmp_path / "ours", receipt=False)
+    theirs = save_peft_merged(base, ads, FP32, "llama", tmp_path / "peft")
+    pm = peft.PeftModel.from_pretrained(
+        tf.LlamaForCausalLM.from_pretrained(base, dtype=FP32), ads[0], adapter_name="a0"
+    )
+    pm.load_adapter(ads[1], adapter_name="a1")
+    pm.base_model.set_adapter(["a0", "a1"])
+    pm.eval()
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2, 40, 7]])
+    w = read_st(base)
+    additive = dict(w)
+    for k in (k for k in w if k.endswith(("q_proj.weight", "down_proj.weight"))):
+        w0, total = w[k].double(), w[k].double().clone()
+        for a in ads:
+            t = read_st(a / "adapter_model.safetensors")
+            pre = "base_model.model." + k[: -len(".weight")]
+            delta = (t[pre + ".lora_B.weight"].double() @ t[pre + ".lora_A.weight"].double()) * 2.0
+            f = t[pre + ".lora_magnitude_vector"].double() / torch.linalg.norm(w0 + delta, dim=1)
+            total += f.view(-1, 1) * (w0 + delta) - w0
+        additive[k] = total.float()
+    save_file(additive, tmp_path / "additive.safetensors")
+    shutil.copytree(base, tmp_path / "add", ignore=shutil.ignore_patterns("*.safetensors*"))
+    shutil.move(tmp_path / "additive.safetensors", tmp_path / "add" / "model.safetensors")
+    with torch.no_grad():
+        y = pm(input_ids=ids).logits
+        scale = float(y.abs().max())
+        for folder, close in ((tmp_path / "ours", True), (theirs, True), (tmp_path / "add", False)):
+            got = tf.LlamaForCausalLM.from_pretrained(folder, dtype=FP32).eval()(input_ids=ids).logits
+            err = float((got - y).abs().max()) / scale
+            assert (err < 1e-5) if close else (err > 1e-2), (folder, err)
 
 
 def test_base_in_another_dtype(tmp_path: Path) -> None:

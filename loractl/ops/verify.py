@@ -52,6 +52,8 @@ EXTRA = "extra"
 
 #: order names in :attr:`TensorCheck.exact`
 PEFT_ORDER = "peft"  # PEFT's merge_and_unload, loractl merge: the base in the merged dtype, updates in turn
+#: loractl merge where its bits are not PEFT's (a DoRA module merged after another on one weight)
+LORACTL_ORDER = "loractl"
 FP32_ORDER = "fp32"  # the whole merge in float32 (or the base's wider dtype), cast once to the merged dtype
 
 #: a fitted ratio closer to 0 than this, with the residual within rounding, means nothing was merged
@@ -75,7 +77,7 @@ class TensorCheck:
 
     Attributes:
         verdict: ``ok``, ``not-merged``, ``wrong-scale``, ``stray-change``, ``nan-inf`` or ``mismatch``.
-        exact: the order whose bits the merged tensor has (``peft``, ``fp32``; ``base`` or ``cast`` for an
+        exact: the order whose bits the merged tensor has (``peft``, ``loractl``, ``fp32``; ``base`` or ``cast`` for an
             untouched tensor), or None when it was judged by the rounding bound (or failed).
         ratio: the least-squares c of ``M − W ≈ c·(E − W)``; None when it was not needed (an exact
             match) or is undefined (the expected change is zero).
@@ -203,9 +205,67 @@ def _module_names(changes: Sequence[Change]) -> tuple[str, ...]:
 # 1. the exact recomputation
 # --------------------------------------------------------------------------------------------
 def peft_order(w0: torch.Tensor, changes: Sequence[Change], out_dtype: torch.dtype) -> torch.Tensor:
-    """The changes applied to ``w0`` in turn exactly as PEFT merges them: the merge's own arithmetic
-    (:func:`loractl.ops.merge.merged_tensor`). ``w0`` is not changed."""
+    """The changes applied to ``w0`` in turn exactly as ``loractl merge`` merges them (:func:`loractl.ops.
+    merge.merged_tensor`): PEFT's bits, except where :func:`replays` (then :func:`peft_replay` gives
+    PEFT's). ``w0`` is not changed."""
     return merge_ops.merged_tensor(w0, changes, out_dtype)  # type: ignore[arg-type]
+
+
+def replays(changes: Sequence[Change]) -> bool:
+    """Does PEFT replay earlier adapters around a DoRA norm here: a DoRA module merged into a weight
+    that an earlier LoRA module (since the last replacement) changed already?"""
+    earlier = False
+    for c in changes:
+        if c.kind == "replace":
+            earlier = False
+        elif c.kind == "lora" and c.module is not None:
+            if c.module.is_dora and earlier:
+                return True
+            earlier = True
+    return False
+
+
+def peft_replay(w0: torch.Tensor, changes: Sequence[Change], out_dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's own bits (0.21.2) where :func:`replays`: to merge DoRA module k into a weight that holds
+    modules 1..k−1, ``LoraLayer._unmerged_base_weight`` unmerges those, last first (plain LoRA:
+    ``W −= ΔW.to(W.dtype)``; DoRA: ``(W / f − ΔW).to(W.dtype)`` with its cached factor), takes the
+    norm of what is left (W̃ ≈ W), merges 1..k−1 again (each DoRA factor now from W̃) and then k:
+    ``f_k·(W + ΔW_k)`` with ``f_k = m_k/‖W̃ + ΔW_k‖``. The same formula as :func:`peft_order` (the norm of
+    the original weight), rounded more often. ``w0`` is not changed."""
+    compute = out_dtype if _wider(out_dtype, w0.dtype) else w0.dtype
+    w = w0.to(compute, copy=True)
+    done: list[tuple[LoraModule, torch.Tensor, torch.Tensor | None]] = []  # merged modules, their factors
+    for c in changes:
+        if c.kind == "replace":
+            assert c.tensor is not None
+            w, done = c.tensor.to(compute, copy=True), []
+        elif c.kind == "bias":
+            assert c.module is not None
+            w += merge_ops.bias_delta(c.module, c.weight)
+        else:
+            m = c.module
+            assert m is not None
+            delta = merge_ops.delta_weight(m, c.weight)
+            factor = None
+            if m.is_dora:
+                norm_of = w
+                if done:
+                    for dm, dd, df in reversed(done):
+                        if df is None:
+                            w -= dd.to(w.dtype)
+                        else:
+                            w = merge_ops.unapply_delta(w, dm, dd, df)
+                    norm_of = w.clone()
+                    again = []
+                    for dm, dd, _ in done:
+                        df = merge_ops.dora_factor(dm, norm_of, dd) if dm.is_dora else None
+                        w = merge_ops.apply_delta(w, dm, dd, df)
+                        again.append((dm, dd, df))
+                    done = again
+                factor = merge_ops.dora_factor(m, norm_of, delta)
+            w = merge_ops.apply_delta(w, m, delta, factor)
+            done.append((m, delta, factor))
+    return w.to(out_dtype) if w.dtype != out_dtype else w
 
 
 @dataclass(frozen=True)
@@ -341,10 +401,16 @@ def exact_match(merged: torch.Tensor, base: torch.Tensor, changes: Sequence[Chan
         and _row_blocks_are_peft(one.module, one.weight)
     ):
         return _exact_row_blocks(merged, base, one.module, one.weight, candidates)
+    replay = replays(changes)
     for o in candidates:
-        got = peft_order(_prepare(base, o, merged.dtype), changes, merged.dtype)
+        w = _prepare(base, o, merged.dtype)
+        if replay:  # PEFT's bits, then loractl's
+            got = peft_replay(w, changes, merged.dtype)
+            if _same_bits(got.contiguous(), merged.contiguous()):
+                return o.name
+        got = peft_order(w, changes, merged.dtype)
         if _same_bits(got.contiguous(), merged.contiguous()):
-            return o.name
+            return LORACTL_ORDER if replay and o.name == PEFT_ORDER else o.name
         del got
     return None
 
