@@ -374,3 +374,56 @@ def test_unmatched_modules_need_allow_partial(tmp_path: Path, merged_bf16) -> No
     assert e.value.cli_hint is not None and "--allow-partial to verify the rest" in e.value.cli_hint
     r = api.verify(merged, [ads[0], stray], base=base, allow_partial=True)
     assert r.ok and any("not checked" in n for n in r.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# streaming
+# --------------------------------------------------------------------------------------------
+def test_streams_one_pair_ahead_and_compares_untouched_tensors_in_chunks(
+    tmp_path: Path, merged_bf16, monkeypatch
+) -> None:
+    """Pairs are read at most one ahead of the check (two pairs in memory at most); a tensor no adapter
+    changes is compared as bytes a chunk at a time and never read whole unless a byte differs, and a
+    difference in its last chunk is still found."""
+    from loractl import verifying
+
+    base, ads, merged = merged_bf16
+    events: list[tuple[str, str]] = []
+    read_pair, changed, untouched = (
+        verifying._read_pair,
+        verifying.verify_ops.check_changed,
+        verifying.verify_ops.check_untouched,
+    )
+
+    def logged(kind: str, f: Callable) -> Callable:
+        def run(*a, **k):
+            events.append((kind, a[-1] if kind == "read" else ""))
+            return f(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(verifying, "COMPARE_CHUNK", 16)
+    monkeypatch.setattr(verifying, "_read_pair", logged("read", read_pair))
+    monkeypatch.setattr(verifying.verify_ops, "check_changed", logged("check", changed))
+    monkeypatch.setattr(verifying.verify_ops, "check_untouched", logged("check", untouched))
+    r = api.verify(merged, ads, base=base)
+    assert r.ok and r.tensors.untouched == 7
+    reads = [n for k, n in events if k == "read"]
+    assert len(reads) == r.tensors.changed == 14  # the untouched ones: compared in 16-byte chunks only
+    ahead = 0
+    for kind, _ in events:
+        ahead += 1 if kind == "read" else -1
+        assert ahead <= 2  # the pair being checked and the next one
+
+    key = "model.norm.weight"  # untouched, 32 bf16 values: 4 chunks; change the last value
+
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key] = t[key].clone()
+        t[key][-1] += 1.0
+
+    events.clear()
+    r = api.verify(_edited(merged, tmp_path / "bad", edit), ads, base=base)
+    assert [(f.code, f.tensor) for f in r.findings] == [("stray-change", key)] and "at [31]" in r.findings[
+        0
+    ].message
+    assert key in [n for k, n in events if k == "read"]  # read whole only once a byte differed
