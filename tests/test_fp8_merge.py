@@ -89,13 +89,19 @@ def ceil(tmp_path_factory) -> tuple[dict[tuple[int, int], Path], Path, torch.nn.
 # --------------------------------------------------------------------------------------------
 # merge, written dequantized
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype, torch_dtype", [("auto", BF16), ("fp32", F32)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "dtype, torch_dtype, block",
+    [("auto", BF16, 128), ("fp32", F32, 128), ("auto", BF16, 32)],
+    ids=["bf16", "fp32", "bf16-block32"],
+)
 def test_merge_equals_peft_on_the_model_transformers_dequantized(
-    tmp_path: Path, div, dtype, torch_dtype
+    tmp_path: Path, div, dtype, torch_dtype, block
 ) -> None:
     import transformers as tf
 
-    base, ad, _ = div
+    base, ad, model = div
+    if block != 128:  # blocks of 32, one shard, a checkpoint made by transformers' own quantizer
+        base = save_fp8_base(model, tmp_path / "fp8-32", (block, block), rule="transformers")
     res = api.merge(base, [ad], tmp_path / "m", dtype=dtype)
     ours = read_st(tmp_path / "m")
     theirs = peft_merged_on_dequantized(base, ad, torch_dtype)
@@ -323,16 +329,16 @@ def _broken(tmp_path: Path, base: Path, how: str) -> tuple[Path, str, str]:
 
 
 @pytest.mark.parametrize("how", ["missing-scale", "scale-shape", "block"])
-@pytest.mark.parametrize("command", ["merge", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "merge --requantize", "inspect", "check", "similarity"])
 def test_a_bad_fp8_base_is_refused(tmp_path: Path, div, how: str, command: str) -> None:
     base, ad, _ = div
     bad, shard, named = _broken(tmp_path, base, how)
     before = _digests(tmp_path)
     out = tmp_path / "merged"
-    if command == "merge":
-        code, _, err = _cli("merge", bad, ad, "-o", out)
-    else:
-        code, _, err = _cli("inspect", ad, "--base", bad)
+    if command.startswith("merge"):
+        code, _, err = _cli("merge", bad, ad, "-o", out, *command.split()[1:])
+    else:  # check --base: an unreadable base is an input error (exit 2), not a finding (exit 1)
+        code, _, err = _cli(command, ad, "--base", bad)
     lines = err.strip().splitlines()
     assert code == 2, err
     assert lines[0].startswith("error: ") and len(lines) <= 2 and "Traceback" not in err, err
