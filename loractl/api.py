@@ -221,6 +221,17 @@ def _quantized_notes(b: BaseModel, plan: MergePlan, dtype: str, requantize: bool
     return notes
 
 
+def _four_bit_note(b: BaseModel, notes: list[str]) -> bool:
+    """Whether ``b`` holds 4-bit weights (then no receipt: a note says why)."""
+    if not any(q.method == "bitsandbytes-4bit" for q in b.quantized.values()):
+        return False
+    notes.append(
+        f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
+        "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
+    )
+    return True
+
+
 @_keeps_torch_threads
 def merge(
     base: str | Path,
@@ -261,9 +272,8 @@ def merge(
             adapter_config.json); an error for one that does.
             Every other command that reads adapters and needs their scales takes it too.
         progress: called with (bytes done, bytes total); also turns on Hub download bars.
-        requantize: an FP8 base (``quant_method: "fp8"``): write the weights an adapter changes back in
-            FP8, in the base's blocks with new scales, and keep its ``quantization_config`` (default:
-            every FP8 weight written dequantized, bf16, and config.json without quantization_config).
+        requantize: an FP8 base (``quant_method: "fp8"``): write the changed weights back in FP8 (the
+            base's blocks, new scales, its config kept); default: dequantized, config without it.
 
     Returns:
         What was merged and written.
@@ -297,12 +307,7 @@ def merge(
         check_output(output, inputs, force)
         if beside is not None:
             check_output(beside, inputs, force)
-        if receipt and any(q.method == "bitsandbytes-4bit" for q in b.quantized.values()):
-            receipt = False
-            notes.append(
-                f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
-                "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
-            )
+        receipt = receipt and not _four_bit_note(b, notes)
         sources = refs(loaded, ws)
         written = write_merged(
             b, output, files, plan, loaded, sources, receipt=receipt, force=force, inputs=inputs, progress=progress,
@@ -383,9 +388,7 @@ def unmerge(
         receipt: the receipt, when not where merge put it.
         use_receipt: False subtracts even when a receipt is there.
         force: replace an existing output.
-        format: force the adapters' format.
-        allow_pickle: accept pickle adapters.
-        subfolder: the folder inside a Hub adapter repo.
+        format, allow_pickle, subfolder: the adapters' format, pickles, Hub folder (as :func:`merge`).
         progress: called with (bytes done, bytes total).
 
     Returns:
