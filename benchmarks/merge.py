@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark ``loractl merge`` against ``cp -rL`` and PEFT's ``merge_and_unload`` on a Llama-shaped model.
 
-Run:  python benchmarks/merge.py [--size 1b|7b] [--repeat N] [--workdir DIR] [--skip-peft] [--json FILE]
+Run:  python benchmarks/merge.py [--size 1b|7b] [--fp8] [--repeat N] [--workdir DIR] [--skip-peft] [--json FILE]
 
 It builds, from seeds, a bf16 base model in the transformers layout (shards, index, config.json)
 and a PEFT rank-16 all-linear adapter, then times, each in its own subprocess under
@@ -16,6 +16,10 @@ and a PEFT rank-16 all-linear adapter, then times, each in its own subprocess un
 
 and prints a table (median and min seconds, ratio to cp, peak RSS), the speedup of loractl over
 PEFT, the receipt's size and the machine. See benchmarks/README.md for how to read it.
+
+``--fp8``: the same shapes and values in transformers' block-scaled FP8 layout (benchmarks/_fp8.py);
+loractl dequantizes and merges to bf16 (and, timed too, ``--requantize``), PEFT's path is transformers'
+``FineGrainedFP8Config(dequantize=True)`` + ``merge_and_unload`` + ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import _fp8
 from _common import Case, cpu_and_ram, export_ref, peft_config, remove, timed
 
 # --------------------------------------------------------------------------------------------
@@ -180,10 +185,28 @@ def shard_plan(size: str, max_shard_bytes: int) -> list[list[tuple[str, tuple[in
     return [sorted(s) for s in shards]
 
 
-def build_base(folder: Path, size: str, seed: int, max_shard_bytes: int) -> dict:
-    import torch
+def llama_config(size: str):
     from transformers import LlamaConfig
 
+    return LlamaConfig(
+        **SIZES[size],
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["LlamaForCausalLM"],
+        dtype="bfloat16",
+    )
+
+
+def build_base(folder: Path, size: str, seed: int, max_shard_bytes: int, fp8: bool = False) -> dict:
+    import torch
+
+    if fp8:
+        return _fp8.build_fp8_base(
+            folder, tensor_shapes(size), seed, max_shard_bytes, random_block(seed), roll_of, write_tensor,
+            llama_config(size),
+        )
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
     block = random_block(seed)
@@ -207,16 +230,7 @@ def build_base(folder: Path, size: str, seed: int, max_shard_bytes: int) -> dict
         "weight_map": dict(sorted(weight_map.items())),
     }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    cfg = LlamaConfig(
-        **SIZES[size],
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        architectures=["LlamaForCausalLM"],
-        dtype="bfloat16",
-    )
-    cfg.save_pretrained(folder)
+    llama_config(size).save_pretrained(folder)
     return {"seconds": time.perf_counter() - t0, "bytes": total, "parameters": params, "shards": len(shards)}
 
 
@@ -353,6 +367,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--keep", action="store_true", help="keep the workdir (and reuse its base on the next run)"
     )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the base in block-scaled FP8 (transformers' quant_method fp8, blocks of 128); loractl merges "
+        "to bf16 (and --requantize), PEFT's path dequantizes with transformers",
+    )
     p.add_argument("--skip-peft", action="store_true", help="do not time the PEFT path")
     p.add_argument(
         "--peft-7b", action="store_true", help="time the PEFT path for --size 7b too (~14+ GB RAM, slow)"
@@ -420,16 +440,21 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     size = args.size
     base_bytes = sum(math.prod(s) * BF16 for _, s in tensor_shapes(size))
+    out_bytes_est = base_bytes
+    if args.fp8:
+        base_bytes = _fp8.nbytes(_fp8.fp8_entries(tensor_shapes(size)))
     run_peft = not args.skip_peft and (size == "1b" or args.peft_7b)
     verify = run_peft and not args.no_verify
 
     work: Path = args.workdir.resolve()
     created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter, logs = work / f"base-{size}", work / f"adapter-{size}", work / "bench-logs"
-    stamp = work / f"base-{size}.json"
+    tag = f"{size}-fp8" if args.fp8 else size
+    base, adapter, logs = work / f"base-{tag}", work / f"adapter-{size}", work / "bench-logs"
+    stamp = work / f"base-{tag}.json"
     spec = {
         "size": size,
+        "fp8": args.fp8,
         "seed": args.seed,
         "shard_bytes": args.shard_bytes,
         "block": BLOCK_ELEMENTS,
@@ -439,7 +464,7 @@ def main(argv: list[str]) -> int:
 
     reuse = base.exists() and adapter.exists() and stamp.exists() and same_spec(stamp, spec)
     have = shutil.disk_usage(work).free + (base_bytes if reuse else 0)
-    need = base_bytes * (3 if verify else 2) + (0 if reuse else base_bytes)
+    need = out_bytes_est * (2 if verify else 1) + base_bytes + (0 if reuse else base_bytes)
     if have < need * 1.05:
         raise SystemExit(
             f"{work}: {have / 1e9:.1f} GB free, this benchmark needs about {need / 1e9:.1f} GB; use --workdir elsewhere"
@@ -456,8 +481,9 @@ def main(argv: list[str]) -> int:
         else:
             for p in (base, adapter, stamp):
                 remove(p)
-            print(f"building {size} base ({base_bytes / 1e9:.2f} GB bf16, streamed) ...", flush=True)
-            b = build_base(base, size, args.seed, args.shard_bytes)
+            kind = "FP8 blocks of 128" if args.fp8 else "bf16"
+            print(f"building {size} base ({base_bytes / 1e9:.2f} GB {kind}, streamed) ...", flush=True)
+            b = build_base(base, size, args.seed, args.shard_bytes, fp8=args.fp8)
             a = build_adapter(adapter, size, args.seed, base)
             build = {"base": b, "adapter": a}
             stamp.write_text(json.dumps({**spec, "build": build}))
@@ -489,10 +515,16 @@ def main(argv: list[str]) -> int:
         for i, (ref, (lc, lc_env, _)) in enumerate(zip(refs, codes)):
             tag = "" if len(refs) == 1 else f" @{ref}"
             suffix = "" if i == 0 else f"_{i}"
-            for key, label, extra, out in (
+            variants = [
                 ("loractl", "loractl merge --no-receipt", ["--no-receipt"], outputs[2]),
                 ("loractl_receipt", "loractl merge (receipt)", [], outputs[3]),
-            ):
+            ]
+            if args.fp8:
+                variants.append(
+                    ("loractl_requantize", "loractl merge --requantize --no-receipt",
+                     ["--requantize", "--no-receipt"], work / "out_loractl_requantize")
+                )
+            for key, label, extra, out in variants:
                 envs[key + suffix] = lc_env
                 out_i = out if i == 0 else out.with_name(f"{out.name}{suffix}")
                 cases.append(
@@ -511,7 +543,7 @@ def main(argv: list[str]) -> int:
                     [
                         sys.executable,
                         os.path.abspath(__file__),
-                        "--peft-worker",
+                        "--peft-worker-fp8" if args.fp8 else "--peft-worker",
                         str(base),
                         str(adapter),
                         str(outputs[4]),
@@ -539,7 +571,7 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
                 out_bytes[case.key] = folder_bytes(out)
-                if case.key.startswith("loractl_receipt"):
+                if case.key.startswith("loractl_receipt") and (out / "loractl.receipt").exists():
                     receipt_bytes = (out / "loractl.receipt").stat().st_size
                 keep_for_verify = last and (
                     (verify and case.key in ("loractl", "peft"))
@@ -580,6 +612,7 @@ def main(argv: list[str]) -> int:
         if args.json:
             doc = {
                 "size": size,
+                "fp8": args.fp8,
                 "repeat": args.repeat,
                 "spec": spec,
                 "base_bytes": base_bytes,
@@ -621,7 +654,8 @@ def report(size, base_bytes, build, cases, receipt_bytes, out_bytes, verificatio
     by = {c.key: c for c in cases}
     cp = by["cp"].median
     print()
-    print(f"loractl merge benchmark: {size} ({base_bytes / 1e9:.2f} GB bf16 base), median of {args.repeat}")
+    kind = "FP8 (blocks of 128, merged to bf16)" if args.fp8 else "bf16"
+    print(f"loractl merge benchmark: {size} ({base_bytes / 1e9:.2f} GB {kind} base), median of {args.repeat}")
     print()
     w = max(30, *(len(c.label) + 1 for c in cases))
     head = f"{'what':<{w}} {'median s':>9} {'min s':>8} {'× cp':>6} {'× cp+sync':>9} {'peak RSS MiB':>12} {'CPU s':>7}"
@@ -680,5 +714,8 @@ def report(size, base_bytes, build, cases, receipt_bytes, out_bytes, verificatio
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--peft-worker":
         peft_worker(*sys.argv[2:])
+        sys.exit(0)
+    if len(sys.argv) == 5 and sys.argv[1] == "--peft-worker-fp8":
+        _fp8.peft_worker_fp8(*sys.argv[2:])
         sys.exit(0)
     sys.exit(main(sys.argv[1:]))

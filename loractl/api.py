@@ -46,10 +46,10 @@ from .io.layout import DTYPES, copy_notes, copy_other_files, layout, parse_size,
 from .io.receipt import Receipt, receipt_beside, receipt_path, remove_stale
 from .io.safetensors import dtype_name, torch_dtype
 from .io.stream import Progress, Stream
-from .merging import unmerge_jobs, write_merged
+from .merging import restore_originals, unmerge_jobs, write_merged
 from .ops.combine import COMBINE_METHODS
 from .ops.truncate import DYLORA_CONVENTIONS
-from .plan import match, plan_merge
+from .plan import MergePlan, match, plan_merge
 from .provenance import AdapterRef, metadata, refs
 from .recipe import RunResult, StepReport
 from .verifying import Counts as VerifyCounts
@@ -186,6 +186,57 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _quantized_notes(b: BaseModel, plan: MergePlan, dtype: str, requantize: bool) -> list[str]:
+    """What a merge of a quantized (FP8) base tells its user; refuses ``requantize`` where it cannot be done.
+
+    Raises:
+        UsageError: ``requantize`` for a base with no block-scaled FP8 weight (unquantized, 4-bit or
+            compressed-tensors), or with a ``dtype`` other than ``auto``.
+    """
+    fp8s = [q for q in b.quantized.values() if q.method != "bitsandbytes-4bit"]
+    if requantize:
+        if not fp8s or not all(q.requantizable for q in b.quantized.values()):
+            what = ", ".join(sorted({q.method for q in b.quantized.values()})) or "not quantized"
+            raise UsageError(
+                f"--requantize: {b.path} is {what}; only transformers' block-scaled FP8 "
+                '(quant_method "fp8", weight_scale_inv) is written back quantized',
+                hint="merge without --requantize: the weights are then written dequantized (bf16)",
+            )
+        if dtype != "auto":
+            raise UsageError("--requantize writes the base's own dtypes: leave out --dtype")
+        changed = sum(q.name in plan.changes for q in fp8s)
+        return [
+            f"FP8 base: the {changed} FP8 weights an adapter changes are requantized in the base's blocks "
+            f"(new scales); the other {len(fp8s) - changed} are copied"
+        ]
+    if not fp8s:
+        return []
+    notes = [
+        f"FP8 base ({fp8s[0].method}, {len(fp8s)} weights): written dequantized ({dtype if dtype != 'auto' else fp8s[0].merge_dtype}) "
+        "with a config.json without quantization_config; --requantize keeps FP8"
+    ]
+    partial = [q for q in fp8s if q.block and any(d > bk and d % bk for d, bk in zip(q.shape[-2:], q.block))]
+    if partial:
+        notes.append(
+            f"{len(partial)} FP8 weights have a partial last block (e.g. {partial[0].name!r} {list(partial[0].shape)} "
+            f"in blocks {list(partial[0].block)}): loractl scales them by weight_block_size as DeepSeek and "
+            "compressed-tensors do; transformers 5.x derives the block from the scale grid and dequantizes "
+            "them differently (docs/formats.md)"
+        )
+    return notes
+
+
+def _four_bit_note(b: BaseModel, notes: list[str]) -> bool:
+    """Whether ``b`` holds 4-bit weights (then no receipt: a note says why)."""
+    if not any(q.method == "bitsandbytes-4bit" for q in b.quantized.values()):
+        return False
+    notes.append(
+        f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
+        "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
+    )
+    return True
+
+
 @_keeps_torch_threads
 def merge(
     base: str | Path,
@@ -203,6 +254,7 @@ def merge(
     subfolder: str | None = None,
     alpha: float | None = None,
     progress: Progress | None = None,
+    requantize: bool = False,
 ) -> MergeResult:
     """Write ``base + Σ wᵢ·ΔWᵢ`` to ``output`` in the base's own layout, one tensor at a time.
 
@@ -225,6 +277,8 @@ def merge(
             adapter_config.json); an error for one that does.
             Every other command that reads adapters and needs their scales takes it too.
         progress: called with (bytes done, bytes total); also turns on Hub download bars.
+        requantize: an FP8 base (``quant_method: "fp8"``): write the changed weights back in FP8 (the
+            base's blocks, new scales, its config kept); default: dequantized, config without it.
 
     Returns:
         What was merged and written.
@@ -249,7 +303,8 @@ def merge(
         loaded = load_adapters(adapters, format, opts)
         plan = plan_merge(b, loaded, ws)
         plan.refuse_unmatched(b, loaded, allow_partial)
-        files = layout(b, DTYPES[dtype], size)
+        notes: list[str] = _quantized_notes(b, plan, dtype, requantize)
+        files = layout(b, DTYPES[dtype], size, keep_quantized=requantize)
         inputs = protected_paths(base=b, adapters=loaded)
         # a single-file output has its receipt beside it: checked as an output too, before any work,
         # whether or not one is written now (unmerge would take a receipt left there for this output's)
@@ -257,16 +312,11 @@ def merge(
         check_output(output, inputs, force)
         if beside is not None:
             check_output(beside, inputs, force)
-        notes: list[str] = []
-        if receipt and b.quantized:
-            receipt = False
-            notes.append(
-                f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
-                "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
-            )
+        receipt = receipt and not _four_bit_note(b, notes)
         sources = refs(loaded, ws)
         written = write_merged(
-            b, output, files, plan, loaded, sources, receipt=receipt, force=force, inputs=inputs, progress=progress, notes=notes
+            b, output, files, plan, loaded, sources, receipt=receipt, force=force, inputs=inputs, progress=progress,
+            notes=notes, requantize=requantize,
         )
         if beside is not None and written.receipt is None and remove_stale(beside):
             notes.append(f"removed {beside}: it was the receipt of the output replaced")
@@ -343,9 +393,7 @@ def unmerge(
         receipt: the receipt, when not where merge put it.
         use_receipt: False subtracts even when a receipt is there.
         force: replace an existing output.
-        format: force the adapters' format.
-        allow_pickle: accept pickle adapters.
-        subfolder: the folder inside a Hub adapter repo.
+        format, allow_pickle, subfolder: the adapters' format, pickles, Hub folder (as :func:`merge`).
         progress: called with (bytes done, bytes total).
 
     Returns:
@@ -378,7 +426,7 @@ def unmerge(
 
                 warnings = check_merge_record(b.shards, b.path, sources)
                 plan.refuse_subtraction(loaded)
-            files, jobs = unmerge_jobs(b, plan, rec, loaded)
+            files, jobs, loaders = unmerge_jobs(b, plan, rec, loaded)
             names = [s.path.name for s in b.shards]
 
             def metadata_for(i: int, src: dict[str, str]) -> dict[str, str]:
@@ -390,13 +438,15 @@ def unmerge(
             mode = shard_mode(b)
             notes: list[str] = []
             with atomic_output(output, is_dir=b.is_dir, inputs=inputs, force=force) as tmp:
-                written = Stream(b, jobs, progress=progress, mode=mode).write(
+                written = Stream(b, jobs, loaders, progress=progress, mode=mode).write(
                     tmp, files, metadata_for, single_file=not b.is_dir
                 )
                 if b.is_dir:
                     b.index_metadata = {k: v for k, v in b.index_metadata.items() if not k.startswith("loractl.")}
                     write_index(tmp, b, files, {}, mode)
                     copy_other_files(b, tmp)
+                    if rec is not None:
+                        restore_originals(tmp, b.index_name, files, rec)
                     notes = copy_notes(b, output)
             return UnmergeResult(
                 output=output,
@@ -567,13 +617,23 @@ class Storage:
 
 @dataclass
 class QuantizedBase:
-    """A bitsandbytes 4-bit base, as merge writes it (dequantized)."""
+    """A quantized base (bitsandbytes 4-bit, FP8), as merge writes it (dequantized).
+
+    Attributes:
+        method: ``bitsandbytes-4bit``, ``fp8`` or ``compressed-tensors`` (several joined by ``+``).
+        quant_types: ``nf4``/``fp4`` for 4-bit; the FP8 dtypes (``F8_E4M3``, ``F8_E5M2``) for FP8.
+        double_quant: 4-bit statistics quantized again.
+        weights: quantized weights.
+        merged_bytes: tensor bytes of a merge written with ``--dtype auto`` (dequantized).
+        block: FP8's ``weight_block_size`` ([B0, B1]; None per tensor or channel, or for 4-bit).
+    """
 
     method: str
     quant_types: list[str]
     double_quant: bool
     weights: int
     merged_bytes: int
+    block: list[int] | None = None
 
 
 @dataclass
@@ -626,14 +686,29 @@ def _coverage(b: BaseModel, a: Adapter) -> Coverage:
     )
 
 
+def _quantized_base(quantized: dict, merged_bytes: int) -> QuantizedBase:
+    from .io import quantized as qz
+
+    qs = list(quantized.values())
+    blocks = {tuple(q.block) for q in qs if getattr(q, "block", None)}
+    return QuantizedBase(
+        "+".join(qz.methods(quantized)),
+        sorted({getattr(q, "quant_type", None) or q.dtype for q in qs}),
+        any(getattr(q, "double_quant", False) for q in qs),
+        len(qs),
+        merged_bytes,
+        list(next(iter(blocks))) if len(blocks) == 1 else None,
+    )
+
+
 def _base_fit(b: BaseModel, a: Adapter, count: int) -> BaseFit:
-    from .io import quant
+    from .io import quantized as qz
 
     quantized = b.quantized
     base_bytes = b.nbytes
-    # a merged copy of a 4-bit base is written dequantized (bf16)
-    merged_bytes = quant.dequantized_nbytes(b, 2, quantized) if quantized else base_bytes
-    aux = quant.aux_keys(quantized)
+    # a merged copy of a quantized base is written dequantized
+    merged_bytes = qz.dequantized_nbytes(b, quantized) if quantized else base_bytes
+    aux = qz.aux_keys(quantized)
     total = base_bytes + count * a.nbytes
     return BaseFit(
         path=str(b.path),
@@ -643,15 +718,7 @@ def _base_fit(b: BaseModel, a: Adapter, count: int) -> BaseFit:
         coverage=_coverage(b, a),
         ratio=a.nbytes / base_bytes if base_bytes else None,
         storage=Storage(count, total, count * merged_bytes, 1 - total / (count * merged_bytes) if merged_bytes else None),
-        quantized=QuantizedBase(
-            "bitsandbytes-4bit",
-            sorted({q.quant_type for q in quantized.values()}),
-            any(q.double_quant for q in quantized.values()),
-            len(quantized),
-            merged_bytes,
-        )
-        if quantized
-        else None,
+        quantized=_quantized_base(quantized, merged_bytes) if quantized else None,
     )
 
 
@@ -1148,11 +1215,9 @@ def amplification(
 
 
 def _base_weight(b: BaseModel, key: str) -> torch.Tensor:
-    """A base weight as the model computes with it: dequantized when it is stored quantized."""
-    from .io import quant
-
+    """A base weight as the model computes with it: dequantized (float32) when it is stored quantized."""
     q = b.quantized.get(key)
-    return quant.dequantize(b, q) if q is not None else b.read(key)
+    return q.float32(b) if q is not None else b.read(key)
 
 
 @dataclass

@@ -4,7 +4,7 @@
 ``merge`` and ``unmerge`` (through :func:`plan_merge`), ``inspect --base`` (its coverage) and
 ``check --base`` (its fit findings). A module fits when its name resolves to a base weight
 (:class:`~loractl.formats.names.NameResolver`: prefixes, tied output heads), the update's shape is
-that weight's real shape (4-bit weights: the shape they dequantize to), the weight is a float tensor
+that weight's real shape (quantized weights: the shape they dequantize to), the weight is a float tensor
 (or a quantized one loractl dequantizes), and a ``lora_B.bias`` finds a base bias. Saved full tensors
 (``modules_to_save``) must resolve to a base tensor of their shape.
 
@@ -85,7 +85,7 @@ class Fit:
 
 
 def real_shape(base: BaseModel, key: str) -> tuple[int, ...]:
-    """A base tensor's shape as a weight: a 4-bit weight's dequantized shape, else the stored one."""
+    """A base tensor's shape as a weight: a quantized weight's dequantized shape, else the stored one."""
     q = base.quantized.get(key)
     return tuple(q.shape) if q is not None else tuple(base.info(key).shape)
 
@@ -144,7 +144,7 @@ def match(base: BaseModel, adapter: Adapter) -> Fit:
                     "not-float",
                     name,
                     f"{base.path}: tensor {key!r} (module {name!r}) is {base.info(key).dtype}, not a float weight "
-                    "(only bitsandbytes 4-bit quantized bases are dequantized)",
+                    "(loractl dequantizes bitsandbytes 4-bit and FP8 weights with their scales, no other integers)",
                 )
             )
             continue

@@ -134,10 +134,12 @@ def _human_base(c, b) -> None:  # b: api.BaseFit
     )
     if b.quantized is not None:
         qz = b.quantized
+        kind = "4-bit" if qz.method == "bitsandbytes-4bit" else "quantized"
+        block = f", blocks {qz.block[0]}x{qz.block[1]}" if qz.block else ""
         c.print(
-            f"  4-bit base ({qz.method}, {'/'.join(qz.quant_types)}"
+            f"  {kind} base ({qz.method}, {'/'.join(qz.quant_types)}{block}"
             f"{', double-quantized' if qz.double_quant else ''}): {qz.weights} weights; "
-            f"a merged copy weighs {human_bytes(qz.merged_bytes)} (bf16)"
+            f"a merged copy weighs {human_bytes(qz.merged_bytes)} (dequantized)"
         )
     c.print(
         f"  coverage: {cov.matched} modules match, {len(cov.unmatched)} unmatched, "

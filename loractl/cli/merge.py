@@ -17,6 +17,7 @@ EPILOG = """Examples:
   loractl merge examples/tiny-llama examples/tiny-llama-lora -o merged
   loractl merge base/ a/ b/ --weight 1 --weight 0.5 -o merged --dtype bf16
   loractl merge sd.safetensors style.safetensors -o out.safetensors --no-receipt
+  loractl merge deepseek-fp8/ lora/ -o merged-fp8 --requantize
 """
 
 
@@ -59,6 +60,12 @@ def merge(
     allow_partial: bool = typer.Option(
         False, "--allow-partial", help="Merge even if some modules match no weight."
     ),
+    requantize: bool = typer.Option(
+        False,
+        "--requantize",
+        help="FP8 base: write the changed weights back in FP8 (the base's blocks, new scales) "
+        "instead of dequantized bf16.",
+    ),
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
@@ -83,6 +90,7 @@ def merge(
             shard_size=shard_size,
             receipt=receipt,
             allow_partial=allow_partial,
+            requantize=requantize,
             force=force,
             format=format,
             allow_pickle=allow_pickle,

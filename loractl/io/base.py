@@ -20,7 +20,7 @@ from .names import INDEX_NAMES, SINGLE_NAMES
 from .safetensors import SafetensorsFile, TensorInfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .quant import QuantizedWeight
+    from .quantized import QuantizedTensor
 
 RECEIPT_NAME = "loractl.receipt"
 #: the longest file name (in bytes) a shard may have: NAME_MAX of common filesystems
@@ -190,11 +190,12 @@ class BaseModel:
         return sum(info.nbytes for _, info in self.tensors.values())
 
     @cached_property
-    def quantized(self) -> dict[str, QuantizedWeight]:
-        """The weights stored quantized (bitsandbytes 4-bit), by weight name; found and checked once."""
-        from .quant import find_quantized
+    def quantized(self) -> dict[str, QuantizedTensor]:
+        """The weights stored quantized (bitsandbytes 4-bit, FP8 with scales), by weight name; found
+        and checked once (:func:`loractl.io.quantized.find`)."""
+        from .quantized import find
 
-        return find_quantized(self)
+        return find(self)
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name][1]

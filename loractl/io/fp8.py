@@ -118,6 +118,27 @@ class Fp8Weight:
         """The scale shape the weight needs: ``[*leading, ceil(out / B0), ceil(in / B1)]``."""
         return expected_scale_shape(self.shape, self.block, self.strategy)
 
+    # the interface of every quantized weight (loractl.io.quantized.QuantizedTensor)
+    @property
+    def merge_dtype(self) -> str:
+        """The dtype a merge writes this weight in by default: the model's (:attr:`out_dtype`)."""
+        return self.out_dtype
+
+    @property
+    def requantizable(self) -> bool:
+        """Whether ``merge --requantize`` can write it back in its own layout (block-scaled ``fp8`` only)."""
+        return self.method == FP8_METHOD
+
+    def load(self, base: BaseModel, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as transformers loads it into a model of ``dtype``: :func:`dequantize`."""
+        return dequantize(base, self, dtype)
+
+    def float32(self, base: BaseModel) -> torch.Tensor:
+        """The weight's values in float32 (:func:`dequantize` to float32)."""
+        import torch
+
+        return dequantize(base, self, torch.float32)
+
 
 # --------------------------------------------------------------------------------------------
 # the config
@@ -451,7 +472,7 @@ def _find_ct(base: BaseModel, qc: dict[str, Any]) -> dict[str, Fp8Weight]:
 # --------------------------------------------------------------------------------------------
 # dequantizing
 # --------------------------------------------------------------------------------------------
-def _read_scale(base: BaseModel, w: Fp8Weight) -> torch.Tensor:
+def _read_scale(base: BaseModel, w: Fp8Weight, raw: torch.Tensor | None = None) -> torch.Tensor:
     """The scale as float32 with the weight's grid shape (a per-tensor scale as ``[1, 1]``); refuses
     NaN, infinite and negative scales.
 
@@ -462,7 +483,10 @@ def _read_scale(base: BaseModel, w: Fp8Weight) -> torch.Tensor:
     """
     import torch
 
-    raw = base.read(w.scale_key)
+    if raw is None:
+        raw = base.read(w.scale_key)
+    elif tuple(raw.shape) != w.scale_shape:
+        raise ValueError(f"scale for {w.name!r} is {tuple(raw.shape)}, not {w.scale_shape}")
     s = raw.to(torch.float32)
     bad = ~torch.isfinite(s) | (s < 0)
     if bool(bad.any()):
@@ -514,7 +538,13 @@ def _row_step(cols: int, block: tuple[int, int] | None) -> int:
 
 
 def dequantize(
-    base: BaseModel, w: Fp8Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    base: BaseModel,
+    w: Fp8Weight,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    codes: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weight ``w`` dequantized to ``dtype`` (default: ``w.out_dtype``, the model's dtype).
 
@@ -536,6 +566,9 @@ def dequantize(
         w: a weight from :func:`find_fp8`.
         dtype: the result's dtype.
         out: a contiguous tensor of ``w.shape`` and ``dtype`` to write into (else a new one).
+        codes: the FP8 codes (``w.shape``, ``w.dtype``) to dequantize instead of the base's (e.g.
+            a requantized merge's, or a receipt's).
+        scale: the scale tensor (``w.scale_shape``) to use instead of the base's.
 
     Raises:
         FormatError: a scale that is NaN, infinite or negative; an FP8 code that is NaN; a product
@@ -548,24 +581,29 @@ def dequantize(
         out = torch.empty(w.shape, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != w.shape or not out.is_contiguous():
         raise ValueError(f"buffer for {w.name!r} is {out.dtype} {tuple(out.shape)}")
-    s_all = _read_scale(base, w)
+    s_all = _read_scale(base, w, scale)
     ct = w.method == CT_METHOD
     if ct:  # compressed-tensors: the product is rounded to the scale's dtype
         s_all = s_all.to(torch_dtype(w.scale_dtype)).to(torch.float32)
     mats, rows, cols = _matrices(w.shape)
-    f = base.file_of(w.name)
-    begin = base.info(w.name).begin
     fp8 = torch_dtype(w.dtype)
+    if codes is not None and (codes.dtype != fp8 or tuple(codes.shape) != w.shape):
+        raise ValueError(f"codes for {w.name!r} are {codes.dtype} {tuple(codes.shape)}")
+    flat_codes = codes.contiguous().view(-1).view(torch.uint8) if codes is not None else None
     step = min(_row_step(cols, w.block), rows)
-    buf = torch.empty(step * cols, dtype=torch.uint8)
+    buf = torch.empty(0 if codes is not None else step * cols, dtype=torch.uint8)
     tmp = torch.empty(step * cols, dtype=torch.float32)
     flat_out = out.view(mats, rows, cols)
     for m in range(mats):
         s = s_all[m] if s_all.ndim == 3 else s_all
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
-            b = buf[: n * cols]
-            f.read_range_into(begin + (m * rows + r0) * cols, memoryview(b.numpy()), w.name)
+            at = (m * rows + r0) * cols
+            if flat_codes is not None:
+                b = flat_codes[at : at + n * cols]
+            else:
+                b = buf[: n * cols]
+                base.file_of(w.name).read_range_into(base.info(w.name).begin + at, memoryview(b.numpy()), w.name)
             x = tmp[: n * cols].view(n, cols)
             x.copy_(b.view(fp8).view(n, cols))
             _apply_scales(x, s, w.block, r0)
@@ -732,8 +770,8 @@ def quantize_with_scales(
 
     Args:
         w: the weight, any float dtype (computed in float32), ``[*leading, out, in]``.
-        scale_inv: the scales, ``[*leading, ceil(out / B0), ceil(in / B1)]`` (one value for
-            ``block=None``), any float dtype (read as float32).
+        scale_inv: the scales, ``[*leading, ceil(out / B0), ceil(in / B1)]`` (for ``block=None``:
+            one value, or one per output row ``[*leading, out, 1]``), any float dtype (read as float32).
         block: ``(B0, B1)`` or None.
         fp8_dtype: default ``torch.float8_e4m3fn``.
     """
@@ -741,21 +779,25 @@ def quantize_with_scales(
 
     fp8_dtype = torch.float8_e4m3fn if fp8_dtype is None else fp8_dtype
     s32 = scale_inv.to(torch.float32)
+    mats, rows, cols = _matrices(tuple(w.shape))
+    channel = block is None and tuple(s32.shape) == expected_scale_shape(tuple(w.shape), None, "channel")
     if block is not None:
         need = expected_scale_shape(tuple(w.shape), block)
         if tuple(s32.shape) != need:
             raise ValueError(f"scales {list(s32.shape)} do not fit {list(w.shape)} in blocks {list(block)}")
+        s3 = s32.reshape(mats, *need[-2:])
+    elif channel and s32.numel() != 1:  # compressed-tensors' one scale per output row: [*leading, out, 1]
+        s3 = s32.reshape(mats, rows, 1)
     elif s32.numel() != 1:
-        raise ValueError(f"one scale expected for block=None, got {list(s32.shape)}")
-    mats, rows, cols = _matrices(tuple(w.shape))
+        raise ValueError(f"one scale (or one per row) expected for block=None, got {list(s32.shape)}")
+    else:
+        s3 = s32.reshape(1, 1, 1).expand(mats, 1, 1)
     w3 = w.reshape(mats, rows, cols)
-    s3 = s32.reshape(mats, *need[-2:]) if block is not None else s32.reshape(1, 1)
     q = torch.empty(w3.shape, dtype=fp8_dtype)
     step = _row_step(cols, block)
     for m in range(mats):
         for r0 in range(0, rows, step):
-            s = s3[m] if block is not None else s3
-            q[m, r0 : r0 + step] = _divide(w3[m, r0 : r0 + step], s, block, r0, fp8_dtype)
+            q[m, r0 : r0 + step] = _divide(w3[m, r0 : r0 + step], s3[m], block, r0, fp8_dtype)
     return q.reshape(w.shape)
 
 

@@ -65,16 +65,18 @@ def shard_name(stem: str, i: int, n: int) -> str:
     return f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None) -> Files:
+def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None, *, keep_quantized: bool = False) -> Files:
     """Output file names and their tensors: the base's own layout, or re-sharded to ``shard_size``.
 
     Quantized weights (:attr:`BaseModel.quantized`) are written dequantized (``out_dtype``, default
-    bf16) with their real shape, and their quantization statistics are left out.
+    each weight's :attr:`~loractl.io.quantized.QuantizedTensor.merge_dtype`) with their real shape,
+    and their quantization statistics are left out; with ``keep_quantized`` they keep their stored dtype
+    and shape, and their statistics (scales) stay.
 
     Raises:
         UsageError: ``shard_size`` for a single-file base.
     """
-    from .quant import aux_keys
+    from .quantized import aux_keys
 
     quantized = base.quantized
     aux = aux_keys(quantized)
@@ -82,10 +84,14 @@ def layout(base: BaseModel, out_dtype: str | None, shard_size: int | None) -> Fi
     for i, s in enumerate(base.shards):
         items = []
         for info in s.tensors.values():  # in file order
+            if keep_quantized and (info.name in aux or info.name in quantized):
+                items.append(OutTensor(info.name, i, info.dtype, info.shape))
+                continue
             if info.name in aux:
                 continue
             if info.name in quantized:
-                items.append(OutTensor(info.name, i, out_dtype or "BF16", tuple(quantized[info.name].shape)))
+                q = quantized[info.name]
+                items.append(OutTensor(info.name, i, out_dtype or q.merge_dtype, tuple(q.shape)))
                 continue
             dt = out_dtype if (out_dtype and info.dtype in FLOAT_DTYPES) else info.dtype
             items.append(OutTensor(info.name, i, dt, info.shape))

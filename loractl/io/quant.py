@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import FormatError
 from .files import loads_json
@@ -50,6 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .base import BaseModel
 
+#: the ``method`` of a 4-bit weight (``inspect``'s ``quantized.method``)
+METHOD = "bitsandbytes-4bit"
 QUANT_STATE = ".quant_state.bitsandbytes__"
 QUANT_TYPES = ("nf4", "fp4")
 #: auxiliary tensors of a 4-bit weight, by suffix after ``<m>.weight.``
@@ -135,6 +137,24 @@ class QuantizedWeight:
     def key(self, aux: str) -> str:
         """The key of auxiliary tensor ``aux`` (one of :data:`AUX_NAMES`)."""
         return f"{self.name}.{aux}"
+
+    # the interface of every quantized weight (loractl.io.quantized.QuantizedTensor)
+    method: ClassVar[str] = METHOD
+    #: a merge writes 4-bit weights in bfloat16 unless ``--dtype`` says otherwise
+    merge_dtype: ClassVar[str] = "BF16"
+    #: ``merge --requantize`` cannot write 4-bit weights, and a receipt cannot give back their bytes
+    requantizable: ClassVar[bool] = False
+
+    def load(self, base: BaseModel, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as bitsandbytes' ``dequantize_4bit`` gives it (in :attr:`dtype`, whatever
+        ``dtype`` the merge writes: the merge computes from there)."""
+        from .safetensors import torch_dtype
+
+        return dequantize(base, self).to(torch_dtype(self.st_dtype))
+
+    def float32(self, base: BaseModel) -> torch.Tensor:
+        """The weight's values in float32 (:func:`dequantize`)."""
+        return dequantize(base, self)
 
 
 # --------------------------------------------------------------------------------------------

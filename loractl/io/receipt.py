@@ -12,7 +12,12 @@ replaced it) and ``dora<k>`` (DoRA's norm factors of the k-th contribution). Its
 - ``changed``: the base tensors the merge changed; ``dtypes``: tensors written in another dtype
   (name -> the base's dtype); ``shard_metadata``: each base shard's header metadata;
 - ``sum64``: a checksum of each original tensor the receipt restores (:func:`tensor_sum64`), checked
-  after restoring it (receipts of format 1 hold a ``crc32`` instead, still read).
+  after restoring it (receipts of format 1 hold a ``crc32`` instead, still read);
+- ``index``: the base's index file as it was (written back when the restored model has its weight map);
+- for a quantized (FP8) base: ``quantized``, each weight the merge rewrote (its FP8 ``dtype``,
+  ``block``, ``scale`` key, ``requantized``); ``aux``, the tensors kept whole (``<key>::full``: the
+  original scales, activation scales); ``order``, the base's tensor names per shard when the merged
+  model lacks some; ``config``, the original ``config.json`` when the merged model's differs.
 
 Tensors are added while the merge streams (:class:`ReceiptWriter`: spooled to disk, never held in
 memory), and the file is written once the merge is done.
@@ -126,8 +131,11 @@ class ReceiptWriter:
         changed: Sequence[str],
         dtypes: dict[str, str],
         mode: int,
+        extra: dict[str, str] | None = None,
     ) -> int:
-        """Write the receipt at ``path`` (a new file, with permission bits ``mode``); returns its size."""
+        """Write the receipt at ``path`` (a new file, with permission bits ``mode``); returns its size.
+        ``extra``: more metadata (a quantized base's records: ``quantized``, ``aux``, ``order``,
+        ``config``; the base's ``index``)."""
         from .. import __version__
 
         meta = {
@@ -138,6 +146,7 @@ class ReceiptWriter:
             "dtypes": json.dumps(dtypes),
             "shard_metadata": json.dumps({s.path.name: s.metadata for s in base.shards}),
             "sum64": json.dumps(self.checksums),
+            **(extra or {}),
         }
         size = self._spool.finish(path, meta, mode=mode)
         self.close()
@@ -168,12 +177,50 @@ class Receipt:
             self.shard_metadata: dict[str, dict[str, str]] = json.loads(meta.get("shard_metadata", "{}"))
             key = "crc32" if self.version == "1" else "sum64"
             self.checksums = {k: (int(v) if key == "crc32" else str(v)) for k, v in json.loads(meta.get(key, "{}")).items()}
-        except (ValueError, TypeError, AttributeError):
+            self._read_originals(meta)
+        except (ValueError, TypeError, AttributeError, KeyError):
             self._file.close()
             raise InputError(f"{path}: its metadata is not readable; not a receipt loractl wrote") from None
         self._entries: dict[str, list[str]] = {}
         for k in self._file.keys():
             self._entries.setdefault(k.split("::", 1)[0], []).append(k)
+
+    def _read_originals(self, meta: dict[str, str]) -> None:
+        """The records of a quantized base's merge (see :func:`loractl.merging.keep_originals`); each
+        absent from older receipts and from those of unquantized bases.
+
+        Raises:
+            ValueError, TypeError, KeyError: a record that is not what loractl writes.
+        """
+        self.quantized: dict[str, dict[str, Any]] = json.loads(meta.get("quantized", "{}"))
+        self.aux: list[str] = json.loads(meta.get("aux", "[]"))
+        self.order: dict[str, list[str]] | None = json.loads(meta["order"]) if "order" in meta else None
+        self.config: str | None = meta.get("config")
+        self.index: str | None = meta.get("index")
+        if not isinstance(self.quantized, dict) or not isinstance(self.aux, list):
+            raise TypeError("quantized/aux")
+        for name, rec in self.quantized.items():
+            block = rec["block"]
+            ok = (
+                isinstance(rec["dtype"], str)
+                and isinstance(rec["scale"], str)
+                and isinstance(rec["requantized"], bool)
+                and (block is None or (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) and x > 0 for x in block)))
+            )
+            if not ok or f"{rec['scale']}::full" not in self._file:
+                raise TypeError(f"quantized[{name!r}]")
+        for k in self.aux:
+            if not isinstance(k, str) or f"{k}::full" not in self._file:
+                raise TypeError(f"aux {k!r}")
+        if self.order is not None and not (
+            isinstance(self.order, dict) and all(isinstance(v, list) for v in self.order.values())
+        ):
+            raise TypeError("order")
+
+    def stored(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """The dtype (safetensors name) and shape of tensor ``name`` kept whole (``name::full``)."""
+        info = self._file.tensors[f"{name}::full"]
+        return info.dtype, tuple(info.shape)
 
     def check_adapters(self, refs: Sequence[AdapterRef]) -> None:
         """Refuse adapters or weights other than the merge's, in its order.
