@@ -410,6 +410,9 @@ def unmerge(
                 warnings=warnings,
             )
     finally:
+        from .ops.merge import forget
+
+        forget()  # the experts' updates kept for reuse
         if rec is not None:
             rec.close()
 
@@ -419,7 +422,8 @@ def unmerge(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ModuleInfo:
-    """One module as ``inspect`` describes it (docs/json.md, ``module_list[]``)."""
+    """One module as ``inspect`` describes it (docs/json.md, ``module_list[]``): a parameter LoRA (MoE
+    experts) is named by its parameter, ``rank`` is the rank per expert, ``experts`` E (0 for a module)."""
 
     name: str
     kind: str
@@ -429,6 +433,7 @@ class ModuleInfo:
     shape: list[int]
     dtype: str
     dora: bool
+    experts: int = 0
 
 
 @dataclass
@@ -522,7 +527,7 @@ class InspectResult:
 def _coverage(b: BaseModel, a: Adapter) -> Coverage:
     fit = match(b, a)
     return Coverage(
-        matched=len(fit.weights),
+        matched=fit.matched,
         unmatched=[p.module for p in fit.unmatched],
         shape_mismatch=[
             ShapeMismatch(p.module, p.adapter_shape or [], p.base_shape or []) for p in fit.problems if p.kind == "shape"
@@ -563,7 +568,9 @@ def _base_fit(b: BaseModel, a: Adapter, count: int) -> BaseFit:
 
 def _describe(path: str | Path, a: Adapter) -> AdapterInfo:
     mods = [
-        ModuleInfo(m.name, m.kind, m.rank, m.alpha, m.scale, list(m.weight_shape), dtype_name(m.up.dtype), m.is_dora)
+        ModuleInfo(
+            m.name, m.kind, m.rank, m.alpha, m.scale, list(m.weight_shape), dtype_name(m.up.dtype), m.is_dora, m.experts
+        )
         for m in a.modules.values()
     ]
     ranks = [m.rank for m in mods] or [0]
