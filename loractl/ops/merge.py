@@ -23,7 +23,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -624,6 +624,11 @@ def fused_ok(changes: Iterable[Sequence[Contribution]]) -> bool:
     samples: dict[tuple, Contribution] = {}
     for contribs in changes:
         for c in contribs:
+            if c.kind == "expert" and c.module is not None:  # computed on one thread too, once fused_ok holds
+                m = c.module
+                key = ("expert", tuple(m.up.shape), tuple(m.down.shape), m.up.dtype, m.down.dtype, c.transposed, c.single)
+                samples.setdefault(key, replace(c, rows=None))
+                continue
             if c.kind != "lora" or c.module is None:
                 continue
             if c.module.is_dora:
@@ -644,6 +649,12 @@ def _same_bits_on_one_thread(c: Contribution, threads: int) -> bool:
     otherwise) with the bits of PEFT's whole product on ``threads`` threads?"""
     m = c.module
     assert m is not None
+    if c.kind == "expert":
+        torch.set_num_threads(threads)
+        ref = expert_update(c)
+        torch.set_num_threads(1)
+        forget()
+        return torch.equal(residual_ops.bits(expert_update(c).contiguous()), residual_ops.bits(ref.contiguous()))
     torch.set_num_threads(threads)
     ref = delta_weight(m, c.weight)
     torch.set_num_threads(1)
