@@ -1188,6 +1188,11 @@ class ConvertResult:
     pad_rank: int | None
     dtype: str | None
     seconds: float
+    experts: str | None = None  # "per-expert": parameter LoRAs rewritten as one module per expert
+
+
+#: ``convert --experts`` choices: parameter LoRAs kept as PEFT stacks them, or one module per expert
+EXPERT_FORMS = ("stacked", "per-expert")
 
 
 def _converted(m: LoraModule, dtype: str | None, normalize: bool, pad_rank: int | None, source: Path) -> LoraModule:
@@ -1216,6 +1221,7 @@ def convert(
     pad_rank: int | None = None,
     rank: int | None = None,
     alpha: float | None = None,
+    experts: str | None = None,
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
@@ -1234,6 +1240,9 @@ def convert(
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
         rank, alpha: r and alpha for adapters that do not state them (loralib; alpha also for a PEFT
             adapter without adapter_config.json).
+        experts: ``per-expert`` rewrites LoRAs on MoE expert parameters (PEFT ``target_parameters``) as one
+            module LoRA per expert and on-disk tensor, named as the base's checkpoint names them
+            (:func:`loractl.formats.experts.per_expert`; needs ``base``); ``stacked`` (default) keeps them.
         force: replace an existing output.
         format: force the source format.
         allow_pickle: accept a pickle adapter.
@@ -1253,6 +1262,12 @@ def convert(
         raise UsageError(f"unknown --dtype {dtype!r}; one of bf16, fp16, fp32")
     if pad_rank is not None and pad_rank < 1:
         raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
+    if experts is not None and experts not in EXPERT_FORMS:
+        raise UsageError(f"unknown --experts {experts!r}; one of {', '.join(EXPERT_FORMS)}")
+    if experts == "per-expert" and base is None:
+        raise UsageError(
+            "--experts per-expert needs --base: the experts' tensor names come from the base's architecture"
+        )
     b = open_base(base, progress=progress is not None) if base is not None else None
     try:
         base_paths = protected_paths(base=b) if b is not None else []
@@ -1266,7 +1281,14 @@ def convert(
             b.close()
     mods: dict[str, LoraModule] = {}
     for name, m in a.modules.items():
-        mods[name] = _converted(m, dtype, normalize, pad_rank, a.path)
+        m = _converted(m, dtype, normalize, pad_rank, a.path)
+        if experts == "per-expert" and m.experts:
+            from .formats.experts import per_expert
+
+            source = str(a.files[0] if a.files else a.path)
+            mods.update((one.name, one) for one in per_expert(m, opts.base_config, source=source))
+        else:
+            mods[name] = m
         if progress is not None:
             progress(len(mods), len(a.modules))
     save_adapter(
@@ -1279,7 +1301,9 @@ def convert(
         sources=refs([a]),
         options=wopts,
     )
-    return ConvertResult(Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0)
+    return ConvertResult(
+        Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0, experts
+    )
 
 
 # --------------------------------------------------------------------------------------------

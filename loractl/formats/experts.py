@@ -46,11 +46,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError, ShapeMismatchError, UnsupportedAdapterError
 from .names import NameResolver
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapter import LoraModule
 
 
 class NoBaseTensor(InputError):
@@ -491,3 +494,44 @@ def _split_pieces(
                 )
             result.append(Piece(name, e, None, None if len(leaves) == 1 else leaf_rows, arch.is_transposed))
     return result
+
+
+def per_expert(module: LoraModule, config: Mapping[str, Any], *, source: str = "adapter") -> list[LoraModule]:
+    """A parameter LoRA rewritten as one module LoRA per expert and on-disk tensor (transformers 4's layout,
+    which llama.cpp's ``convert_lora_to_gguf.py`` and vLLM's per-expert MoE LoRA wrapper read): expert e of
+    ``<experts>.gate_up_proj`` becomes ``<experts>.{e}.gate_proj`` (rows ``[0, I)`` of ``B_e``, with ``A_e``) and
+    ``<experts>.{e}.up_proj`` (rows ``[I, 2I)``, the same ``A_e``), named as the base's checkpoint names them
+    (Mixtral: ``block_sparse_moe.experts.{e}.w1`` / ``w3``); ``down_proj`` becomes ``<experts>.{e}.down_proj``.
+    A 2-D parameter (a router's ``weight``) becomes a module LoRA on its module. Each update ``s·B·A`` is the
+    expert's own (alpha and rsLoRA kept, the rank per expert); PEFT merging the result on transformers 5
+    rounds it as a ``lora.Linear`` of transformers 4 did (once), not as the parameter's (twice).
+
+    Raises:
+        UnsupportedAdapterError: a model type whose checkpoints hold this parameter fused (GPT-OSS, Llama-4,
+            DBRX, GraniteMoE), or one loractl does not know.
+        ShapeMismatchError: an expert count other than the base config's.
+    """
+    model_type = model_type_of(config)
+    arch = ARCHS.get(model_type or "")
+    mod, _, pname = module.name.rpartition(".")
+    where = f"{source}: parameter {module.name!r}"
+    if module.experts <= 1 and pname == "weight":  # a router: a module LoRA on its module, as stored on disk
+        disk = arch.on_disk(module.name) if arch is not None else module.name
+        return [replace(module, name=disk.rpartition(".")[0], experts=0)]
+    if arch is None or not arch.is_experts(mod) or pname not in arch.split:
+        raise UnsupportedAdapterError(
+            f"{where}: the checkpoints of model type {model_type!r} hold it fused, not one tensor per expert: "
+            "it has no per-expert form",
+            hint="keep it as PEFT target_parameters (leave out --experts per-expert)",
+        )
+    want = num_experts(config)
+    if want is not None and want != module.experts:
+        raise ShapeMismatchError(f"{where}: adapter has {module.experts} experts but the base config says {want}")
+    leaves = arch.split[pname]
+    rows = _chunks(int(module.up.shape[0]), len(leaves))
+    out: list[LoraModule] = []
+    for e, one in enumerate(module.split_experts()):
+        for leaf, r in zip(leaves, rows):
+            name = arch.on_disk(f"{mod}.{e}.{leaf}").rpartition(".")[0]
+            out.append(replace(one, name=name, down=one.down.contiguous(), up=one.up[r].contiguous(), experts=0))
+    return out
