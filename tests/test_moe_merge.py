@@ -178,6 +178,8 @@ def test_inspect_names_parameters_rank_per_expert(moe, arch):
     assert router["experts"] == 1 and router["shape"] == [E, 32]
     tensors = read_st(case.adapters[0])
     assert info["parameters"] == sum(t.numel() for t in tensors.values())
+    assert info["bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert info["modules"] == len(mods) == len(tensors) // 2  # one entry per parameter, not per key prefix
     assert info["rank"] == {"min": 2, "max": 3}
     cov = info["base"]["coverage"]
     assert cov["complete"] and cov["matched"] == len(mods) and cov["unmatched"] == [] == cov["shape_mismatch"]
@@ -419,6 +421,10 @@ def test_adapter_that_does_not_fit(moe, arch, fused, over, tensor, tmp_path):
     ad = make_moe_adapter(other, tmp_path / "ad", target_parameters=targets, r=2, lora_alpha=4)
     param = tensor.split(".experts.")[0] + ".experts.down_proj"  # the first parameter in the adapter's order
     _merge_refused(case.base, ad, tmp_path, ad / "adapter_model.safetensors", repr(param), repr(tensor))
+    # unmerge plans by the same rule: the same refusal, nothing written
+    snap = Snapshot([case.base, ad])
+    res = run_module(["unmerge", case.base, ad, "-o", tmp_path / "back"])
+    check_bad_input(res, output=tmp_path / "back", snapshot=snap, names=[repr(param), repr(tensor)])
 
 
 def test_base_missing_an_expert(moe, tmp_path):
