@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark ``loractl merge`` against ``cp -rL`` and PEFT's ``merge_and_unload`` on a Llama-shaped model.
+"""Benchmark ``loractl merge`` against ``cp -rL`` and PEFT's ``merge_and_unload`` on a Llama-shaped model
+(or a Mixtral-shaped mixture of experts).
 
-Run:  python benchmarks/merge.py [--size 1b|7b] [--fp8] [--repeat N] [--workdir DIR] [--skip-peft] [--json FILE]
+Run:  python benchmarks/merge.py [--size 1b|7b|moe] [--fp8] [--repeat N] [--workdir DIR] [--skip-peft] [--json FILE]
 
 It builds, from seeds, a bf16 base model in the transformers layout (shards, index, config.json)
-and a PEFT rank-16 all-linear adapter, then times, each in its own subprocess under
+and a PEFT rank-16 all-linear adapter (``--size moe``: a Mixtral-shaped base of 3 GB, 8 experts per
+layer saved per expert as Mixtral checkpoints are, and a PEFT adapter on the attention's q/v projections
+and on the experts' ``gate_up_proj`` / ``down_proj`` parameters, ``target_parameters``, rank 16 per
+expert), then times, each in its own subprocess under
 ``/usr/bin/time -v`` (wall clock and peak RSS), interleaved, ``--repeat`` times:
 
 * ``cp -rL base out``                      (the floor: copying the bytes through the page cache)
@@ -12,7 +16,7 @@ and a PEFT rank-16 all-linear adapter, then times, each in its own subprocess un
 * ``loractl merge base adapter -o out --no-receipt``
 * ``loractl merge base adapter -o out``    (with the receipt, the default)
 * PEFT: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
-  (1b only, unless ``--peft-7b``)
+  (1b and moe only, unless ``--peft-7b``)
 
 and prints a table (median and min seconds, ratio to cp, peak RSS), the speedup of loractl over
 PEFT, the receipt's size and the machine. See benchmarks/README.md for how to read it.
@@ -68,8 +72,24 @@ SIZES = {
         vocab_size=32000,
         max_position_embeddings=4096,
     ),
+    # Mixtral layout (8 experts, top-2), scaled down to 3.0 GB: 1.5 B parameters, 94 % of them in experts
+    "moe": dict(
+        hidden_size=1024,
+        intermediate_size=2304,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: --size moe: a LoRA on the attention's q and v projections (target_modules) and on every expert
+#: (target_parameters: PEFT's ParamWrapper, lora_A [r·E, in], lora_B [out, r·E])
+MOE_MODULES = ["q_proj", "v_proj"]
+MOE_PARAMETERS = ["gate_up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 BLOCK_ELEMENTS = 16_777_213  # a prime just under 2**24: its period never lines up with a row length
 BF16 = 2
@@ -88,9 +108,20 @@ def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.k_proj.weight", (kv, h)),
             (p + "self_attn.v_proj.weight", (kv, h)),
             (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)),
-            (p + "mlp.up_proj.weight", (i, h)),
-            (p + "mlp.down_proj.weight", (h, i)),
+        ]
+        if size == "moe":  # Mixtral's checkpoint layout: router and per-expert w1 (gate), w3 (up), w2 (down)
+            e_count = c["num_local_experts"]
+            out.append((p + "block_sparse_moe.gate.weight", (e_count, h)))
+            for e in range(e_count):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                out += [(x + "w1.weight", (i, h)), (x + "w2.weight", (h, i)), (x + "w3.weight", (i, h))]
+        else:
+            out += [
+                (p + "mlp.gate_proj.weight", (i, h)),
+                (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)),
+            ]
+        out += [
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
@@ -99,9 +130,21 @@ def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def adapter_shapes(size: str) -> list[tuple[str, int, int]]:
-    """(module name, in features, out features) of every targeted linear layer."""
+    """(module name, in features, out features) of every targeted linear layer; ``--size moe``: PEFT's key
+    prefix of every LoRA (the experts' gate_up_proj is the inner wrapper, ``experts.base_layer``), with
+    ``out`` the rows of lora_B and ``in`` the columns of lora_A (r·E rows / columns for the experts)."""
     shapes = dict(tensor_shapes(size))
     mods = []
+    if size == "moe":
+        c = SIZES[size]
+        h, i = c["hidden_size"], c["intermediate_size"]
+        for n in range(c["num_hidden_layers"]):
+            p = f"model.layers.{n}."
+            for t in MOE_MODULES:
+                out_f, in_f = shapes[f"{p}self_attn.{t}.weight"]
+                mods.append((f"{p}self_attn.{t}", in_f, out_f))
+            mods += [(f"{p}mlp.experts.base_layer", h, 2 * i), (f"{p}mlp.experts", i, h)]
+        return mods
     for n in range(SIZES[size]["num_hidden_layers"]):
         for t in TARGETS:
             sub = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
@@ -186,15 +229,17 @@ def shard_plan(size: str, max_shard_bytes: int) -> list[list[tuple[str, tuple[in
 
 
 def llama_config(size: str):
-    from transformers import LlamaConfig
+    """The config.json of a base of this size (``moe``: Mixtral's)."""
+    from transformers import LlamaConfig, MixtralConfig
 
-    return LlamaConfig(
+    cls, arch = (MixtralConfig, "MixtralForCausalLM") if size == "moe" else (LlamaConfig, "LlamaForCausalLM")
+    return cls(
         **SIZES[size],
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
-        architectures=["LlamaForCausalLM"],
+        architectures=[arch],
         dtype="bfloat16",
     )
 
@@ -239,6 +284,7 @@ def build_adapter(folder: Path, size: str, seed: int, base: Path) -> dict:
 
     A ~ N(0, 1/in) (kaiming-like), B ~ N(0, 0.005²): with s = 32/16 = 2 the update is a few percent
     of the base weights, so most bf16 values change on merge, as with a trained adapter.
+    ``--size moe``: the expert LoRAs hold rank 16 per expert (lora_A [16·E, in], lora_B [out, 16·E]).
     """
     import torch
     from safetensors.torch import save_file
@@ -248,10 +294,15 @@ def build_adapter(folder: Path, size: str, seed: int, base: Path) -> dict:
     tensors = {}
     for name, in_f, out_f in adapter_shapes(size):
         key = f"base_model.model.{name}"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) / math.sqrt(in_f)
-        tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.005
+        r = RANK * (SIZES[size]["num_local_experts"] if ".experts" in name else 1)
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / math.sqrt(in_f)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.005
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = peft_config(RANK, ALPHA, TARGETS, str(base))
+    if size == "moe":
+        config = peft_config(RANK, ALPHA, MOE_MODULES, str(base))
+        config["target_parameters"] = MOE_PARAMETERS
+    else:
+        config = peft_config(RANK, ALPHA, TARGETS, str(base))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"modules": len(tensors) // 2, "bytes": (folder / "adapter_model.safetensors").stat().st_size}
 
@@ -355,7 +406,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="See benchmarks/README.md for how to read the output.",
     )
     p.add_argument(
-        "--size", choices=sorted(SIZES), default="1b", help="1b: TinyLlama-1.1B shapes; 7b: Llama-2-7B."
+        "--size",
+        choices=sorted(SIZES),
+        default="1b",
+        help="1b: TinyLlama-1.1B shapes; 7b: Llama-2-7B; moe: Mixtral-shaped, 8 experts, 3 GB, expert + attention LoRA.",
     )
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each command; the median is reported")
     p.add_argument(
@@ -443,7 +497,7 @@ def main(argv: list[str]) -> int:
     out_bytes_est = base_bytes
     if args.fp8:
         base_bytes = _fp8.nbytes(_fp8.fp8_entries(tensor_shapes(size)))
-    run_peft = not args.skip_peft and (size == "1b" or args.peft_7b)
+    run_peft = not args.skip_peft and (size in ("1b", "moe") or args.peft_7b)
     verify = run_peft and not args.no_verify
 
     work: Path = args.workdir.resolve()
@@ -690,15 +744,22 @@ def report(size, base_bytes, build, cases, receipt_bytes, out_bytes, verificatio
         f"{info['loractl_code']} (version {info['loractl']}), "
         f"workdir {info.get('workdir_fs', '?')}, load average {info['load_average']}"
     )
-    target = {"1b": 2.5, "7b": 1.5}[size]
     sync = by["cp_sync"].median if "cp_sync" in by else None
-    lines = [
-        f"loractl {flag} ≤ {target}× cp: {by[key].median / cp:.2f}×"
-        + (f" ({by[key].median / sync:.2f}× cp+sync)" if sync else "")
-        for key, flag in (("loractl", "--no-receipt"), ("loractl_receipt", "(receipt)"))
-        if key in by
-    ]
-    if size == "1b" and "peft" in by:
+    if size == "moe":  # issue #13: against cp && sync (loractl's output is durable)
+        lines = [
+            f"loractl {flag} ≤ 2× cp+sync: {by[key].median / by['cp_sync'].median:.2f}×"
+            for key, flag in (("loractl", "--no-receipt"), ("loractl_receipt", "(receipt)"))
+            if key in by
+        ]
+    else:
+        target = {"1b": 2.5, "7b": 1.5}[size]
+        lines = [
+            f"loractl {flag} ≤ {target}× cp: {by[key].median / cp:.2f}×"
+            + (f" ({by[key].median / sync:.2f}× cp+sync)" if sync else "")
+            for key, flag in (("loractl", "--no-receipt"), ("loractl_receipt", "(receipt)"))
+            if key in by
+        ]
+    if size in ("1b", "moe") and "peft" in by:
         lines.append(f"≥ 5× faster than PEFT: {by['peft'].median / by['loractl'].median:.1f}×")
     lines.append(
         f"peak RSS ≤ 1 GiB: {max(by['loractl'].peak_rss_mib, by['loractl_receipt'].peak_rss_mib):.0f} MiB"

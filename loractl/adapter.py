@@ -5,6 +5,12 @@ For a module with base weight W ([out, in]) the update is ``ΔW = s · B · A`` 
 (PEFT's ``LoraLayer.update_layer``). Embedding modules store PEFT's ``lora_embedding_A`` [r, vocab]
 and ``lora_embedding_B`` [dim, r]; their update is ``s · (B · A)ᵀ``. Conv modules keep their 4-D
 factors. ``fan_in_fan_out`` (GPT-2 ``Conv1D``) stores the weight transposed, so the update is too.
+
+A LoRA on a parameter (PEFT ``target_parameters``: MoE experts, a router's ``weight``) is one module named by
+the parameter (``model.layers.0.mlp.experts.gate_up_proj``) with ``experts`` = E: ``down`` is PEFT's stacked
+``lora_A`` [r·E, in] (expert-major: expert e's A is rows ``e·r … (e+1)·r``) and ``up`` its ``lora_B``
+[out, r·E] (rank-major: expert e's B is columns ``e, e+E, e+2E, …``); each expert's own update is
+``s · B_e · A_e`` with r the rank per expert (:meth:`LoraModule.expert`, :func:`stack_experts`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class LoraModule:
         fan_in_fan_out: the base weight is stored [in, out] (GPT-2 Conv1D).
         bias: ``lora_B.bias`` when PEFT's ``lora_bias`` is on.
         magnitude: DoRA's ``lora_magnitude_vector`` [out].
+        experts: 0 for a module LoRA; for a parameter LoRA (PEFT ``target_parameters``) the number of
+            experts E its stacked factors hold (1 for a 2-D parameter such as a router's weight).
     """
 
     name: str
@@ -45,10 +53,13 @@ class LoraModule:
     fan_in_fan_out: bool = False
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
+    experts: int = 0
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        """r; for a parameter LoRA the rank per expert (its ``lora_A`` has r·E rows)."""
+        rows = int(self.down.shape[0])
+        return rows // self.experts if self.experts > 1 else rows
 
     @property
     def scale(self) -> float:
@@ -69,6 +80,8 @@ class LoraModule:
         if self.kind == "conv":
             return (int(self.up.shape[0]), int(self.down.shape[1]), *self.down.shape[2:])
         out, inp = int(self.up.shape[0]), int(self.down.shape[1])
+        if self.experts > 1:  # every expert's update [out, in], stacked (PEFT's orientation)
+            return (self.experts, out, inp)
         return (inp, out) if self.fan_in_fan_out else (out, inp)
 
     @property
@@ -85,7 +98,14 @@ class LoraModule:
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """B [out, r] and A [r, n] as 2-D matrices whose product (times the scale) is the update in
-        PEFT's [out, in] orientation (conv kernels flattened; embeddings as PEFT stores them)."""
+        PEFT's [out, in] orientation (conv kernels flattened; embeddings as PEFT stores them).
+
+        Raises:
+            ValueError: a parameter LoRA of several experts: its stacked factors are no one product
+                (take each expert's, :meth:`expert`).
+        """
+        if self.experts > 1:
+            raise ValueError(f"module {self.name!r} holds {self.experts} experts' LoRAs: use .expert(e)")
         r = self.rank
         return self.up.reshape(self.up.shape[0], r), self.down.reshape(r, -1)
 
@@ -104,12 +124,15 @@ class LoraModule:
         return replace(self, up=up, bias=bias, alpha=float(self.rank), rslora=False)
 
     def padded(self, rank: int) -> LoraModule:
-        """Zero-padded to ``rank``, B·A unchanged; alpha' = alpha·r'/r (rsLoRA: alpha·√(r'/r)) keeps the scale."""
+        """Zero-padded to ``rank``, B·A unchanged; alpha' = alpha·r'/r (rsLoRA: alpha·√(r'/r)) keeps the scale
+        (a parameter LoRA: every expert padded)."""
         import torch
 
         r = self.rank
         if rank == r:
             return self
+        if self.experts > 1:
+            return stack_experts(self, [e.padded(rank) for e in self.split_experts()])
         down = torch.cat([self.down, self.down.new_zeros(rank - r, *self.down.shape[1:])], 0)
         up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], rank - r, *self.up.shape[2:])], 1)
         alpha = self.alpha * (math.sqrt(rank / r) if self.rslora else rank / r)
@@ -125,6 +148,19 @@ class LoraModule:
             magnitude=self.magnitude.to(dtype) if self.magnitude is not None else None,
         )
 
+    def expert(self, e: int) -> LoraModule:
+        """Expert e of a parameter LoRA as a module LoRA of its own: ``A_e = down[e·r:(e+1)·r]`` [r, in]
+        and ``B_e = up[:, e::E]`` [out, r] (views; PEFT's ``ParamWrapper.get_delta_weight`` layout), the
+        same alpha and rsLoRA; the module itself for a module LoRA or a 2-D parameter."""
+        if self.experts <= 1:
+            return self
+        r, n = self.rank, self.experts
+        return replace(self, down=self.down[e * r : (e + 1) * r], up=self.up[:, e::n], experts=0)
+
+    def split_experts(self) -> list[LoraModule]:
+        """Every expert's module (:meth:`expert`), in order; ``[self]`` for a module LoRA."""
+        return [self.expert(e) for e in range(max(1, self.experts))] if self.experts > 1 else [self]
+
     def parts(self) -> list[tuple[str, torch.Tensor]]:
         """The module's tensors under PEFT's names: lora_A, lora_B, and lora_B.bias and
         lora_magnitude_vector where present."""
@@ -135,6 +171,26 @@ class LoraModule:
             ("lora_magnitude_vector", self.magnitude),
         ]
         return [(label, t) for label, t in named if t is not None]
+
+
+def stack_experts(template: LoraModule, experts: list[LoraModule]) -> LoraModule:
+    """The parameter LoRA of ``template`` (its name and kind) holding ``experts`` (one module LoRA each, in
+    order), stacked in PEFT's layout: A expert-major ``[A_0; A_1; …]``, B rank-major (column ``k·E + e`` is
+    expert e's column k). PEFT has one rank and one scale per parameter: experts whose ranks or scales
+    differ are first given scale 1 (the scale folded into B, :meth:`LoraModule.normalized`) and zero-padded
+    to the largest rank."""
+    import torch
+
+    if len(experts) == 1 and template.experts <= 1:
+        return replace(experts[0], name=template.name, experts=template.experts)
+    first = experts[0]
+    if any((m.rank, m.alpha, m.rslora) != (first.rank, first.alpha, first.rslora) for m in experts):
+        top = max(m.rank for m in experts)
+        experts = [m.normalized().padded(top) for m in experts]
+        first = experts[0]
+    down = torch.cat([m.down for m in experts], 0).contiguous()
+    up = torch.stack([m.up for m in experts], 2).reshape(first.up.shape[0], -1).contiguous()
+    return replace(first, name=template.name, down=down, up=up, experts=len(experts), bias=None, magnitude=None)
 
 
 @dataclass

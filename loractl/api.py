@@ -460,6 +460,9 @@ def unmerge(
                 warnings=warnings,
             )
     finally:
+        from .ops.merge import forget
+
+        forget()  # the experts' updates kept for reuse
         if rec is not None:
             rec.close()
 
@@ -563,7 +566,8 @@ def verify(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ModuleInfo:
-    """One module as ``inspect`` describes it (docs/json.md, ``module_list[]``)."""
+    """One module as ``inspect`` describes it (docs/json.md, ``module_list[]``): a parameter LoRA (MoE
+    experts) is named by its parameter, ``rank`` is the rank per expert, ``experts`` E (0 for a module)."""
 
     name: str
     kind: str
@@ -573,6 +577,7 @@ class ModuleInfo:
     shape: list[int]
     dtype: str
     dora: bool
+    experts: int = 0
 
 
 @dataclass
@@ -676,7 +681,7 @@ class InspectResult:
 def _coverage(b: BaseModel, a: Adapter) -> Coverage:
     fit = match(b, a)
     return Coverage(
-        matched=len(fit.weights),
+        matched=fit.matched,
         unmatched=[p.module for p in fit.unmatched],
         shape_mismatch=[
             ShapeMismatch(p.module, p.adapter_shape or [], p.base_shape or []) for p in fit.problems if p.kind == "shape"
@@ -724,7 +729,9 @@ def _base_fit(b: BaseModel, a: Adapter, count: int) -> BaseFit:
 
 def _describe(path: str | Path, a: Adapter) -> AdapterInfo:
     mods = [
-        ModuleInfo(m.name, m.kind, m.rank, m.alpha, m.scale, list(m.weight_shape), dtype_name(m.up.dtype), m.is_dora)
+        ModuleInfo(
+            m.name, m.kind, m.rank, m.alpha, m.scale, list(m.weight_shape), dtype_name(m.up.dtype), m.is_dora, m.experts
+        )
         for m in a.modules.values()
     ]
     ranks = [m.rank for m in mods] or [0]
@@ -962,10 +969,11 @@ def _same_module(name: str, loaded: Sequence[Adapter]) -> list[LoraModule | None
     ref = mods[first]
     assert ref is not None
     for i, m in enumerate(mods):
-        if m is not None and (m.kind, tuple(m.weight_shape), m.fan_in_fan_out) != (
+        if m is not None and (m.kind, tuple(m.weight_shape), m.fan_in_fan_out, m.experts) != (
             ref.kind,
             tuple(ref.weight_shape),
             ref.fan_in_fan_out,
+            ref.experts,
         ):
             raise ShapeMismatchError(
                 f"module {name!r}: {loaded[first].path} has {ref.kind} {list(ref.weight_shape)} but "
@@ -1055,6 +1063,7 @@ class ModuleSimilarity:
     name: str
     phi: float
     grid: list[list[float]] | None = None
+    experts: list[float] | None = None  # a parameter LoRA: φ of each expert (``phi`` is their mean)
 
 
 @dataclass
@@ -1071,19 +1080,26 @@ class SimilarityResult:
 def _compared_factors(
     a1: Adapter, a2: Adapter, names: list[str], factor: str, i: int | None, j: int | None
 ) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
-    """For each module: the two compared factors and the ranks i, j (checked)."""
+    """For each module: the two compared factors and the ranks i, j (checked); for a parameter LoRA one
+    pair per expert (expert e of one adapter against expert e of the other), in order."""
     pairs = []
     for n in names:
         m1, m2 = a1.modules[n], a2.modules[n]
-        (b1, f1), (b2, f2) = m1.matrices(), m2.matrices()
-        x1, x2 = (f1, f2) if factor == "A" else (b1, b2)
-        if (factor == "A" and x1.shape[1] != x2.shape[1]) or (factor == "B" and x1.shape[0] != x2.shape[0]):
-            raise ShapeMismatchError(f"module {n!r}: the two adapters' {factor} factors have different dimensions")
-        ii = m1.rank if i is None else i
-        jj = m2.rank if j is None else j
-        if not (1 <= ii <= m1.rank and 1 <= jj <= m2.rank):
-            raise UsageError(f"module {n!r}: i={ii}, j={jj} must be within the ranks {m1.rank} and {m2.rank}")
-        pairs.append((x1, x2, ii, jj))
+        if m1.experts != m2.experts:
+            raise ShapeMismatchError(
+                f"parameter {n!r}: {a1.path} has LoRAs of {m1.experts} experts, {a2.path} of {m2.experts}",
+                hint="the adapters are for different base models",
+            )
+        for e1, e2 in zip(m1.split_experts(), m2.split_experts()):
+            (b1, f1), (b2, f2) = e1.matrices(), e2.matrices()
+            x1, x2 = (f1, f2) if factor == "A" else (b1, b2)
+            if (factor == "A" and x1.shape[1] != x2.shape[1]) or (factor == "B" and x1.shape[0] != x2.shape[0]):
+                raise ShapeMismatchError(f"module {n!r}: the two adapters' {factor} factors have different dimensions")
+            ii = m1.rank if i is None else i
+            jj = m2.rank if j is None else j
+            if not (1 <= ii <= m1.rank and 1 <= jj <= m2.rank):
+                raise UsageError(f"module {n!r}: i={ii}, j={jj} must be within the ranks {m1.rank} and {m2.rank}")
+            pairs.append((x1, x2, ii, jj))
     return pairs
 
 
@@ -1135,8 +1151,17 @@ def similarity(
     torch.set_num_threads(1)
     with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         results = list(pool.map(one, pairs))
-    mods = [ModuleSimilarity(n, phi, g.tolist() if g is not None else None) for n, (phi, g) in zip(common, results)]
-    grids = [g for _, g in results if g is not None]
+    mods: list[ModuleSimilarity] = []
+    grids: list[torch.Tensor] = []
+    pos = 0
+    for n in common:  # a parameter LoRA's experts: φ each, their mean, their mean grid
+        k = max(1, a1.modules[n].experts)
+        part, pos = results[pos : pos + k], pos + k
+        phi = part[0][0] if k == 1 else sum(p for p, _ in part) / k
+        g = part[0][1] if k == 1 else (torch.stack([g for _, g in part]).mean(0) if grid else None)
+        if g is not None:
+            grids.append(g)
+        mods.append(ModuleSimilarity(n, phi, g.tolist() if g is not None else None, [p for p, _ in part] if k > 1 else None))
     mean_grid = torch.stack(grids).mean(0).tolist() if grids and all(g.shape == grids[0].shape for g in grids) else None
     return SimilarityResult(
         adapters=[str(a1.path), str(a2.path)],
@@ -1159,6 +1184,7 @@ class AmplificationModule:
     proj_top: float
     proj_random: float
     amplification: float
+    expert: int | None = None  # a parameter LoRA (MoE experts): one entry per expert
 
 
 @dataclass
@@ -1203,6 +1229,9 @@ def amplification(
             if problem is not None:
                 error = ShapeMismatchError if problem.kind == "shape" else InputError
                 raise error(problem.message, hint="is this adapter for another base model?")
+            if m.experts:
+                out += _expert_amplification(b, m, fit.pieces[name], g)
+                continue
             w = _base_weight(b, fit.weights[name]).double()
             if m.kind == "embedding" or m.fan_in_fan_out:
                 w = w.T
@@ -1212,6 +1241,32 @@ def amplification(
     if not out:
         raise UsageError(f"no module of {adapter} matches {module!r}")
     return AmplificationResult(str(adapter), str(base), out)
+
+
+def _expert_amplification(b: BaseModel, m: LoraModule, pieces: list, g: torch.Generator) -> list[AmplificationModule]:
+    """:func:`amplification` of each expert of a parameter LoRA: W_e assembled from the base tensors its pieces
+    name (rows of a per-expert tensor, or slice ``[e]`` of a fused one), in the orientation of ``B_e·A_e``."""
+    from .ops.similarity import amplification as amp
+
+    out: list[AmplificationModule] = []
+    held: dict[str, torch.Tensor] = {}
+    for e, one in enumerate(m.split_experts()):
+        b2, a2 = one.matrices()
+        w: torch.Tensor | None = None
+        for p in (p for p in pieces if p.expert == e):
+            if p.tensor not in held:
+                held.clear()  # one base tensor at a time
+                held[p.tensor] = _base_weight(b, p.tensor).double()
+            t = held[p.tensor] if p.index is None else held[p.tensor][p.index]
+            if p.rows is None:
+                w = t
+            else:
+                w = w if w is not None else t.new_zeros(b2.shape[0], a2.shape[1])
+                w[p.rows] = t
+        assert w is not None
+        r = amp(w.T if pieces[0].transposed else w, b2, a2, one.scale, generator=g)
+        out.append(AmplificationModule(name=m.name, rank=m.rank, **r, expert=e if m.experts > 1 else None))
+    return out
 
 
 def _base_weight(b: BaseModel, key: str) -> torch.Tensor:
@@ -1227,6 +1282,7 @@ class ModuleSpectrum:
     singular_values: list[float]
     effective_rank: float
     energy: dict[str, float]  # rank -> energy kept
+    expert: int | None = None  # a parameter LoRA (MoE experts): one spectrum per expert
 
 
 @dataclass
@@ -1267,10 +1323,13 @@ def spectrum(
     for a in loaded:
         mods = []
         for name, m in a.modules.items():
-            _, s_vals, _ = factored_svd(*m.matrices(), m.scale)
-            ks = sorted({min(2**p, m.rank) for p in range(m.rank.bit_length() + 1)})
-            energy = {str(k): energy_kept(s_vals, k) for k in ks}
-            mods.append(ModuleSpectrum(name, m.rank, [float(x) for x in s_vals], effective_rank(s_vals), energy))
+            for e, one in enumerate(m.split_experts()):
+                _, s_vals, _ = factored_svd(*one.matrices(), one.scale)
+                ks = sorted({min(2**p, m.rank) for p in range(m.rank.bit_length() + 1)})
+                energy = {str(k): energy_kept(s_vals, k) for k in ks}
+                spec = ModuleSpectrum(name, m.rank, [float(x) for x in s_vals], effective_rank(s_vals), energy)
+                spec.expert = e if m.experts > 1 else None
+                mods.append(spec)
         result.append(AdapterSpectrum(str(a.path), mods))
     return SpectrumResult(result)
 
@@ -1288,6 +1347,11 @@ class ConvertResult:
     pad_rank: int | None
     dtype: str | None
     seconds: float
+    experts: str | None = None  # "per-expert": parameter LoRAs rewritten as one module per expert
+
+
+#: ``convert --experts`` choices: parameter LoRAs kept as PEFT stacks them, or one module per expert
+EXPERT_FORMS = ("stacked", "per-expert")
 
 
 def _converted(m: LoraModule, dtype: str | None, normalize: bool, pad_rank: int | None, source: Path) -> LoraModule:
@@ -1316,6 +1380,7 @@ def convert(
     pad_rank: int | None = None,
     rank: int | None = None,
     alpha: float | None = None,
+    experts: str | None = None,
     force: bool = False,
     format: str | None = None,
     allow_pickle: bool = False,
@@ -1334,6 +1399,9 @@ def convert(
         pad_rank: zero-pad every module to this rank, alpha adjusted so the update is unchanged.
         rank, alpha: r and alpha for adapters that do not state them (loralib; alpha also for a PEFT
             adapter without adapter_config.json).
+        experts: ``per-expert`` rewrites LoRAs on MoE expert parameters (PEFT ``target_parameters``) as one
+            module LoRA per expert and on-disk tensor, named as the base's checkpoint names them
+            (:func:`loractl.formats.experts.per_expert`; needs ``base``); ``stacked`` (default) keeps them.
         force: replace an existing output.
         format: force the source format.
         allow_pickle: accept a pickle adapter.
@@ -1353,6 +1421,12 @@ def convert(
         raise UsageError(f"unknown --dtype {dtype!r}; one of bf16, fp16, fp32")
     if pad_rank is not None and pad_rank < 1:
         raise UsageError(f"--pad-rank {pad_rank} must be at least 1")
+    if experts is not None and experts not in EXPERT_FORMS:
+        raise UsageError(f"unknown --experts {experts!r}; one of {', '.join(EXPERT_FORMS)}")
+    if experts == "per-expert" and base is None:
+        raise UsageError(
+            "--experts per-expert needs --base: the experts' tensor names come from the base's architecture"
+        )
     b = open_base(base, progress=progress is not None) if base is not None else None
     try:
         base_paths = protected_paths(base=b) if b is not None else []
@@ -1366,7 +1440,14 @@ def convert(
             b.close()
     mods: dict[str, LoraModule] = {}
     for name, m in a.modules.items():
-        mods[name] = _converted(m, dtype, normalize, pad_rank, a.path)
+        m = _converted(m, dtype, normalize, pad_rank, a.path)
+        if experts == "per-expert" and m.experts:
+            from .formats.experts import per_expert
+
+            source = str(a.files[0] if a.files else a.path)
+            mods.update((one.name, one) for one in per_expert(m, opts.base_config, source=source))
+        else:
+            mods[name] = m
         if progress is not None:
             progress(len(mods), len(a.modules))
     save_adapter(
@@ -1379,7 +1460,9 @@ def convert(
         sources=refs([a]),
         options=wopts,
     )
-    return ConvertResult(Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0)
+    return ConvertResult(
+        Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0, experts
+    )
 
 
 # --------------------------------------------------------------------------------------------

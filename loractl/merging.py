@@ -231,6 +231,7 @@ def write_merged(
             receipt_file.unlink(missing_ok=True)
         raise
     finally:
+        merge_ops.forget()
         if rw is not None:
             rw.close()
     return Written(nbytes, receipt_file, receipt_bytes, len(jobs))

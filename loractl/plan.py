@@ -6,30 +6,36 @@
 (:class:`~loractl.formats.names.NameResolver`: prefixes, tied output heads), the update's shape is
 that weight's real shape (quantized weights: the shape they dequantize to), the weight is a float tensor
 (or a quantized one loractl dequantizes), and a ``lora_B.bias`` finds a base bias. Saved full tensors
-(``modules_to_save``) must resolve to a base tensor of their shape.
+(``modules_to_save``) must resolve to a base tensor of their shape. A LoRA on a parameter (MoE experts,
+PEFT ``target_parameters``) fits when :func:`loractl.formats.experts.pieces` places every expert's update
+in the base's own layout (per-expert tensors or fused ones) with the expert count and shapes it has.
 
 :func:`plan_merge` turns the matches of several adapters into :class:`Contribution` lists per base
 tensor, in the order PEFT applies them: every adapter's full replacements first (the last one wins, as
-PEFT loads them before merging), then the LoRA updates, adapter by adapter.
+PEFT loads them before merging), then the LoRA updates, adapter by adapter (a parameter LoRA: one
+``expert`` contribution per expert and base tensor).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError
+from .formats.experts import NoBaseTensor, Piece, pieces
 from .formats.names import NameResolver, ties_word_embeddings
 from .ops.merge import Contribution
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapter import Adapter
+    from .adapter import Adapter, LoraModule
     from .io.base import BaseModel
 
 #: the kinds of :class:`Problem` that are not "matches nothing" (a merge refuses them even with
 #: ``allow_partial``)
-MISFITS = ("ambiguous", "shape", "no-bias", "not-float")
+MISFITS = ("ambiguous", "shape", "no-bias", "not-float", "missing", "unsupported")
+#: the error a merge raises for each kind of misfit
+_ERRORS = {"shape": ShapeMismatchError, "no-bias": ShapeMismatchError, "unsupported": UnsupportedAdapterError}
 
 
 @dataclass
@@ -38,8 +44,10 @@ class Problem:
 
     Attributes:
         kind: ``unmatched`` (no base tensor of that name), ``ambiguous`` (several), ``shape`` (the
-            update's shape is not the weight's), ``no-bias`` (``lora_B.bias`` on a layer without
-            bias), ``not-float`` (the weight is an integer tensor loractl cannot add to).
+            update's shape is not the weight's; for experts also their count), ``no-bias``
+            (``lora_B.bias`` on a layer without bias), ``not-float`` (the weight is an integer tensor
+            loractl cannot add to), ``missing`` (the base lacks some experts' tensors),
+            ``unsupported`` (experts of a model type whose layout loractl does not know).
         module: the adapter module (or, for a saved tensor, the module it belongs to).
         message: one sentence naming the module and the base tensor.
         adapter_shape: the update's shape, for ``shape``.
@@ -61,13 +69,21 @@ class Fit:
         weights: module name -> the base weight it updates (only modules that fit).
         biases: module name -> the base bias its ``lora_B.bias`` updates.
         saved: saved tensor key (``modules_to_save``) -> the base tensor it replaces.
+        pieces: parameter LoRA (``LoraModule.experts``) -> every base tensor position its experts'
+            updates go to (:class:`~loractl.formats.experts.Piece`); these modules are not in ``weights``.
         problems: every module or saved tensor that does not fit, in the adapter's order.
     """
 
     weights: dict[str, str] = field(default_factory=dict)
     biases: dict[str, str] = field(default_factory=dict)
     saved: dict[str, str] = field(default_factory=dict)
+    pieces: dict[str, list[Piece]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        """Modules that fit: module LoRAs and parameter LoRAs."""
+        return len(self.weights) + len(self.pieces)
 
     @property
     def unmatched(self) -> list[Problem]:
@@ -92,6 +108,61 @@ def real_shape(base: BaseModel, key: str) -> tuple[int, ...]:
 
 def resolver_for(base: BaseModel) -> NameResolver:
     return NameResolver(base.tensors, tie_word_embeddings=ties_word_embeddings(base.config))
+
+
+class _Shapes(Mapping[str, tuple[int, ...]]):
+    """Every base tensor's :func:`real_shape`, by name, computed when asked."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+
+    def __getitem__(self, key: str) -> tuple[int, ...]:
+        return real_shape(self.base, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base.tensors)
+
+    def __len__(self) -> int:
+        return len(self.base.tensors)
+
+
+def _match_parameter(base: BaseModel, m: LoraModule, resolver: NameResolver, fit: Fit, source: str) -> None:
+    """Where a parameter LoRA's experts go in ``base`` (:func:`~loractl.formats.experts.pieces`), or its problem."""
+    from .io.safetensors import FLOAT_DTYPES
+
+    try:
+        found = pieces(
+            _Shapes(base),
+            base.config,
+            m.name,
+            max(1, m.experts),
+            (int(m.up.shape[0]), int(m.down.shape[1])),
+            source=source,
+            resolver=resolver,
+        )
+    except NoBaseTensor as e:
+        fit.problems.append(Problem("unmatched", m.name, e.message))
+        return
+    except ShapeMismatchError as e:
+        fit.problems.append(Problem("shape", m.name, e.message, adapter_shape=list(m.weight_shape)))
+        return
+    except UnsupportedAdapterError as e:
+        fit.problems.append(Problem("unsupported", m.name, e.message))
+        return
+    except InputError as e:
+        fit.problems.append(Problem("missing", m.name, e.message))
+        return
+    for key in dict.fromkeys(p.tensor for p in found):
+        if key not in base.quantized and base.info(key).dtype not in FLOAT_DTYPES:
+            fit.problems.append(
+                Problem(
+                    "not-float",
+                    m.name,
+                    f"{base.path}: tensor {key!r} (parameter {m.name!r}) is {base.info(key).dtype}, not a float weight",
+                )
+            )
+            return
+    fit.pieces[m.name] = found
 
 
 def match(base: BaseModel, adapter: Adapter) -> Fit:
@@ -127,7 +198,11 @@ def match(base: BaseModel, adapter: Adapter) -> Fit:
             fit.problems.append(_shape_problem(f"{src}: tensor {key!r} is", owner, list(t.shape), base, bkey))
             continue
         fit.saved[key] = bkey
+    weights_file = str(adapter.files[0] if adapter.files else src)
     for name, m in adapter.modules.items():
+        if m.experts:
+            _match_parameter(base, m, resolver, fit, weights_file)
+            continue
         key = resolve(
             name, "weight", name, f"module {name!r} matches no weight of the base {base.path}; is the adapter for it?"
         )
@@ -252,8 +327,7 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
         fit = match(base, ad)
         fits.append(fit)
         for p in fit.misfits:
-            error = ShapeMismatchError if p.kind in ("shape", "no-bias") else InputError
-            raise error(p.message)
+            raise _ERRORS.get(p.kind, InputError)(p.message)
         unmatched += [f"{p.module} ({ad.path})" for p in fit.unmatched]
         # full replacements first, every adapter's: PEFT loads them into the model (the last loaded
         # wins) before any LoRA is merged; an adapter's own replacement must not undo an earlier
@@ -266,4 +340,20 @@ def plan_merge(base: BaseModel, adapters: Sequence[Adapter], weights: Sequence[f
             changes.setdefault(key, []).append(Contribution(i, "lora", w, module=m))
             if name in fit.biases:
                 changes.setdefault(fit.biases[name], []).append(Contribution(i, "bias", w, module=m))
+        for name, found in fit.pieces.items():
+            m = ad.modules[name]
+            for p in found:
+                changes.setdefault(p.tensor, []).append(
+                    Contribution(
+                        i,
+                        "expert",
+                        w,
+                        module=m,
+                        expert=p.expert,
+                        index=p.index,
+                        rows=p.rows,
+                        transposed=p.transposed,
+                        single=p.single,
+                    )
+                )
     return MergePlan(changes, unmatched, fits)

@@ -7,7 +7,7 @@ writer in :mod:`loractl.formats.gguf`.
 Rules, in order: ``llamacpp-arch`` (:func:`arch`), ``llamacpp-dora`` (:func:`dora`),
 ``llamacpp-lora-bias`` (:func:`lora_bias`), ``llamacpp-modules-to-save`` (:func:`saved`),
 ``llamacpp-layout`` (:func:`layout`), ``llamacpp-permute`` (:func:`permute`),
-``llamacpp-fold-scale`` (:func:`fold_scale`).
+``llamacpp-fold-scale`` (:func:`fold_scale`), ``llamacpp-expert-lora`` (:func:`experts`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 
 from ..formats.gguf import CONVERTIBLE_ARCHITECTURES, HF_ARCHITECTURES, PERMUTED_ARCHITECTURES
 from .findings import Context, Finding, few, leaf
-from .runtime import saved_biases, saved_modules, served_config
+from .runtime import expert_loras, per_expert_fix, saved_biases, saved_modules, served_config
 
 
 def _gguf_fix(ctx: Context) -> str:
@@ -192,4 +192,37 @@ def fold_scale(ctx: Context) -> list[Finding]:
     ]
 
 
-RULES = [arch, dora, lora_bias, saved, layout, permute, fold_scale]
+def experts(ctx: Context) -> list[Finding]:
+    """``llamacpp-expert-lora`` (error): ``convert_lora_to_gguf.py`` names each pair by its key without
+    ``.lora_A``/``.lora_B`` (``get_base_tensor_name``), so PEFT's stacked expert LoRAs
+    (``experts.base_layer.lora_*``, ``experts.lora_*``) become ``...experts.base_layer.weight`` /
+    ``...experts.weight``: the MoE converters (``Qwen2MoeModel.modify_tensors`` and the Mixtral, DeepSeek...
+    ones) buffer every ``experts`` tensor to stack ``n_experts * 3`` per-expert ones, never get them, and the
+    conversion ends with "Unprocessed experts: [...]" (``prepare_tensors``); converters without that buffer
+    stop at "Can not map tensor". Per-expert LoRAs (``experts.{e}.gate_proj`` ...) do convert: stacked into
+    ``ffn_{gate,up,down}_exps`` lora_a/lora_b and applied per selected expert (``build_lora_mm_id``,
+    src/llama-graph.cpp); ``loractl convert --experts per-expert`` writes them."""
+    groups = expert_loras(ctx.adapter)
+    if not groups:
+        return []
+    names = [m.name for ms in groups.values() for m in ms]
+    fix = per_expert_fix(ctx)
+    return [
+        Finding(
+            "llamacpp-expert-lora",
+            "error",
+            names[0],
+            f"{len(names)} LoRAs on MoE expert parameters (PEFT target_parameters, e.g. {few(names)}): "
+            "convert_lora_to_gguf.py converts per-expert LoRAs only and stops at these with "
+            "'Unprocessed experts: [...experts.base_layer.weight...]'"
+            + (
+                "; rewrite them per expert first, then convert"
+                if fix
+                else f"; {ctx.arch or 'this model'} stores its experts fused, so they have no per-expert form"
+            ),
+            fix,
+        )
+    ]
+
+
+RULES = [arch, dora, lora_bias, saved, layout, permute, fold_scale, experts]

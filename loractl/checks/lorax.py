@@ -7,7 +7,7 @@ Rules, in order: ``lorax-layout`` (:data:`LAYOUT`), ``lorax-rank-padding`` and `
 (:func:`rank`), ``lorax-mixed-ranks`` and ``lorax-partial-layers`` (:func:`layers`),
 ``lorax-patterns-ignored`` (:data:`PATTERNS`), ``lorax-dora``, ``lorax-lora-bias`` and
 ``lorax-modules-to-save`` (:func:`ignored`), ``lorax-unknown-module`` and ``lorax-modules-unchecked``
-(:data:`UNKNOWN`).
+(:data:`UNKNOWN`), ``lorax-expert-lora`` (:func:`experts`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import re
 from typing import TYPE_CHECKING
 
 from .findings import Context, Finding, few
-from .runtime import QKV_GATE_UP, layout, patterns_ignored, saved_biases, saved_modules, unknown_modules
+from .runtime import (
+    QKV_GATE_UP,
+    expert_loras,
+    layout,
+    patterns_ignored,
+    saved_biases,
+    saved_modules,
+    unknown_modules,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import LoraModule
@@ -206,4 +214,49 @@ UNKNOWN = unknown_modules(
     lambda m, arch, known: f"module {m!r}: LoRAX's {arch} takes LoRA only on {', '.join(sorted(known))}; {IGNORED}",
 )
 
-RULES = [LAYOUT, rank, layers, PATTERNS, ignored, UNKNOWN]
+#: the MoE models LoRAX has (server/lorax_server/models/__init__.py ``get_model``); any other MoE model type
+#: is "Unsupported model type"
+LORAX_MOE = ("mixtral", "dbrx")
+
+
+def experts(ctx: Context) -> list[Finding]:
+    """``lorax-expert-lora`` (warning; error when the adapter holds nothing else, or the model is none LoRAX
+    has): LoRAX's only MoE models are Mixtral and DBRX (``get_model`` raises "Unsupported model type" for
+    Qwen2/3-MoE, DeepSeek, GPT-OSS...), and there it applies LoRA to attention only:
+    ``FlashMixtral``'s ``ADAPTER_LAYERS`` are q/k/v/o_proj and its experts entry in
+    ``adapter_target_to_layer`` is commented out ("TODO(travis): requires implementing this for block sparse
+    MoE", flash_mixtral.py), DBRX's are wqkv, out_proj and lm_head (flash_dbrx.py).
+    ``LoraConfig.map_weights_for_model`` (adapters/lora.py) looks up only those modules, so expert LoRAs are
+    never read and never reported. No fix in LoRAX: merge the adapter into the base (``loractl merge``) and
+    serve the merged model."""
+    from ..formats.experts import model_type_of
+
+    groups = expert_loras(ctx.adapter)
+    if not groups:
+        return []
+    names = [m.name for ms in groups.values() for m in ms]
+    model_type = model_type_of(ctx.base.config) if ctx.base is not None else None
+    merge = f"merge them instead (loractl merge {ctx.base_for_cmd} {ctx.path} -o MERGED) and serve the merged model"
+    if model_type is not None and model_type not in LORAX_MOE:
+        return [
+            Finding(
+                "lorax-expert-lora",
+                "error",
+                names[0],
+                f"LoRAX has no model for {model_type} (get_model: 'Unsupported model type'), so it serves none of "
+                f"this adapter's {len(names)} expert LoRAs (e.g. {few(names)}); {merge}",
+            )
+        ]
+    only = len(names) == len(ctx.adapter.modules)
+    return [
+        Finding(
+            "lorax-expert-lora",
+            "error" if only else "warning",
+            names[0],
+            f"{len(names)} LoRAs on MoE expert parameters (e.g. {few(names)}): LoRAX's Mixtral and DBRX take LoRA "
+            f"on attention only (ADAPTER_LAYERS) and drop these without a warning; {merge}",
+        )
+    ]
+
+
+RULES = [LAYOUT, rank, layers, PATTERNS, ignored, UNKNOWN, experts]

@@ -4,6 +4,7 @@ read, which scale will they apply, what is saved in full, which module names do 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +80,10 @@ def scale_mismatches(a: Adapter, served: float) -> list[LoraModule]:
     return [m for m in a.modules.values() if not math.isclose(m.scale, served, rel_tol=1e-6, abs_tol=0.0)]
 
 
-def patterns_ignored(code: str, rule_text: str) -> Callable[[Context], list[Finding]]:
-    """The rule ``code`` (warning): modules whose scale differs from the config's lora_alpha/r, for a
+def patterns_ignored(
+    code: str, rule_text: str, severity: str = "warning"
+) -> Callable[[Context], list[Finding]]:
+    """The rule ``code`` (``severity``): modules whose scale differs from the config's lora_alpha/r, for a
     runtime that applies that one scale to every module (``rule_text`` is formatted with ``served``)."""
 
     def rule(ctx: Context) -> list[Finding]:
@@ -91,7 +94,7 @@ def patterns_ignored(code: str, rule_text: str) -> Callable[[Context], list[Find
         return [
             Finding(
                 code,
-                "warning",
+                severity,
                 m.name,
                 f"module {m.name!r} has rank {m.rank}, alpha {m.alpha:g} (scale {m.scale:g}), but "
                 + rule_text.format(served=served),
@@ -149,3 +152,28 @@ def unknown_modules(
         ]
 
     return rule
+
+
+def expert_loras(a: Adapter) -> dict[str, list[LoraModule]]:
+    """LoRAs on MoE experts' parameters (PEFT ``target_parameters``) by experts module, the module PEFT's keys
+    name (``<module>.base_layer.lora_*`` / ``<module>.lora_*``): parameter LoRAs of several experts, and 2-D
+    ones on an experts module (GPT-OSS's biases). A router's ``weight`` is left out: it is saved under its own
+    module's name, as a module LoRA would be."""
+    out: dict[str, list[LoraModule]] = {}
+    for m in a.modules.values():
+        module = m.name.rpartition(".")[0]
+        if m.experts > 1 or (m.experts and re.search(r"(^|\.)experts(\.mlp)?$", module)):
+            out.setdefault(module, []).append(m)
+    return out
+
+
+def per_expert_fix(ctx: Context) -> str | None:
+    """``loractl convert --experts per-expert`` when the base's checkpoints hold one tensor per expert (or no
+    base is given: the command then names BASE), else None."""
+    from ..formats.experts import ARCHS, model_type_of
+
+    if ctx.base is not None:
+        arch = ARCHS.get(model_type_of(ctx.base.config) or "")
+        if arch is None or "gate_up_proj" not in arch.split:
+            return None
+    return ctx.cmd("convert", "-o", "OUT", "--to", "peft", "--experts", "per-expert", "--base", ctx.base_for_cmd)

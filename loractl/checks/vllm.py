@@ -2,7 +2,8 @@
 (``MaxLoRARanks``, ``LoRAConfig``), ``vllm/lora/peft_helper.py`` (``PEFTHelper``),
 ``vllm/lora/lora_model.py`` (``LoRAModel.from_local_checkpoint``), ``vllm/lora/lora_weights.py``
 (``LoRALayerWeights.from_config``), ``vllm/lora/utils.py`` (``get_supported_lora_modules``,
-``parse_fine_tuned_lora_name``), ``vllm/lora/worker_manager.py`` (``WorkerLoRAManager``) and the
+``parse_fine_tuned_lora_name``), ``vllm/lora/worker_manager.py`` (``WorkerLoRAManager``),
+``vllm/lora/model_manager.py`` and ``vllm/lora/layers/fused_moe.py`` (MoE experts; vLLM 0.34) and the
 model classes' ``packed_modules_mapping`` / ``embedding_modules``.
 
 Rules, in order (each function's docstring cites its source):
@@ -12,14 +13,24 @@ Rules, in order (each function's docstring cites its source):
 - ``vllm-dora`` (error): :func:`dora`;
 - ``vllm-lora-bias``, ``vllm-bias`` (errors): :func:`lora_bias`, :func:`bias`;
 - ``vllm-max-lora-rank`` (info; error above 512): :func:`rank`;
-- ``vllm-patterns-ignored`` (warning): :data:`PATTERNS`;
-- ``vllm-unknown-module`` (error), ``vllm-modules-unchecked`` (info): :data:`UNKNOWN`.
+- ``vllm-patterns-ignored`` (info): :data:`PATTERNS`;
+- ``vllm-unknown-module`` (error), ``vllm-modules-unchecked`` (info): :data:`UNKNOWN`;
+- ``vllm-expert-lora`` (error; warning without a base), ``vllm-expert-lora-partial`` (error): :func:`experts`.
 """
 
 from __future__ import annotations
 
 from .findings import Context, Finding, few
-from .runtime import QKV_GATE_UP, layout, patterns_ignored, peft_folder, saved_modules, unknown_modules
+from .runtime import (
+    QKV_GATE_UP,
+    expert_loras,
+    layout,
+    patterns_ignored,
+    peft_folder,
+    per_expert_fix,
+    saved_modules,
+    unknown_modules,
+)
 
 #: ``--max-lora-rank`` values vLLM accepts: ``MaxLoRARanks`` in vllm/config/lora.py
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -185,14 +196,16 @@ def rank(ctx: Context) -> list[Finding]:
     ]
 
 
-#: ``vllm-patterns-ignored`` (warning): ``PEFTHelper.from_dict`` keeps only its own fields, so
-#: ``rank_pattern``/``alpha_pattern`` are dropped, and ``LoRALayerWeights.from_config`` gives every
-#: module the config's ``lora_alpha / r`` (``vllm_lora_scaling_factor``): a module whose own scale
-#: differs is served with the wrong scale. (A later PEFTHelper revision reads the patterns;
-#: vllm-project/vllm's lora_weights.py as stored here does not.)
+#: ``vllm-patterns-ignored`` (info): vLLM 0.34 applies ``rank_pattern``/``alpha_pattern`` as PEFT does
+#: (``PEFTHelper.get_rank_and_scaling`` in vllm/lora/peft_helper.py: "Return the rank and scaling PEFT uses
+#: for `module_name`, taking `rank_pattern` and `alpha_pattern` into account", PEFT's ``get_pattern_key``
+#: rule), so the adapter is served as trained; older vLLM releases kept only PEFTHelper's own fields
+#: (``from_dict``) and scaled every module by the config's ``lora_alpha / r``.
 PATTERNS = patterns_ignored(
     "vllm-patterns-ignored",
-    "vLLM drops rank_pattern/alpha_pattern and scales every module by lora_alpha/r = {served:g}",
+    "vLLM 0.34 and later apply rank_pattern/alpha_pattern (PEFTHelper.get_rank_and_scaling); older releases "
+    "drop them and scale every module by lora_alpha/r = {served:g}",
+    severity="info",
 )
 
 #: ``vllm-unknown-module`` (error): ``from_local_checkpoint`` raises "expected target modules in
@@ -210,4 +223,74 @@ UNKNOWN = unknown_modules(
     ),
 )
 
-RULES = [LAYOUT, config_keys, modules_to_save, dora, lora_bias, bias, rank, PATTERNS, UNKNOWN]
+#: vLLM models whose MoE LoRA weights are 3-D (``is_3d_moe_weight = True``: gpt_oss.py, qwen3_5.py,
+#: qwen3_vl_moe.py, qwen3_omni_moe_thinker.py, interns1_pro.py in vllm/model_executor/models); every other MoE
+#: model (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, GraniteMoE...) keeps the default False of
+#: ``SupportsLoRA`` (interfaces.py) and takes per-expert (2-D) LoRAs
+VLLM_3D_MOE = frozenset(
+    {
+        "GptOssForCausalLM",
+        "Qwen3_5MoeForConditionalGeneration",
+        "Qwen3VLMoeForConditionalGeneration",
+        "Qwen3OmniMoeThinkerForConditionalGeneration",
+        "InternS1ProForConditionalGeneration",
+    }
+)
+_MIXED = (
+    "serve with --enable-mixed-moe-lora-format and pass the adapter as --lora-modules "
+    """'{"name": "NAME", "path": "DIR", "is_3d_lora_weight": true}' (vllm/config/lora.py)"""
+)
+
+
+def experts(ctx: Context) -> list[Finding]:
+    """``vllm-expert-lora-partial`` (error): vLLM takes an experts module's LoRA only as the pair PEFT saves for
+    ``gate_up_proj`` + ``down_proj``: ``PEFTHelper.get_rank_and_scaling`` and
+    ``LoRAModel.from_local_checkpoint`` (``check_unexpected_modules``) read ``experts.base_layer`` as
+    gate_up_proj and ``experts`` as down_proj, and ``LoRAModelManager._stack_moe_lora_weights`` asserts both
+    ("FIXME Edge case where LoRA is not added to gate_up_proj or down_proj"): one of them alone, or more
+    parameters (GPT-OSS's biases shift PEFT's nesting), is not served as trained.
+    ``vllm-expert-lora`` (error; warning without a base): on a model whose vLLM class takes per-expert LoRA
+    weights (not :data:`VLLM_3D_MOE`) the stacked LoRAs pass the load check, but activating the adapter fails
+    in ``FusedMoEWithLoRA.set_lora`` (``assert isinstance(lora_a, list)``, vllm/lora/layers/fused_moe.py)
+    unless the server runs with ``--enable-mixed-moe-lora-format`` and the adapter is marked
+    ``is_3d_lora_weight`` (then ``_convert_3d_to_2d_moe_lora`` splits it), or the adapter is rewritten per
+    expert (``loractl convert --experts per-expert``, which ``PackedLoRALayerWeights.pack_moe`` loads)."""
+    groups = expert_loras(ctx.adapter)
+    if not groups:
+        return []
+    out: list[Finding] = []
+    leaves = {m: sorted(x.name.rpartition(".")[2] for x in ms) for m, ms in groups.items()}
+    odd = {m: ls for m, ls in leaves.items() if ls != ["down_proj", "gate_up_proj"]}
+    if odd:
+        first = next(iter(odd))
+        out.append(
+            Finding(
+                "vllm-expert-lora-partial",
+                "error",
+                f"{first}.{odd[first][0]}",
+                f"{len(odd)} experts modules (e.g. {first!r}: {', '.join(odd[first])}) have LoRAs on other "
+                "parameters than exactly gate_up_proj and down_proj; vLLM reads experts.base_layer as gate_up_proj "
+                "and experts as down_proj and asserts both (LoRAModelManager._stack_moe_lora_weights), so it cannot "
+                f"serve them as trained. {LOAD_TIME}",
+            )
+        )
+    if ctx.arch in VLLM_3D_MOE:
+        return out
+    names = [m.name for ms in groups.values() for m in ms]
+    where = f"vLLM's {ctx.arch}" if ctx.base is not None else "a model whose vLLM class takes per-expert LoRAs"
+    out.append(
+        Finding(
+            "vllm-expert-lora",
+            "error" if ctx.base is not None else "warning",
+            names[0],
+            f"{len(names)} LoRAs on MoE expert parameters (PEFT target_parameters, e.g. {few(names)}): {where} "
+            "loads them, then fails when the adapter is activated (FusedMoEWithLoRA.set_lora: assert "
+            f"isinstance(lora_a, list)); {_MIXED}, or rewrite them per expert"
+            + ("" if ctx.base is not None else f" (served as they are on {', '.join(sorted(VLLM_3D_MOE))})"),
+            per_expert_fix(ctx),
+        )
+    )
+    return out
+
+
+RULES = [LAYOUT, config_keys, modules_to_save, dora, lora_bias, bias, rank, PATTERNS, UNKNOWN, experts]

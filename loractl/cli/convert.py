@@ -17,6 +17,7 @@ EPILOG = """Examples:
   loractl convert adapter/ -o lora.safetensors --to kohya --base sd15/
   loractl convert adapter/ -o adapter.gguf --to gguf --base llama/
   loractl convert adapter/ -o served/ --to peft --normalize --pad-rank 16
+  loractl convert moe-adapter/ -o per-expert/ --to peft --experts per-expert --base qwen3-moe/
 """
 
 
@@ -26,6 +27,11 @@ class To(str, Enum):
     diffusers = "diffusers"
     loralib = "loralib"
     gguf = "gguf"
+
+
+class Experts(str, Enum):
+    stacked = "stacked"
+    per_expert = "per-expert"
 
 
 class DType(str, Enum):
@@ -51,6 +57,12 @@ def convert(
     ),
     rank: int = typer.Option(None, "--rank", help="r for inputs that do not store it (loralib)."),
     alpha: float = opt.ALPHA,
+    experts: Experts = typer.Option(
+        None,
+        "--experts",
+        help="per-expert: rewrite MoE expert LoRAs (PEFT target_parameters) as one module per expert, "
+        "named as the base's checkpoint (needs --base; llama.cpp and vLLM read that form).",
+    ),
     force: bool = opt.FORCE,
     format: str = opt.FORMAT,
     allow_pickle: bool = opt.ALLOW_PICKLE,
@@ -72,6 +84,7 @@ def convert(
             pad_rank=pad_rank,
             rank=rank,
             alpha=alpha,
+            experts=experts.value if experts else None,
             force=force,
             format=format,
             allow_pickle=allow_pickle,

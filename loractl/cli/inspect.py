@@ -112,7 +112,7 @@ def _human_inspect(r) -> None:  # r: api.InspectResult
         for col in ("module", "kind", "rank", "alpha", "scale", "shape", "dtype"):
             t.add_column(col, justify="right" if col in ("rank", "alpha", "scale") else "left")
         for m in a.module_list:
-            kind = m.kind + (" DoRA" if m.dora else "")
+            kind = m.kind + (" DoRA" if m.dora else "") + (f", {m.experts} experts" if m.experts else "")
             t.add_row(
                 m.name,
                 kind,
@@ -170,7 +170,8 @@ def _human_spectrum(r) -> None:  # r: api.SpectrumResult
         for m in a.modules:
             sv = m.singular_values
             energy = "  ".join(f"{k}:{v:.3f}" for k, v in m.energy.items())
-            t.add_row(m.name, str(m.rank), f"{m.effective_rank:.2f}", f"{sv[0]:.4g}", f"{sv[-1]:.4g}", energy)
+            name = m.name if m.expert is None else f"{m.name} [expert {m.expert}]"
+            t.add_row(name, str(m.rank), f"{m.effective_rank:.2f}", f"{sv[0]:.4g}", f"{sv[-1]:.4g}", energy)
         c.print(t)
 
 

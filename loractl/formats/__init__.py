@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError, InputError, LoractlError, UsageError
+from ..errors import FormatError, InputError, LoractlError, UnsupportedAdapterError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -320,13 +320,26 @@ def write_adapter(
     A diffusers adapter written as PEFT must be for one pipeline component (a PEFT adapter is for one
     model); its module names become relative to that component.
 
+    Only PEFT holds LoRAs on parameters (``target_parameters``: MoE experts, routers); writing one in another
+    format is refused by name.
+
     Raises:
         UsageError: a diffusers adapter for several components written as PEFT.
+        UnsupportedAdapterError: a parameter LoRA written in a format other than PEFT.
         OutputError: see :func:`loractl.io.atomic.atomic_output`.
     """
     from ..io.atomic import atomic_output
 
     mod = format_module(to)
+    params = [m for m in adapter.modules.values() if m.experts]
+    if params and to != "peft":
+        first = params[0]
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: parameter {first.name!r} holds a LoRA on a parameter (PEFT target_parameters, "
+            f"{first.experts} expert{'s' if first.experts > 1 else ''}; {len(params)} such in all), which the "
+            f"{to} format cannot hold",
+            hint="write it --to peft",
+        )
     options.target = output
     if to == "peft" and adapter.format == "diffusers":
         from .diffusers import component_adapters

@@ -18,34 +18,23 @@ The facts (with PEFT and transformers sources and proofs) are in the project's n
 here); tests/formats/test_experts.py checks them against the transformers classes and merges with
 them bit for bit as PEFT's ``merge_and_unload`` + ``save_pretrained`` do.
 
-Design for the reader, planner and other commands (not wired yet)
------------------------------------------------------------------
+How the rest of loractl uses it
+-------------------------------
 - **Reader** (formats/peft.py): a key prefix ``<module>(.base_layer)*`` whose ``lora_A`` / ``lora_B``
-  belong to a targeted parameter (:func:`parameter_of` with the adapter config's
-  ``target_parameters`` and the base's model type; ``None`` = an ordinary ``target_modules`` module)
-  becomes ONE ``LoraModule`` per targeted parameter, named by the parameter as CLI.md says
-  (``model.layers.0.mlp.experts.gate_up_proj``, ``.base_layer`` stripped), with ``down`` = ``lora_A``
-  ``[r·E, in]`` and ``up`` = ``lora_B`` ``[out, r·E]`` as stored, ``num_experts`` E and ``rank`` the
-  rank per expert. r and alpha come from ``rank_pattern`` / ``alpha_pattern`` matched against the
-  parameter's name (``module_alpha_rank(config, parameter, ...)``); ``E = lora_A.shape[0] // r``
-  (nothing in the adapter records E). A 2-D parameter (router ``gate.weight``, DBRX's ``w1``) is the
-  same with E = 1. These modules must be flagged as parameter LoRAs: their merge rounds twice
-  (:func:`loractl.ops.experts.merge_`), unlike ``lora.Linear``.
-- **Planner**: per expert module, ``pieces(shapes, base_config, parameter, E, (out, in))`` gives every
-  base tensor it touches as :class:`Piece` s; group them by ``Piece.tensor``: a per-expert tensor gets
-  one or two contributions (gate and up are two tensors), a fused tensor E of them (one per
-  ``Piece.index``). A contribution is ``(module, piece)``; the merge of one base tensor reads the
-  module's ``expert_factors`` (views), computes ``expert_delta(A_e, B_e, s, piece.transposed,
-  single=E == 1)[piece.rows]`` and ``merge_`` s it into ``w[piece.index]`` (or ``w``): one tensor at a
-  time, one expert's update ``[out, in]`` in float32 at a time. Gate and up of one expert come from the
-  same product; compute it once per (module, expert) if the two tensors are merged one after the
-  other, never as ``B_e[rows] @ A_e`` (not bit-equal to PEFT). Adapters add one after the other, each
-  rounded. Unmerge: ``unmerge_`` + the receipt (ops/residual.py) as for dense tensors.
-- **inspect / truncate / combine / similarity** work per expert: each expert's own ``(A_e, B_e)``
-  (``expert_factors``) is a rank-r LoRA of shape ``[out, in]``; report rank per expert and E; truncate
-  each expert (its SVD) and restack in PEFT's layout (A expert-major, B rank-major) with one rank for
-  all experts; combine/similarity pair expert e with expert e. The stacked ``lora_A`` is not one
-  rank-r·E matrix of anything: an SVD of it is meaningless.
+  belong to a targeted parameter (:func:`parameters_of` with the adapter config's ``target_parameters``
+  and the base's model type) becomes ONE ``LoraModule`` per parameter, named by the parameter
+  (``model.layers.0.mlp.experts.gate_up_proj``), ``experts`` = E and ``rank`` the rank per expert; r and
+  alpha from ``rank_pattern`` / ``alpha_pattern`` matched against the parameter's name,
+  ``E = lora_A.shape[0] // r``. Read without a base (the model type unknown), the experts modules and
+  the order of their parameters are those every architecture of :data:`ARCHS` shares
+  (:data:`PARAM_ORDER`); the writer nests them back in that order (:func:`saved_prefixes`).
+- **Planner** (plan.py): :func:`pieces` gives every base tensor a parameter LoRA touches; each becomes a
+  contribution ``(module, expert, rows, index, transposed)`` of that tensor's merge, whose arithmetic
+  (:mod:`loractl.ops.experts`: PEFT's einsum per expert, two roundings) ops/merge.py applies one base
+  tensor and one expert's update at a time.
+- **truncate / combine / similarity / convert** work per expert: each expert's ``(A_e, B_e)`` is a rank-r
+  LoRA of its own (``LoraModule.expert``), restacked in PEFT's layout (``adapter.stack_experts``). The
+  stacked ``lora_A`` is not one rank-r·E matrix of anything: an SVD of it is meaningless.
 
 Errors: :class:`~loractl.errors.ShapeMismatchError` (exit 2) naming the adapter file, the parameter
 and the base tensor when the expert count or shapes do not fit; FormatError / UnsupportedAdapterError
@@ -57,11 +46,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError, ShapeMismatchError, UnsupportedAdapterError
 from .names import NameResolver
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapter import LoraModule
+
+
+class NoBaseTensor(InputError):
+    """The base has no tensor at all for a parameter LoRA (it matches nothing, as a module LoRA can)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +158,12 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+#: the parameters of every experts module of :data:`ARCHS`, in an order each architecture's registration order
+#: follows (tested): how an adapter read without its base (model type unknown) is nested, and how the PEFT
+#: writer nests parameter LoRAs back
+PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias", "w1", "v1", "w2")
+
+
 def model_type_of(config: Mapping[str, Any]) -> str | None:
     """The base's model type as :data:`ARCHS` knows it: ``model_type``, else its ``text_config``'s."""
     mt = config.get("model_type")
@@ -200,7 +202,10 @@ def targeted_parameters(
     """The parameters of ``module`` that ``target_parameters`` wraps, in PEFT's nesting order.
 
     A known experts module has the parameters :data:`ARCHS` lists (in registration order); any other
-    module is taken to be a linear layer whose one targetable parameter is ``weight`` (routers).
+    module is taken to be a linear layer whose one targetable parameter is ``weight`` (routers). With no
+    model type (an adapter read without its base), an experts module is one any architecture of
+    :data:`ARCHS` has, and its parameters are the targeted ones of :data:`PARAM_ORDER` (the caller checks
+    that the adapter holds exactly that many wrappers: :func:`parameters_of`).
 
     Raises:
         UnsupportedAdapterError: targets on an experts module of a model type loractl does not know.
@@ -208,6 +213,8 @@ def targeted_parameters(
     arch = ARCHS.get(model_type or "")
     if arch is not None and arch.is_experts(module):
         return [p for p in arch.params if _matches(f"{module}.{p}", targets)]
+    if model_type is None and any(a.is_experts(module) for a in ARCHS.values()):
+        return [p for p in PARAM_ORDER if _matches(f"{module}.{p}", targets)]
     if arch is None and re.search(r"(^|\.)experts(\.mlp)?$", module):
         hits = sorted({t for t in targets if _matches(f"{module}.{t.rpartition('.')[2]}", [t])})
         if hits:
@@ -244,9 +251,7 @@ def parameter_of(
             whose parameters is targeted.
         UnsupportedAdapterError: an experts module of an unknown model type.
     """
-    module, depth = prefix, 0
-    while module.endswith(".base_layer"):
-        module, depth = module[: -len(".base_layer")], depth + 1
+    module, depth = _unnest(prefix)
     params = targeted_parameters(module, target_parameters, model_type, source=source)
     arch = ARCHS.get(model_type or "")
     if depth >= len(params) and (depth or (arch is not None and arch.is_experts(module))):
@@ -259,6 +264,68 @@ def parameter_of(
     if not params:
         return None
     return f"{module}.{params[len(params) - 1 - depth]}"
+
+
+def _unnest(prefix: str) -> tuple[str, int]:
+    """``(module, depth)`` of a key prefix ``<module>`` + ``.base_layer`` × depth."""
+    module, depth = prefix, 0
+    while module.endswith(".base_layer"):
+        module, depth = module[: -len(".base_layer")], depth + 1
+    return module, depth
+
+
+def parameters_of(
+    prefixes: Sequence[str], target_parameters: Sequence[str], model_type: str | None, *, source: str = "adapter"
+) -> dict[str, str | None]:
+    """:func:`parameter_of` for every key prefix of an adapter, checking that each module holds one wrapper per
+    parameter its targets wrap (PEFT saves every one): a level missing would shift the nesting.
+
+    Raises:
+        FormatError: a module whose nesting levels are not exactly those of its targeted parameters.
+        UnsupportedAdapterError: see :func:`parameter_of`.
+    """
+    out = {p: parameter_of(p, target_parameters, model_type, source=source) for p in prefixes}
+    levels: dict[str, set[int]] = {}
+    for prefix, param in out.items():
+        if param is not None:
+            module, depth = _unnest(prefix)
+            levels.setdefault(module, set()).add(depth)
+    for module, depths in sorted(levels.items()):
+        params = targeted_parameters(module, target_parameters, model_type, source=source)
+        if depths != set(range(len(params))):
+            raise FormatError(
+                f"{source}: module {module!r}: tensors at {len(depths)} '.base_layer' nesting level(s), but "
+                f"target_parameters {list(target_parameters)} wrap {len(params)} of its parameters ({', '.join(params)})",
+                hint=None
+                if model_type
+                else "read it with the base model (--base), so that loractl knows the experts' parameters",
+            )
+    return out
+
+
+def saved_prefixes(parameters: Sequence[str]) -> dict[str, str]:
+    """PEFT's key prefix of each parameter LoRA (``<module>`` + ``.base_layer`` × (n-1-i) for the i-th of the
+    n parameters of one module, in :data:`PARAM_ORDER`): the inverse of :func:`parameters_of`.
+
+    Raises:
+        UnsupportedAdapterError: several parameters of one module, one of which loractl cannot order.
+    """
+    by_module: dict[str, list[str]] = {}
+    for param in parameters:
+        module, _, leaf = param.rpartition(".")
+        by_module.setdefault(module, []).append(leaf)
+    out: dict[str, str] = {}
+    for module, leaves in by_module.items():
+        unknown = [x for x in leaves if x not in PARAM_ORDER]
+        if len(leaves) > 1 and unknown:
+            raise UnsupportedAdapterError(
+                f"module {module!r}: LoRAs on parameters {sorted(leaves)}: loractl does not know the order PEFT nests "
+                f"{unknown[0]!r} in"
+            )
+        leaves.sort(key=lambda x: PARAM_ORDER.index(x) if x in PARAM_ORDER else 0)
+        for i, leaf in enumerate(leaves):
+            out[f"{module}.{leaf}"] = module + ".base_layer" * (len(leaves) - 1 - i)
+    return out
 
 
 @dataclass(frozen=True)
@@ -275,6 +342,7 @@ class Piece:
         index: e for a fused ``[E, ., .]`` tensor, None for a per-expert or 2-D one.
         rows: the rows of ``Δ_e`` this tensor holds (gate: ``[0, I)``, up: ``[I, 2I)``), None for all.
         transposed: ``Δ_e = (B_e @ A_e)ᵀ`` (the parameter is ``[E, in, out]``, ``is_transposed``).
+        single: a 2-D parameter: PEFT's ``lora.Linear`` product ``(B @ A) · s``, not the experts' einsum.
     """
 
     tensor: str
@@ -282,6 +350,7 @@ class Piece:
     index: int | None
     rows: slice | None
     transposed: bool
+    single: bool = False
 
 
 def _chunks(n: int, k: int) -> list[slice]:
@@ -320,7 +389,8 @@ def pieces(
 
     Raises:
         ShapeMismatchError: the expert count or a shape does not fit the base tensor.
-        InputError: the base has no tensor for the parameter, or experts are missing.
+        NoBaseTensor: the base has no tensor for the parameter.
+        InputError: experts are missing, or a name matches several base tensors.
         UnsupportedAdapterError: a 3-D parameter of a model type loractl does not know.
     """
     resolver = resolver or NameResolver(shapes)
@@ -355,7 +425,7 @@ def pieces(
                     f"{where}: adapter update is {experts} x {[out, inp]} but base tensor {hit!r} is {list(shape)}",
                     hint="is this adapter for another base model?",
                 )
-            return [Piece(hit, 0, None, None, False)]
+            return [Piece(hit, 0, None, None, False, single=True)]
         if len(shape) != 3:
             raise ShapeMismatchError(
                 f"{where}: base tensor {hit!r} is {list(shape)}, not [experts, rows, cols]"
@@ -372,7 +442,7 @@ def pieces(
                 hint="is this adapter for another base model?",
             )
         return [Piece(hit, e, e, None, transposed) for e in range(experts)]
-    raise InputError(
+    raise NoBaseTensor(
         f"{where}: the base has no tensor for it (looked for {', '.join(repr(t) for t in tried)})",
         hint="is this adapter for another base model?",
     )
@@ -424,3 +494,44 @@ def _split_pieces(
                 )
             result.append(Piece(name, e, None, None if len(leaves) == 1 else leaf_rows, arch.is_transposed))
     return result
+
+
+def per_expert(module: LoraModule, config: Mapping[str, Any], *, source: str = "adapter") -> list[LoraModule]:
+    """A parameter LoRA rewritten as one module LoRA per expert and on-disk tensor (transformers 4's layout,
+    which llama.cpp's ``convert_lora_to_gguf.py`` and vLLM's per-expert MoE LoRA wrapper read): expert e of
+    ``<experts>.gate_up_proj`` becomes ``<experts>.{e}.gate_proj`` (rows ``[0, I)`` of ``B_e``, with ``A_e``) and
+    ``<experts>.{e}.up_proj`` (rows ``[I, 2I)``, the same ``A_e``), named as the base's checkpoint names them
+    (Mixtral: ``block_sparse_moe.experts.{e}.w1`` / ``w3``); ``down_proj`` becomes ``<experts>.{e}.down_proj``.
+    A 2-D parameter (a router's ``weight``) becomes a module LoRA on its module. Each update ``s·B·A`` is the
+    expert's own (alpha and rsLoRA kept, the rank per expert); PEFT merging the result on transformers 5
+    rounds it as a ``lora.Linear`` of transformers 4 did (once), not as the parameter's (twice).
+
+    Raises:
+        UnsupportedAdapterError: a model type whose checkpoints hold this parameter fused (GPT-OSS, Llama-4,
+            DBRX, GraniteMoE), or one loractl does not know.
+        ShapeMismatchError: an expert count other than the base config's.
+    """
+    model_type = model_type_of(config)
+    arch = ARCHS.get(model_type or "")
+    mod, _, pname = module.name.rpartition(".")
+    where = f"{source}: parameter {module.name!r}"
+    if module.experts <= 1 and pname == "weight":  # a router: a module LoRA on its module, as stored on disk
+        disk = arch.on_disk(module.name) if arch is not None else module.name
+        return [replace(module, name=disk.rpartition(".")[0], experts=0)]
+    if arch is None or not arch.is_experts(mod) or pname not in arch.split:
+        raise UnsupportedAdapterError(
+            f"{where}: the checkpoints of model type {model_type!r} hold it fused, not one tensor per expert: "
+            "it has no per-expert form",
+            hint="keep it as PEFT target_parameters (leave out --experts per-expert)",
+        )
+    want = num_experts(config)
+    if want is not None and want != module.experts:
+        raise ShapeMismatchError(f"{where}: adapter has {module.experts} experts but the base config says {want}")
+    leaves = arch.split[pname]
+    rows = _chunks(int(module.up.shape[0]), len(leaves))
+    out: list[LoraModule] = []
+    for e, one in enumerate(module.split_experts()):
+        for leaf, r in zip(leaves, rows):
+            name = arch.on_disk(f"{mod}.{e}.{leaf}").rpartition(".")[0]
+            out.append(replace(one, name=name, down=one.down.contiguous(), up=one.up[r].contiguous(), experts=0))
+    return out

@@ -9,6 +9,11 @@ Scale rules (PEFT's ``LoraModel._create_and_replace`` and ``LoraLayer.update_lay
 ``r`` and ``alpha`` come from ``rank_pattern`` / ``alpha_pattern`` when a key matches
 (:func:`pattern_key`, PEFT's ``get_pattern_key``), else from ``r`` and ``lora_alpha``;
 ``s = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+
+LoRAs on parameters (``target_parameters``: MoE experts, routers) are saved under their module's name,
+several parameters of one module nested as ``<module>.base_layer.lora_*`` (the first) and
+``<module>.lora_*`` (the next); they are read as one module per parameter, named by the parameter, with
+``experts`` = E (:mod:`loractl.formats.experts` decides which parameter a key holds).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InputError, UsageError
 from ..io.files import loads_json, read_json
+from . import experts as experts_fmt
 from .patterns import PatternError, matches
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,7 +99,8 @@ def read(
     if options.alpha is not None and (isinstance(options.alpha, bool) or not math.isfinite(options.alpha)):
         raise UsageError(f"--alpha {options.alpha} is not a finite number")
     files = [weights] + ([cfg_path] if cfg_path else [])
-    adapter = build_adapter(path, tensors, config, metadata, files, weights, alpha=options.alpha)
+    model_type = experts_fmt.model_type_of(options.base_config) if options.base_config else None
+    adapter = build_adapter(path, tensors, config, metadata, files, weights, alpha=options.alpha, model_type=model_type)
     if not config and options.alpha is None and options.only_factor is None:
         raise InputError(
             f"{path}: a PEFT adapter without {CONFIG} (and no config in the header of {weights.name}): "
@@ -283,10 +290,14 @@ def build_adapter(
     source: Path,
     fmt: str = "peft",
     alpha: float | None = None,
+    model_type: str | None = None,
 ) -> Adapter:
     """Group PEFT keys into modules and apply the config's scale rules (a config checked by
     :func:`check_config`). Without a config, every module's alpha is ``alpha`` (given by the
-    user), or r when ``alpha`` is None (diffusers' convention; a PEFT reader refuses that case)."""
+    user), or r when ``alpha`` is None (diffusers' convention; a PEFT reader refuses that case).
+    Keys of targeted parameters (``target_parameters``) become one module per parameter
+    (:func:`parameter_module`); ``model_type`` (the base's, when known) says which parameters an
+    experts module has."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -304,10 +315,19 @@ def build_adapter(
             extra[k] = t  # ".base_layer." keys are saved embedding layers
         else:
             raise FormatError(f"{source}: tensor {key!r} is not a key of a PEFT LoRA adapter")
+    params: dict[str, str | None] = {}
+    if config.get("target_parameters"):
+        prefixes = [n for n, p in parts.items() if "lora_A.weight" in p or "lora_B.weight" in p]
+        params = experts_fmt.parameters_of(prefixes, config["target_parameters"], model_type, source=str(source))
     rslora = bool(config.get("use_rslora", False))
     fifo = bool(config.get("fan_in_fan_out", False))
+    cfg_source = files[-1] if len(files) > 1 else source
     modules: dict[str, LoraModule] = {}
     for name, p in sorted(parts.items()):
+        param = params.get(name)
+        if param is not None:
+            modules[param] = parameter_module(param, name, p, config, rslora, source, cfg_source)
+            continue
         if "lora_embedding_A" in p or "lora_embedding_B" in p:
             kind, a, b = "embedding", p.get("lora_embedding_A"), p.get("lora_embedding_B")
             a_key, b_key = "lora_embedding_A", "lora_embedding_B"
@@ -315,19 +335,10 @@ def build_adapter(
             a, b = p.get("lora_A.weight"), p.get("lora_B.weight")
             a_key, b_key = "lora_A.weight", "lora_B.weight"
             kind = "conv" if a is not None and a.dim() > 2 else "linear"
-        if a is None or b is None:
-            missing = a_key if a is None else b_key
-            raise FormatError(
-                f"{source}: module {name!r} has no {missing} tensor", hint="the adapter is incomplete"
-            )
-        if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
-            raise FormatError(
-                f"{source}: module {name!r}: {a_key} {list(a.shape)} and {b_key} {list(b.shape)} "
-                "do not have the same rank"
-            )
+        a, b = _factor_pair(name, a, b, a_key, b_key, source)
         rank = int(a.shape[0])
         if config:
-            m_alpha, r_cfg = module_alpha_rank(config, name, rank, files[-1] if len(files) > 1 else source)
+            m_alpha, r_cfg = module_alpha_rank(config, name, rank, cfg_source)
         else:
             m_alpha, r_cfg = (float(alpha) if alpha is not None else float(rank)), rank
         if config and r_cfg != rank:
@@ -356,6 +367,65 @@ def build_adapter(
         metadata=metadata,
         files=files,
         init=init,
+    )
+
+
+def _factor_pair(
+    name: str, a: torch.Tensor | None, b: torch.Tensor | None, a_key: str, b_key: str, source: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's two factors, both present and of one rank (``A.shape[0] == B.shape[1]``).
+
+    Raises:
+        FormatError: naming the module and the tensor.
+    """
+    if a is None or b is None:
+        missing = a_key if a is None else b_key
+        raise FormatError(f"{source}: module {name!r} has no {missing} tensor", hint="the adapter is incomplete")
+    if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+        raise FormatError(
+            f"{source}: module {name!r}: {a_key} {list(a.shape)} and {b_key} {list(b.shape)} "
+            "do not have the same rank"
+        )
+    return a, b
+
+
+#: what PEFT's ``ParamWrapper`` never saves (it refuses ``lora_bias``, DoRA and embeddings)
+_NOT_PARAMETER = ("lora_B.bias", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+
+
+def parameter_module(
+    param: str,
+    prefix: str,
+    p: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    rslora: bool,
+    source: Path,
+    cfg_source: Path,
+) -> LoraModule:
+    """The LoRA of one targeted parameter (PEFT ``lora.ParamWrapper``): ``lora_A`` [r·E, in] and ``lora_B``
+    [out, r·E] as stored, r and alpha from the config matched against the parameter's name (PEFT's
+    ``LoraModel._create_and_replace`` uses the parameter's full name as the key for ``rank_pattern`` /
+    ``alpha_pattern``), E = ``lora_A.shape[0] // r``.
+
+    Raises:
+        FormatError: missing or 3-D factors, factors of other ranks, rows that are no multiple of r, a
+            bias or magnitude PEFT never saves for a parameter.
+    """
+    where = f"{source}: parameter {param!r} (tensors {PREFIX}{prefix}.lora_*)"
+    a, b = _factor_pair(param, p.get("lora_A.weight"), p.get("lora_B.weight"), "lora_A.weight", "lora_B.weight", source)
+    odd = [k for k in p if k in _NOT_PARAMETER]
+    if odd:
+        raise FormatError(f"{where}: has a {odd[0]} tensor, which PEFT's ParamWrapper never saves")
+    if a.dim() != 2 or b.dim() != 2:
+        raise FormatError(f"{where}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not 2-D")
+    alpha, r = module_alpha_rank(config, param, 8, cfg_source)  # LoraConfig's default r is 8
+    if a.shape[0] % r:
+        raise FormatError(
+            f"{where}: lora_A has {a.shape[0]} rows, not a multiple of r={r} (the config's rank per expert)",
+            hint="the config does not belong to these weights",
+        )
+    return LoraModule(
+        name=param, kind="linear", down=a, up=b, alpha=alpha, rslora=rslora, experts=int(a.shape[0]) // r
     )
 
 
@@ -396,7 +466,7 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
             "lora_alpha": alpha,
             "rank_pattern": {re.escape(m.name): m.rank for m in mods if m.rank != r},
             "alpha_pattern": {re.escape(m.name): alphas[m.name] for m in mods if alphas[m.name] != alpha},
-            "target_modules": sorted(adapter.modules),
+            "target_modules": sorted(m.name for m in mods if not m.experts),
             "use_rslora": rslora,
             "use_dora": any(m.is_dora for m in mods),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
@@ -407,6 +477,9 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
             or None,
         }
     )
+    params = sorted(m.name for m in mods if m.experts)
+    if params or cfg.get("target_parameters"):  # parameters are named in full: PEFT matches them exactly
+        cfg["target_parameters"] = params or None
     cfg.setdefault("bias", "none")
     cfg.setdefault("inference_mode", True)
     cfg.setdefault("init_lora_weights", True)
@@ -416,10 +489,12 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's saved key names."""
+    """The adapter's tensors under PEFT's saved key names (a parameter's LoRA under its module's name, nested
+    as PEFT nests its wrappers: :func:`loractl.formats.experts.saved_prefixes`)."""
     out: dict[str, torch.Tensor] = {}
+    nested = experts_fmt.saved_prefixes([m.name for m in adapter.modules.values() if m.experts])
     for name, m in sorted(adapter.modules.items()):
-        p = PREFIX + name
+        p = PREFIX + nested.get(name, name)
         if m.kind == "embedding":
             out[f"{p}.lora_embedding_A"] = m.down
             out[f"{p}.lora_embedding_B"] = m.up

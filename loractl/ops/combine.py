@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ..adapter import LoraModule
+from ..adapter import LoraModule, stack_experts
 from .factored import balanced_factors, truncate_factors
 
 __all__ = [
@@ -349,10 +349,21 @@ def combine_modules(
     with ``weights`` by ``method`` (``cat`` and ``svd``: :func:`combine_cat`, :func:`combine_svd`; the
     others: :func:`combine_peft`). The result has scale 1 (alpha = its rank), no bias, no magnitude.
 
+    Parameter LoRAs (MoE experts) are combined expert by expert (expert e of each adapter with expert e of
+    the others; PEFT's ``add_weighted_adapter`` refuses them, loractl applies its arithmetic per expert) and
+    restacked in PEFT's layout.
+
     Raises:
         ValueError: ranks that ``method`` cannot combine, or a rank or density it needs.
     """
     ref = next(m for m in modules if m is not None)
+    if ref.experts > 1:
+        kw = dict(rank=rank, density=density, majority_sign=majority_sign, seed=seed)
+        experts = [
+            combine_modules([m.expert(e) if m is not None else None for m in modules], weights, method, **kw)  # type: ignore[arg-type]
+            for e in range(ref.experts)
+        ]
+        return stack_experts(ref, experts)
     b_ref, a_ref = ref.matrices()
     parts: list[Module] = []
     for m, w in zip(modules, weights):

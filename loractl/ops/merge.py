@@ -8,6 +8,13 @@ the update to W's dtype before adding (two roundings). DoRA (``variants.DoraLine
 ``W' = (m / ‖W + ΔW‖_row) · (W + ΔW)``, the norm per output row (per embedding column, per conv
 output channel). Using the same torch operations in the same order is what makes ``loractl merge``
 equal PEFT's ``merge_and_unload`` bit for bit; the tests compare against PEFT itself.
+
+LoRAs on parameters (PEFT ``target_parameters``: MoE experts, routers) are ``expert`` contributions: one
+expert's update (PEFT's einsum on that expert's slice of the stacked factors, :mod:`loractl.ops.experts`),
+rows of it for one base tensor (gate or up half of ``gate_up_proj``), added into the tensor or its slice
+``[index]`` of a fused ``[E, ., .]`` tensor as ``ParamWrapper.merge`` adds: the update rounded to the
+tensor's dtype first, then added (two roundings). One expert's float32 update is held at a time (the last
+few are kept, so gate and up of one expert share one product).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 
 from ..adapter import LoraModule
 from ..errors import UnsupportedAdapterError
+from . import experts as experts_ops
 from . import residual as residual_ops
 
 _T = TypeVar("_T")
@@ -435,11 +443,21 @@ class Contribution:
 
     Attributes:
         adapter: the adapter's position in the merge.
-        kind: ``lora`` (add the module's update), ``bias`` (add ``lora_B.bias``·s to a bias) or
-            ``replace`` (a saved full tensor).
+        kind: ``lora`` (add the module's update), ``bias`` (add ``lora_B.bias``·s to a bias),
+            ``replace`` (a saved full tensor) or ``expert`` (add one expert's update of a parameter
+            LoRA, :func:`expert_update`, rounded first as PEFT's ``ParamWrapper`` does).
         weight: the merge weight of the adapter.
-        module: the LoRA module, for ``lora`` and ``bias``.
+        module: the LoRA module, for ``lora``, ``bias`` and ``expert``.
         tensor: the replacement, for ``replace``.
+        expert: for ``expert``: e, whose factors give the update (0 for a 2-D parameter).
+        index: for ``expert``: the slice ``[index]`` of a fused ``[E, ., .]`` tensor the update goes
+            to; None for the whole tensor (a per-expert or 2-D one).
+        rows: for ``expert``: the rows of the expert's update this tensor holds (gate: the first
+            half of ``gate_up_proj``'s, up: the second); None for all.
+        transposed: for ``expert``: the parameter is ``[E, in, out]`` (``is_transposed``): the update
+            is ``(B_e @ A_e)ᵀ``.
+        single: for ``expert``: a 2-D parameter (router): PEFT's ``lora.Linear`` product, not the
+            experts' einsum.
     """
 
     adapter: int
@@ -447,6 +465,67 @@ class Contribution:
     weight: float
     module: LoraModule | None = None
     tensor: torch.Tensor | None = None
+    expert: int = 0
+    index: int | None = None
+    rows: slice | None = None
+    transposed: bool = False
+    single: bool = False
+
+
+class _Recent:
+    """The last few values computed for a key, kept while the key's first part (a module) is alive: a
+    parameter LoRA's float32 factors, and its experts' updates (gate and up of one expert are two base
+    tensors, merged one after the other, from one product)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: list[tuple[tuple, object, torch.Tensor | list]] = []
+        self.lock = threading.Lock()
+
+    def get(self, owner: object, key: tuple, make: Callable[[], _T]) -> _T:
+        with self.lock:
+            for i, (k, o, v) in enumerate(self.items):
+                if o is owner and k == key:
+                    self.items.insert(0, self.items.pop(i))
+                    return v  # type: ignore[return-value]
+        value = make()
+        with self.lock:
+            self.items.insert(0, (key, owner, value))  # type: ignore[arg-type]
+            del self.items[self.size :]
+        return value
+
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+_FACTORS = _Recent(2)
+_UPDATES = _Recent(2)
+
+
+def forget() -> None:
+    """Let go of the factors and updates :func:`expert_update` kept (at the end of a merge or unmerge)."""
+    _FACTORS.clear()
+    _UPDATES.clear()
+
+
+def expert_update(c: Contribution) -> torch.Tensor:
+    """The update an ``expert`` contribution adds: expert ``c.expert``'s ``w·s·(B_e @ A_e)`` in float32 (PEFT's
+    einsum on its slice of the stacked factors, upcast whole first as PEFT loads them; transposed for an
+    ``is_transposed`` parameter; ``lora.Linear``'s product for a 2-D one), rows ``c.rows`` of it."""
+    m = c.module
+    assert m is not None
+    n = max(1, m.experts)
+    s = m.scale * c.weight if c.weight != 1.0 else m.scale
+
+    def compute() -> torch.Tensor:
+        factors = _FACTORS.get(m, ("factors", id(m.down), id(m.up)), lambda: experts_ops.expert_factors(m.down, m.up, n))
+        a_e, b_e = factors[c.expert]
+        return experts_ops.expert_delta(a_e, b_e, s, c.transposed, single=c.single)
+
+    delta = _UPDATES.get(m, (id(m.down), id(m.up), c.expert, s, c.transposed, c.single), compute)
+    return delta if c.rows is None else delta[c.rows]
 
 
 #: the receipt's parts of one tensor, by part name (:mod:`loractl.ops.residual`, ``dora<k>``)
@@ -478,6 +557,11 @@ def merged_tensor(
         elif c.kind == "bias":
             assert c.module is not None
             w += bias_delta(c.module, c.weight)
+        elif c.kind == "expert":
+            delta = expert_update(c)
+            if deltas is not None:
+                deltas[pos] = delta
+            experts_ops.merge_(w if c.index is None else w[c.index], delta)
         else:
             assert c.module is not None
             delta = delta_weight(c.module, c.weight)
@@ -517,6 +601,10 @@ def unmerged_tensor(
         if c.kind == "bias":
             w -= bias_delta(c.module, c.weight)
             continue
+        if c.kind == "expert":
+            delta = deltas[pos] if deltas is not None and pos in deltas else expert_update(c)
+            experts_ops.unmerge_(w if c.index is None else w[c.index], delta)
+            continue
         delta = deltas[pos] if deltas is not None and pos in deltas else delta_weight(c.module, c.weight)
         factor = None
         if c.module.is_dora:
@@ -554,6 +642,11 @@ def fused_ok(changes: Iterable[Sequence[Contribution]]) -> bool:
     samples: dict[tuple, Contribution] = {}
     for contribs in changes:
         for c in contribs:
+            if c.kind == "expert" and c.module is not None:  # computed on one thread too, once fused_ok holds
+                m = c.module
+                key = ("expert", tuple(m.up.shape), tuple(m.down.shape), m.up.dtype, m.down.dtype, c.transposed, c.single)
+                samples.setdefault(key, replace(c, rows=None))
+                continue
             if c.kind != "lora" or c.module is None:
                 continue
             if c.module.is_dora:
@@ -574,6 +667,12 @@ def _same_bits_on_one_thread(c: Contribution, threads: int) -> bool:
     otherwise) with the bits of PEFT's whole product on ``threads`` threads?"""
     m = c.module
     assert m is not None
+    if c.kind == "expert":
+        torch.set_num_threads(threads)
+        ref = expert_update(c)
+        torch.set_num_threads(1)
+        forget()
+        return torch.equal(residual_ops.bits(expert_update(c).contiguous()), residual_ops.bits(ref.contiguous()))
     torch.set_num_threads(threads)
     ref = delta_weight(m, c.weight)
     torch.set_num_threads(1)

@@ -1,6 +1,11 @@
 """Lowering one module's rank: optimally (SVD of its update, from the factors) or by keeping its first
 components (DyLoRA's nested ranks). Modules in, modules out; :mod:`loractl.ops.factored` does the
-linear algebra."""
+linear algebra.
+
+A parameter LoRA (MoE experts, ``LoraModule.experts``) is truncated expert by expert: each expert's update
+``s·B_e·A_e`` gets its own optimal (or nested) truncation, at one rank k for all experts (PEFT stores one
+rank per parameter: a dynamic rule's k is the largest any expert needs), restacked in PEFT's layout.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter import LoraModule
+from ..adapter import LoraModule, stack_experts
 from .factored import balanced_factors, choose_rank, energy_kept, factored_svd
 
 #: ``truncate --dylora-convention`` choices: how a nested truncation sets alpha
@@ -36,7 +41,9 @@ def svd_truncate(m: LoraModule, rank: int | None, **rule: float) -> Truncated:
     (one of ``energy``, ``sv_ratio``, ``sv_cumulative``, ``sv_fro``; see
     :func:`~loractl.ops.factored.choose_rank`) with ``rank`` as a cap. A module already at or below k
     is kept as it is; a truncated one gets alpha = k (scale 1, the singular values split as √σ
-    between B and A)."""
+    between B and A). A parameter LoRA: :func:`_svd_truncate_experts`."""
+    if m.experts > 1:
+        return _svd_truncate_experts(m, rank, rule)
     b2, a2 = m.matrices()
     u, s_vals, vh = factored_svd(b2, a2, m.scale)  # once per module: rank rule and factors
     k = choose_rank(s_vals, rank=rank, **rule)
@@ -58,6 +65,11 @@ def nested_truncate(m: LoraModule, rank: int, alpha_factor: float = 1.0) -> Trun
     k = min(rank, m.rank)
     if k >= m.rank:
         return Truncated(m, m.rank, 1.0)
+    if m.experts > 1:
+        parts = [nested_truncate(e, rank, alpha_factor) for e in m.split_experts()]
+        kept = sum(t.energy_kept * _fro2(e) for t, e in zip(parts, m.split_experts()))
+        total = sum(_fro2(e) for e in m.split_experts())
+        return Truncated(stack_experts(m, [t.module for t in parts]), k, kept / total if total > 0 else 1.0)
     b2, a2 = m.matrices()
     module = m.with_factors(b2[:, :k], a2[:k], m.alpha * alpha_factor, rslora=m.rslora)
     return Truncated(module, k, energy_of_prefix(m, k))
@@ -75,3 +87,29 @@ def energy_of_prefix(m: LoraModule, k: int) -> float:
 
     total = fro2(b2, a2)
     return fro2(b2[:, :k], a2[:k]) / total if total > 0 else 1.0
+
+
+def _fro2(m: LoraModule) -> float:
+    """‖s·B·A‖²_F of a module LoRA, from the factors (float64)."""
+    b2, a2 = m.matrices()
+    b2, a2 = b2.double(), a2.double()
+    return float(torch.trace((b2.T @ b2) @ (a2 @ a2.T))) * m.scale**2
+
+
+def _svd_truncate_experts(m: LoraModule, rank: int | None, rule: dict[str, float]) -> Truncated:
+    """:func:`svd_truncate` of each expert of a parameter LoRA at one rank k: the largest rank the rule gives any
+    expert (``rank`` as a cap), so that every expert meets it; each expert's best rank-k approximation; the
+    energy kept is that of all experts together."""
+    svds = [factored_svd(*e.matrices(), e.scale) for e in m.split_experts()]
+    k = max(choose_rank(sv, rank=rank, **rule) for _, sv, _ in svds)
+    total = sum(float(sv.double().square().sum()) for _, sv, _ in svds)
+
+    def kept(j: int) -> float:
+        return sum(float(sv.double()[:j].square().sum()) for _, sv, _ in svds) / total if total > 0 else 1.0
+
+    if k >= m.rank:
+        return Truncated(m, m.rank, kept(m.rank))
+    experts = [
+        e.with_factors(*balanced_factors(u, sv, vh, k), alpha=float(k)) for e, (u, sv, vh) in zip(m.split_experts(), svds)
+    ]
+    return Truncated(stack_experts(m, experts), k, kept(k))
