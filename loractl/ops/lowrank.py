@@ -38,6 +38,7 @@ __all__ = [
     "Spectrum",
     "low_rank",
     "certificate",
+    "narrow",
     "spectrum_topk",
     "rounding_floor",
     "Candidate",
@@ -587,6 +588,37 @@ def certificate(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[
         err_sq = _residual_sq(src, b32, a32, _F64)
     kept = float((_gram64(b32.T) * _gram64(a32)).sum()) if b.shape[1] else 0.0
     return math.sqrt(max(err_sq, 0.0) / total), kept / total
+
+
+def narrow(
+    delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Factors ``b`` [m, k], ``a`` [k, n] stored in a narrower ``dtype`` (bfloat16, float16), with the
+    :func:`certificate` of what is stored.
+
+    Two candidates, the one with the smaller true error kept: the plain cast of both factors, and the
+    cast ``a`` with ``b`` refitted to it by least squares, ``b = ΔW·aᵀ·(a·aᵀ)⁻¹`` (float64 Gram, k×k),
+    then cast: the best up factor for the rounded down factor, so ``a``'s rounding is absorbed and
+    only ``b``'s is left. A dense SVD whose factors are cast (mergekit's rule) is the first candidate.
+
+    Returns:
+        ``(b, a, rel_error, energy_kept)`` in ``dtype``.
+    """
+    plain_b, plain_a = b.to(dtype), a.to(dtype)
+    best = (plain_b, plain_a, *certificate(delta, plain_b, plain_a))
+    if b.shape[1] == 0:
+        return best
+    a64 = plain_a.to(_F64)
+    rhs = (delta.to(_F32) @ plain_a.to(_F32).T).to(_F64)  # [m, k]
+    try:
+        refit = torch.linalg.solve(a64 @ a64.T, rhs.T).T
+    except RuntimeError:  # pragma: no cover - a singular Gram: the rows of a are independent by construction
+        return best
+    if not bool(torch.isfinite(refit).all()):  # pragma: no cover - same
+        return best
+    refit_b = refit.to(dtype)
+    rel, energy = certificate(delta, refit_b, plain_a)
+    return (refit_b, plain_a, rel, energy) if rel < best[2] else best
 
 
 def spectrum_topk(
