@@ -362,7 +362,7 @@ def _low_rank(p: Pair, delta: torch.Tensor, floor: float, rule: Rule, dtype: tor
     """Factor one update by ``rule``; the factors cast to ``dtype`` and certified as cast."""
     import torch
 
-    from .ops.lowrank import certificate, low_rank
+    from .ops.lowrank import low_rank, narrow
 
     if rule.ranks is not None:
         lr = low_rank(delta, rank=rule.ranks[p.module], noise_floor=floor)
@@ -371,8 +371,7 @@ def _low_rank(p: Pair, delta: torch.Tensor, floor: float, rule: Rule, dtype: tor
     rel, energy = (1.0, 0.0) if lr.rank == 0 else (lr.rel_error, lr.energy_kept)
     b, a = lr.b, lr.a
     if lr.rank and dtype != torch.float32:
-        b, a = b.to(dtype), a.to(dtype)
-        rel, energy = certificate(delta, b, a)
+        b, a, rel, energy = narrow(delta, b, a, dtype)
     report = ExtractedModule(p.module, p.kind, list(p.tuned.shape), lr.rank, rel, energy, lr.numerical_rank, lr.method, lr.norm)
     return (factors_module(p, b, a) if lr.rank else None), report
 
@@ -597,7 +596,23 @@ def place(ex: Extraction, base: BaseModel, tuned: BaseModel, plan: BiasPlan | No
             placed.saved_full.append(entry)
         else:
             placed.left_out.append(entry)
+    for name in companions(placed.modules_to_save, tuned):
+        t = tuned.read(name)
+        placed.modules_to_save[name] = t
+        why = f"unchanged; saved with its module {module_of(name)}, as PEFT's modules_to_save loads whole modules"
+        placed.saved_full.append(SavedTensor(name, why, _nbytes(t)))
     return placed
+
+
+def companions(saved: Collection[str], tuned: BaseModel) -> dict[str, int]:
+    """The other tensors of the modules of ``saved`` (name -> bytes): PEFT's ``modules_to_save``
+    loads every tensor of a module's copy (a LayerNorm's weight and bias), so a module saved in full
+    carries its unchanged tensors too (peft/utils/save_and_load.py: ``set_peft_model_state_dict``
+    looks up each key of ``ModulesToSaveWrapper.adapter_state_dict_load_map``)."""
+    prefixes = tuple(sorted({module_of(n) + "." for n in saved if module_of(n)}))
+    if not prefixes:
+        return {}
+    return {n: tuned.info(n).nbytes for n in tuned.tensors if n not in saved and n.startswith(prefixes)}
 
 
 # --- ranks for a size budget ----------------------------------------------------------------------
@@ -688,6 +703,9 @@ def budget_ranks(
         return max(info.nbytes, info.numel * itemsize) if held else info.nbytes
 
     fixed = sum(full_cost(n) for n in found.full) if full else 0
+    if full:
+        saved = [n for n in found.full if module_of(n) not in kinds] + [f"{m}.weight" for m in whole]
+        fixed += sum(companions(saved, tuned).values())
     fixed += sum(by_module[m].tuned.nbytes for m in whole)
     fixed += overhead(list(found.spectra), list(found.full) + list(whole), metadata)
     if fixed >= budget:
