@@ -715,6 +715,7 @@ def truncate(
     allow_pickle: bool = False,
     subfolder: str | None = None,
     alpha: float | None = None,
+    budget: str | int | None = None,
 ) -> TruncateResult:
     """Lower an adapter's rank.
 
@@ -727,6 +728,10 @@ def truncate(
     ``nested`` (DyLoRA): keep the first ``rank`` components exactly, A[:R] and B[:, :R]; the new alpha
     follows ``dylora_convention`` (``original``, ``kohya``, ``lycoris``: see :func:`_dylora`).
 
+    ``budget`` (bytes or ``"50MB"``, instead of a rank rule): ranks across modules that minimise the
+    total squared error within that output size, with the allocator of ``extract --budget``
+    (:func:`loractl.ops.truncate.budget_truncate`); every module keeps rank ≥ 1.
+
     Returns:
         Each module's rank before and after and the energy kept.
 
@@ -738,13 +743,18 @@ def truncate(
     from .ops.truncate import nested_truncate, svd_truncate
 
     t0 = time.perf_counter()
-    given = _truncation_rule(rank, {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro})
+    rules = {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro}
+    if budget is not None:
+        if rank is not None or nested or any(v is not None for v in rules.values()):
+            raise UsageError("--budget chooses every module's rank: give it without --rank, a dynamic rule or --nested")
+        rank, rules = 1 << 30, {k: None for k in rules}  # checked by the budget itself below
+    given = _truncation_rule(rank, rules)
     owned = not isinstance(adapter, Adapter)  # loaded here, so its tensors may be let go of
     a = adapter if isinstance(adapter, Adapter) else load_adapter(
         adapter, format=format, options=read_options(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha)
     )
     max_rank = max((m.rank for m in a.modules.values()), default=0)
-    if rank is not None and rank > max_rank and not given:
+    if rank is not None and rank > max_rank and not given and budget is None:
         raise UsageError(
             f"{a.path}: --rank {rank} is larger than the adapter's largest rank {max_rank}",
             hint="truncation lowers the rank; use convert --pad-rank to raise it",
@@ -756,8 +766,12 @@ def truncate(
         method = f"nested-{convention}"
     out: dict[str, LoraModule] = {}
     report: list[TruncatedModule] = []
+    done = _truncate_budget(a, budget) if budget is not None else {}
     for name, m in a.modules.items():
-        t = nested_truncate(m, rank, factor) if nested else svd_truncate(m, rank, **given)  # type: ignore[arg-type]
+        if budget is not None:
+            t = done[name]
+        else:
+            t = nested_truncate(m, rank, factor) if nested else svd_truncate(m, rank, **given)  # type: ignore[arg-type]
         out[name] = t.module
         report.append(TruncatedModule(name, m.rank, t.rank, t.energy_kept, math.sqrt(t.energy_kept)))
         if owned and not nested and t.module is not m:  # the input's factors are not needed again
@@ -767,6 +781,29 @@ def truncate(
     sources = refs([a])
     save_adapter(a.derived(out), output, to=fmt, force=force, inputs=protected_paths(adapters=[a]), operation="truncate", sources=sources)
     return TruncateResult(Path(output), fmt, method if nested else "svd", report, time.perf_counter() - t0)
+
+
+def _truncate_budget(a: Adapter, budget: str | int) -> dict[str, Any]:
+    """``truncate --budget``: what is not factors (biases, DoRA magnitudes, modules_to_save, headers)
+    is paid first; the rest goes to ranks (:func:`loractl.ops.truncate.budget_truncate`)."""
+    from .extracting import overhead
+    from .ops.truncate import budget_truncate
+
+    size = parse_size(budget) if isinstance(budget, str) else budget
+    if size is None or size < 1:
+        raise UsageError(f"--budget {budget} must be a positive size", hint="e.g. 50MB or 52428800")
+    factors = sum(m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size() for m in a.modules.values())
+    other = sum(m.nbytes for m in a.modules.values()) - factors
+    other += sum(t.numel() * t.element_size() for t in (a.modules_to_save or {}).values())
+    fixed = other + overhead(list(a.modules), list(a.modules_to_save or {}), 0)
+    try:
+        done, _ = budget_truncate(a.modules, size - fixed)
+    except ValueError as e:
+        raise UsageError(
+            f"{a.path}: --budget of {size} bytes: {e} after {fixed} bytes for what is not factors and headers",
+            hint="raise --budget",
+        ) from None
+    return done
 
 
 @dataclass

@@ -75,3 +75,39 @@ def energy_of_prefix(m: LoraModule, k: int) -> float:
 
     total = fro2(b2, a2)
     return fro2(b2[:, :k], a2[:k]) / total if total > 0 else 1.0
+
+
+def budget_truncate(modules: dict[str, LoraModule], budget: int) -> tuple[dict[str, Truncated], int]:
+    """Ranks for every module within ``budget`` bytes of factors, minimising the total squared error
+    ``Σ_modules Σ_{i>kₘ} σᵢ²`` of the updates (:func:`loractl.ops.lowrank.allocate`, greedy by
+    squared singular value per byte, the same allocator as ``extract --budget``), each module kept
+    at rank ≥ 1; then each truncated optimally at its rank (:func:`svd_truncate`).
+
+    A rank of module m costs ``(out + in) · itemsize`` bytes of its factors' dtype.
+
+    Returns:
+        The truncated modules by name, and the bytes their factors take.
+
+    Raises:
+        ValueError: a budget below one rank of every module.
+    """
+    from .lowrank import Candidate, allocate
+
+    spectra, cands = {}, []
+    for name, m in modules.items():
+        b2, a2 = m.matrices()
+        u, s_vals, vh = factored_svd(b2, a2, m.scale)
+        spectra[name] = (u, s_vals, vh)
+        per_rank = (b2.shape[0] + a2.shape[1]) * max(m.up.element_size(), m.down.element_size())
+        cands.append(Candidate(name, s_vals.double().square(), per_rank, min_rank=1))
+    alloc = allocate(cands, budget)
+    out = {}
+    for name, m in modules.items():
+        k = alloc.ranks[name]
+        u, s_vals, vh = spectra[name]
+        if k >= m.rank:
+            out[name] = Truncated(m, m.rank, energy_kept(s_vals, m.rank))
+        else:
+            nb, na = balanced_factors(u, s_vals, vh, k)
+            out[name] = Truncated(m.with_factors(nb, na, alpha=float(k)), k, energy_kept(s_vals, k))
+    return out, alloc.bytes
