@@ -83,6 +83,7 @@ def invocations(w: Path) -> dict[str, list[str]]:
         "similarity --base": ["similarity", t, "--base", base, "--module", "*layers.0.self_attn.q_proj"],
         "convert": ["convert", t, "-o", str(w / "jv"), "--to", "peft", "--pad-rank", "8"],
         "check": ["check", t, "--base", base, "--target", "lorax"],
+        "extract": ["extract", base, str(w / "m"), "-o", str(w / "je"), "--rank", "8"],
         "run": ["run", str(w / "recipe.toml"), "--set", f"out={w / 'recipe-out'}"],
     }
 
@@ -91,7 +92,7 @@ SECTIONS = documented()
 
 
 def test_every_command_has_a_section() -> None:
-    commands = {"inspect", "merge", "unmerge", "truncate", "combine", "similarity", "convert", "check", "run"}
+    commands = {"inspect", "merge", "unmerge", "truncate", "combine", "similarity", "convert", "check", "run", "extract"}
     assert commands <= {s.split()[0] for s in SECTIONS}
     assert all(SECTIONS[s] for s in SECTIONS), "a section without a key table"
 
