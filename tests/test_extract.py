@@ -297,3 +297,25 @@ def test_truncate_budget_uses_the_same_allocator(tmp_path: Path) -> None:
     assert size <= budget
     ranks = {m.name: m.rank_after for m in r.modules}
     assert len(set(ranks.values())) > 1 and all(k >= 1 for k in ranks.values())
+
+
+# --- mergekit itself (skipped without a mergekit venv; never a runtime dependency) --------------------
+
+
+def test_no_worse_than_mergekit_extract_lora_on_every_module(tmp_path: Path) -> None:
+    """mergekit-extract-lora run as a subprocess from its own venv (tests/extract_oracle.py), on a
+    rank-8 + noise float32 pair at rank 4: loractl's error against the exact update is no larger on
+    any module (both are the truncated SVD; the tolerance is float32 rounding)."""
+    from extract_oracle import run_mergekit_extract
+
+    pair = make_tuned_pair(tmp_path, "lowrank", rank=8, noise=1e-2)
+    theirs_dir = run_mergekit_extract(pair.base_dir, pair.tuned_dir, tmp_path / "mk", 4)
+    api.extract(pair.base_dir, pair.tuned_dir, tmp_path / "out", rank=4)
+    ours_t, ours_cfg = _factors(tmp_path / "out")
+    theirs_t, theirs_cfg = _factors(theirs_dir)
+    for name, delta in pair.linear_deltas().items():
+        module = name.removesuffix(".weight")
+        ours = float((delta - _product(ours_t, ours_cfg, module)).norm() / delta.norm())
+        theirs = float((delta - _product(theirs_t, theirs_cfg, module)).norm() / delta.norm())
+        assert ours <= theirs * (1 + 1e-6), (module, ours, theirs)
+        assert ours <= 1.01 * optimal_relative_error(delta, 4)
