@@ -169,6 +169,11 @@ def truth(work: Path, rank: int, tools: dict) -> list[dict]:
     return rows
 
 
+def cpu(r) -> float:
+    """user + sys seconds of a run (what a busy machine does not inflate as it does wall time)."""
+    return (r.user_s or 0.0) + (r.sys_s or 0.0)
+
+
 def total(rows: list[dict], key: str) -> float:
     return math.sqrt(sum((r[key] * r["norm"]) ** 2 for r in rows) / sum(r["norm"] ** 2 for r in rows))
 
@@ -177,10 +182,10 @@ def report(rank: int, tools: dict, rows: list[dict], build: dict) -> dict:
     runs = tools["runs"]
     lor, mk = runs["loractl"], runs["mergekit"]
     print(f"\nloractl extract --rank {rank} vs mergekit-extract-lora --max-rank {rank}, 1.1B bf16 pair")
-    print(f"{'tool':10} {'seconds':>9} {'peak RSS':>10} {'load1':>6}")
+    print(f"{'tool':10} {'wall s':>9} {'CPU s':>9} {'peak RSS':>10} {'load1':>6}")
     for label, r in runs.items():
-        print(f"{label:10} {r.seconds:9.1f} {r.peak_rss_kib / 1024**2:8.2f} GiB {r.load1:6.2f}")
-    print(f"speed-up: {mk.seconds / lor.seconds:.1f}x")
+        print(f"{label:10} {r.seconds:9.1f} {cpu(r):9.1f} {r.peak_rss_kib / 1024**2:8.2f} GiB {r.load1:6.2f}")
+    print(f"speed-up: {mk.seconds / lor.seconds:.1f}x wall, {cpu(mk) / cpu(lor):.1f}x CPU")
     print(f"\n{'module':30} {'shape':>11} {'optimal':>9} {'loractl':>9} {'(reported)':>10} {'mergekit':>9} {'l/opt':>7} {'m/opt':>7}")
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
