@@ -108,8 +108,10 @@ def mergekit_exe() -> Path:
     raise SystemExit("mergekit-extract-lora not found: set LORACTL_MERGEKIT_VENV to a venv with mergekit")
 
 
-def run_tools(work: Path, rank: int) -> dict:
-    """Time loractl, then mergekit, each once, in subprocesses."""
+def run_tools(work: Path, rank: int, layers: int | None = None) -> dict:
+    """Time loractl, then mergekit, each once, in subprocesses (``layers``: only the first N blocks'
+    linear weights, for both tools: loractl ``--module``, mergekit ``--include-regex``, with the
+    unchanged embeddings and head excluded, which mergekit would otherwise copy in full)."""
     base, tuned = (work / "base").resolve(), (work / "tuned").resolve()
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
@@ -118,14 +120,21 @@ def run_tools(work: Path, rank: int) -> dict:
         remove(p)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "loractl", "extract", str(base), str(tuned), "-o", str(out_l)]
-    runs = {"loractl": timed([*cmd, "--rank", str(rank), "--json"], logs / "loractl.log", env=env)}
+    sel: list[str] = []
+    msel: list[str] = []
+    if layers is not None:
+        for i in range(layers):
+            sel += ["--module", f"model.layers.{i}.*"]
+        msel = ["-i", rf"^model\.layers\.({'|'.join(map(str, range(layers)))})\.", "-e", "embed_tokens", "-e", "lm_head"]
+    runs = {"loractl": timed([*cmd, "--rank", str(rank), "--json", *sel], logs / "loractl.log", env=env)}
     report = json.loads((logs / "loractl.log").read_text())
     menv = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     menv.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     mcmd = [str(mergekit_exe()), "--model", str(tuned), "--base-model", str(base), "--out-path", str(out_m)]
-    mcmd += ["--max-rank", str(rank), "--device", "cpu", "--no-copy-tokenizer", "--quiet"]
+    mcmd += ["--max-rank", str(rank), "--device", "cpu", "--no-copy-tokenizer", "--quiet", *msel]
     runs["mergekit"] = timed(mcmd, logs / "mergekit.log", env=menv)
-    return {"runs": runs, "report": report, "out_loractl": out_l, "out_mergekit": out_m}
+    scope = "all 22 blocks" if layers is None else f"the first {layers} block(s) only"
+    return {"runs": runs, "report": report, "out_loractl": out_l, "out_mergekit": out_m, "scope": scope}
 
 
 def factors(folder: Path, module: str):
@@ -181,7 +190,7 @@ def total(rows: list[dict], key: str) -> float:
 def report(rank: int, tools: dict, rows: list[dict], build: dict) -> dict:
     runs = tools["runs"]
     lor, mk = runs["loractl"], runs["mergekit"]
-    print(f"\nloractl extract --rank {rank} vs mergekit-extract-lora --max-rank {rank}, 1.1B bf16 pair")
+    print(f"\nloractl extract --rank {rank} vs mergekit-extract-lora --max-rank {rank}, 1.1B bf16 pair ({tools['scope']})")
     print(f"{'tool':10} {'wall s':>9} {'CPU s':>9} {'peak RSS':>10} {'load1':>6}")
     for label, r in runs.items():
         print(f"{label:10} {r.seconds:9.1f} {cpu(r):9.1f} {r.peak_rss_kib / 1024**2:8.2f} GiB {r.load1:6.2f}")
@@ -210,6 +219,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the models (a later run reuses them)")
+    ap.add_argument("--layers", type=int, help="both tools on the first N blocks only (default: all)")
     ap.add_argument("--json", type=Path, help="save every number here")
     args = ap.parse_args(argv)
     work = args.workdir
@@ -221,7 +231,7 @@ def main(argv: list[str]) -> int:
                 remove(work / p)
             build["base"] = build_base(work / "base", "1b", args.seed, 1_000_000_000)
             build.update(build_tuned(work / "base", work / "tuned", args.seed))
-        tools = run_tools(work, args.rank)
+        tools = run_tools(work, args.rank, args.layers)
         rows = truth(work, args.rank, tools)
         data = report(args.rank, tools, rows, build)
         if args.json:

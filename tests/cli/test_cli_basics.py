@@ -15,7 +15,7 @@ from safetensors import safe_open
 import loractl
 
 # every command of CLI.md
-COMMANDS = ["inspect", "merge", "unmerge", "combine", "truncate", "similarity", "convert", "check", "run"]
+COMMANDS = ["inspect", "merge", "unmerge", "combine", "truncate", "similarity", "convert", "extract", "check", "run"]
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -82,6 +82,7 @@ USAGE = {
     "truncate": "ADAPTER",
     "similarity": "ADAPTER...",
     "convert": "ADAPTER",
+    "extract": "BASE TUNED",
     "check": "ADAPTER",
     "run": "RECIPE",
 }
