@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ import torch
 from .adapter import Adapter, LoraModule
 from .checks import check
 from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
+from .extracting import ExtractBudget, ExtractedModule, ExtractTotal, SavedTensor
 from .formats import FORMATS, WriteOptions, writable, write_adapter
 from .inputs import (
     Adapters,
@@ -66,11 +68,16 @@ __all__ = [
     "CombineResult",
     "ConvertResult",
     "Coverage",
+    "ExtractBudget",
+    "ExtractResult",
+    "ExtractTotal",
+    "ExtractedModule",
     "InspectResult",
     "MergeResult",
     "ModuleInfo",
     "ModuleSimilarity",
     "ModuleSpectrum",
+    "SavedTensor",
     "SimilarityResult",
     "SpectrumResult",
     "Storage",
@@ -82,6 +89,7 @@ __all__ = [
     "check",
     "combine",
     "convert",
+    "extract",
     "inspect",
     "load_adapter",
     "merge",
@@ -880,6 +888,7 @@ def truncate(
     allow_pickle: bool = False,
     subfolder: str | None = None,
     alpha: float | None = None,
+    budget: str | int | None = None,
 ) -> TruncateResult:
     """Lower an adapter's rank.
 
@@ -892,6 +901,10 @@ def truncate(
     ``nested`` (DyLoRA): keep the first ``rank`` components exactly, A[:R] and B[:, :R]; the new alpha
     follows ``dylora_convention`` (``original``, ``kohya``, ``lycoris``: see :func:`_dylora`).
 
+    ``budget`` (bytes or ``"50MB"``, instead of a rank rule): ranks across modules that minimise the
+    total squared error within that output size, with the allocator of ``extract --budget``
+    (:func:`loractl.ops.truncate.budget_truncate`); every module keeps rank ≥ 1.
+
     Returns:
         Each module's rank before and after and the energy kept.
 
@@ -903,13 +916,18 @@ def truncate(
     from .ops.truncate import nested_truncate, svd_truncate
 
     t0 = time.perf_counter()
-    given = _truncation_rule(rank, {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro})
+    rules = {"energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "sv_fro": sv_fro}
+    if budget is not None:
+        if rank is not None or nested or any(v is not None for v in rules.values()):
+            raise UsageError("--budget chooses every module's rank: give it without --rank, a dynamic rule or --nested")
+        rank, rules = 1 << 30, {k: None for k in rules}  # checked by the budget itself below
+    given = _truncation_rule(rank, rules)
     owned = not isinstance(adapter, Adapter)  # loaded here, so its tensors may be let go of
     a = adapter if isinstance(adapter, Adapter) else load_adapter(
         adapter, format=format, options=read_options(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha)
     )
     max_rank = max((m.rank for m in a.modules.values()), default=0)
-    if rank is not None and rank > max_rank and not given:
+    if rank is not None and rank > max_rank and not given and budget is None:
         raise UsageError(
             f"{a.path}: --rank {rank} is larger than the adapter's largest rank {max_rank}",
             hint="truncation lowers the rank; use convert --pad-rank to raise it",
@@ -921,8 +939,12 @@ def truncate(
         method = f"nested-{convention}"
     out: dict[str, LoraModule] = {}
     report: list[TruncatedModule] = []
+    done = _truncate_budget(a, budget) if budget is not None else {}
     for name, m in a.modules.items():
-        t = nested_truncate(m, rank, factor) if nested else svd_truncate(m, rank, **given)  # type: ignore[arg-type]
+        if budget is not None:
+            t = done[name]
+        else:
+            t = nested_truncate(m, rank, factor) if nested else svd_truncate(m, rank, **given)  # type: ignore[arg-type]
         out[name] = t.module
         report.append(TruncatedModule(name, m.rank, t.rank, t.energy_kept, math.sqrt(t.energy_kept)))
         if owned and not nested and t.module is not m:  # the input's factors are not needed again
@@ -932,6 +954,29 @@ def truncate(
     sources = refs([a])
     save_adapter(a.derived(out), output, to=fmt, force=force, inputs=protected_paths(adapters=[a]), operation="truncate", sources=sources)
     return TruncateResult(Path(output), fmt, method if nested else "svd", report, time.perf_counter() - t0)
+
+
+def _truncate_budget(a: Adapter, budget: str | int) -> dict[str, Any]:
+    """``truncate --budget``: what is not factors (biases, DoRA magnitudes, modules_to_save, headers)
+    is paid first; the rest goes to ranks (:func:`loractl.ops.truncate.budget_truncate`)."""
+    from .extracting import overhead
+    from .ops.truncate import budget_truncate
+
+    size = parse_size(budget) if isinstance(budget, str) else budget
+    if size is None or size < 1:
+        raise UsageError(f"--budget {budget} must be a positive size", hint="e.g. 50MB or 52428800")
+    factors = sum(m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size() for m in a.modules.values())
+    other = sum(m.nbytes for m in a.modules.values()) - factors
+    other += sum(t.numel() * t.element_size() for t in (a.modules_to_save or {}).values())
+    fixed = other + overhead(list(a.modules), list(a.modules_to_save or {}), 0)
+    try:
+        done, _ = budget_truncate(a.modules, size - fixed)
+    except ValueError as e:
+        raise UsageError(
+            f"{a.path}: --budget of {size} bytes: {e} after {fixed} bytes for what is not factors and headers",
+            hint="raise --budget",
+        ) from None
+    return done
 
 
 @dataclass
@@ -1463,6 +1508,167 @@ def convert(
     return ConvertResult(
         Path(output), a.format, to, len(mods), normalize, pad_rank, dtype, time.perf_counter() - t0, experts
     )
+
+
+# --------------------------------------------------------------------------------------------
+# extract
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ExtractResult:
+    """What ``extract`` wrote.
+
+    Attributes:
+        output: the adapter written.
+        format: its format.
+        base, tuned: the models, as given.
+        rule: ``rank``, ``energy`` or ``budget``.
+        rank, energy: the rule's value (None for the others).
+        dtype: dtype of the LoRA factors.
+        modules: every changed weight with its rank (0: not in the adapter), relative error and
+            energy kept, in file order.
+        saved_full: tensors saved in full (``modules_to_save``), and why.
+        left_out: changed tensors not in the adapter, and why.
+        lora_bias: the biases' changes are in PEFT's ``lora_B.bias``.
+        unchanged: tensors equal in both models (not in the adapter).
+        total: totals.
+        budget: how the budget was spent (None without one).
+        bytes: bytes of the files written.
+        seconds: wall time.
+        notes: what a user should know (e.g. a resized vocabulary).
+    """
+
+    output: Path
+    format: str
+    base: str
+    tuned: str
+    rule: str
+    rank: int | None
+    energy: float | None
+    dtype: str
+    modules: list[ExtractedModule]
+    saved_full: list[SavedTensor]
+    left_out: list[SavedTensor]
+    lora_bias: bool
+    unchanged: int
+    total: ExtractTotal
+    budget: ExtractBudget | None
+    bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _extract_rule(rank: int | None, energy: float | None, budget: str | int | None) -> tuple[str, int | None]:
+    """The one rule given, checked; and the budget in bytes."""
+    given = [n for n, v in (("--rank", rank), ("--energy", energy), ("--budget", budget)) if v is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "say how many ranks: one of --rank R, --energy F or --budget SIZE"
+            + (f" (not {' and '.join(given)})" if given else "")
+        )
+    if rank is not None and (isinstance(rank, bool) or rank < 1):
+        raise UsageError(f"--rank {rank} must be at least 1")
+    _check_fraction("--energy", energy)
+    size = parse_size(budget) if isinstance(budget, str) else budget
+    if size is not None and size < 1:
+        raise UsageError(f"--budget {budget} must be a positive size", hint="e.g. 200MB or 52428800")
+    return given[0][2:], size
+
+
+def _output_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _extract_config(base: str | Path, tuned: BaseModel) -> dict[str, Any]:
+    """The PEFT config fields an extraction knows: the base (as given) and, for a causal LM, the task."""
+    archs = tuned.config.get("architectures") or []
+    causal = any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+    return {"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM" if causal else None}
+
+
+def extract(
+    base: str | Path,
+    tuned: str | Path,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: str | int | None = None,
+    module: str | Sequence[str] | None = None,
+    full: bool = True,
+    dtype: str = "fp32",
+    to: str = "peft",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExtractResult:
+    """The best LoRA of a full fine-tune: for every weight that differs between ``tuned`` and ``base``,
+    the optimal (Eckart–Young) or certified near-optimal rank-k approximation of ``tuned − base``
+    (:func:`loractl.ops.lowrank.low_rank`), streamed one pair of tensors at a time.
+
+    Linear, conv and embedding weights become LoRA modules (alpha = rank, scale 1; embeddings as
+    ``lora_embedding_A/B``). What a LoRA cannot hold (biases, norms, a resized vocabulary) is saved
+    in full (``modules_to_save``, or ``lora_B.bias`` for the biases of LoRA layers when every one
+    has a bias) or, with ``full=False``, listed in ``left_out``; never dropped silently. Unchanged
+    tensors are not in the adapter. See docs/algebra.md ("extract").
+
+    Args:
+        base: the base model: folder, file or Hub reference ``org/name[@revision]``.
+        tuned: the fine-tuned model, the same way.
+        output: the adapter to create (a PEFT folder, or a file for other formats).
+        rank: a fixed rank R per module (never above the update's numerical rank).
+        energy: or the smallest rank keeping this fraction of each update's squared norm.
+        budget: or a total size (``"200MB"`` or bytes) spent where it lowers the total squared
+            error most (:func:`loractl.ops.lowrank.allocate`).
+        module: fnmatch globs of module names to extract (default: all).
+        full: save what a LoRA cannot hold in full (else list it as left out).
+        dtype: ``fp32`` (default), ``bf16`` or ``fp16`` for the factors; errors are measured on
+            the factors as written.
+        to: the format written (any ``convert --to`` format).
+        force: replace an existing output.
+        progress: called with (bytes read, bytes to read); also turns on Hub download bars.
+
+    Returns:
+        Per module rank, relative error and energy kept; what was saved in full or left out.
+
+    Raises:
+        UsageError: not exactly one rule, a bad value, a --module glob matching nothing, a budget
+            too small.
+        InputError: models that do not belong together (another architecture, a tensor in one
+            only, another shape: named), identical models, a NaN/Inf, nothing a LoRA can hold.
+        OutputError: the output exists (without ``force``) or is an input.
+    """
+    from . import extracting as ex
+
+    t0 = time.perf_counter()
+    rule, size = _extract_rule(rank, energy, budget)
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UsageError(f"unknown --dtype {dtype!r}; one of bf16, fp16, fp32")
+    if to not in FORMATS:
+        raise UsageError(f"unknown --to {to!r}; one of {', '.join(FORMATS)}")
+    out_dtype = torch_dtype(DTYPES[dtype])  # type: ignore[arg-type]
+    globs = [module] if isinstance(module, str) else list(module or [])
+    output = Path(output)
+    meta = {"loractl.base": str(base), "loractl.tuned": str(tuned)}
+    with open_base(base, progress=progress is not None) as b, open_base(tuned, progress=progress is not None) as t:
+        if b.path.resolve() == t.path.resolve():
+            raise InputError(f"{t.path}: BASE and TUNED are the same model: nothing to extract")
+        pairs = ex.select(ex.pair_tensors(b, t), globs, t.path)
+        inputs = protected_paths(base=b) + protected_paths(base=t)
+        check_output(output, inputs, force)
+        run = ex.run(b, t, pairs, ex.Rule(rank=rank, energy=energy), size, full, out_dtype, len(json.dumps(meta)), progress)
+        ex.nothing_to_extract(run, b, t, globs)
+        placed = run.placed
+        adapter = Adapter(t.path, "peft", placed.modules, placed.modules_to_save, config=_extract_config(base, t))
+        options = WriteOptions(base_keys=list(b.tensors), base_config=b.config, metadata=meta)
+        save_adapter(adapter, output, to=to, force=force, inputs=inputs, operation="extract", options=options)
+        written = _output_bytes(output)
+        if run.budget is not None and written > run.budget.size:  # pragma: no cover - the header allowance is generous
+            run.notes.append(f"the output is {written} bytes, {written - run.budget.size} above the budget: please report this")
+    return ExtractResult(
+        output, to, str(base), str(tuned), rule, rank, energy, dtype, run.report, placed.saved_full, placed.left_out,
+        placed.lora_bias, run.unchanged, run.total, run.budget, written, time.perf_counter() - t0, run.notes,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .. import __version__
 from . import check as check_cmd
 from . import combine as combine_cmd
 from . import convert as convert_cmd
+from . import extract as extract_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import run as run_cmd
@@ -23,7 +24,7 @@ from ._help import Command
 
 app = typer.Typer(
     name="loractl",
-    help="Merge, unmerge, inspect, combine, truncate, convert and check LoRA adapters.",
+    help="Merge, unmerge, inspect, combine, truncate, convert, extract and check LoRA adapters.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -43,7 +44,7 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Merge, unmerge, inspect, combine, truncate, convert and check LoRA adapters.
+    """Merge, unmerge, inspect, combine, truncate, convert, extract and check LoRA adapters.
 
     Exit codes: 0 success, 1 a check failed, 2 usage or input error, 3 internal error.
     """
@@ -56,6 +57,7 @@ combine_cmd.register(app)
 truncate_cmd.register(app)
 similarity_cmd.register(app)
 convert_cmd.register(app)
+extract_cmd.register(app)
 run_cmd.register(app)
 check_cmd.register(app)
 verify_cmd.register(app)

@@ -16,6 +16,7 @@ EPILOG = """Examples:
 \b
   loractl truncate adapter/ -o adapter-r16 --rank 16
   loractl truncate adapter/ -o smaller --energy 0.95 --rank 64
+  loractl truncate adapter/ -o small --budget 20MB
   loractl truncate dylora.safetensors -o r8.safetensors --rank 8 --nested --dylora-convention kohya
 """
 
@@ -37,6 +38,9 @@ def truncate(
         None, "--sv-cumulative", help="Keep the smallest rank with Σσₖ/Σσ ≥ F."
     ),
     sv_fro: float = typer.Option(None, "--sv-fro", help="Keep the smallest rank with √(Σσ²ₖ/Σσ²) ≥ F."),
+    budget: str = typer.Option(
+        None, "--budget", help="A total size (e.g. 50MB): ranks where they lower the total error most."
+    ),
     nested: bool = typer.Option(
         False, "--nested", help="DyLoRA: keep the first R components exactly (no SVD)."
     ),
@@ -66,6 +70,7 @@ def truncate(
         sv_ratio=sv_ratio,
         sv_cumulative=sv_cumulative,
         sv_fro=sv_fro,
+        budget=budget,
         nested=nested,
         dylora_convention=dylora_convention.value if dylora_convention else None,
         to=to,

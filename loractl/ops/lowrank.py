@@ -37,6 +37,8 @@ __all__ = [
     "LowRank",
     "Spectrum",
     "low_rank",
+    "certificate",
+    "narrow",
     "spectrum_topk",
     "rounding_floor",
     "Candidate",
@@ -542,6 +544,81 @@ def low_rank(
         power_iterations=solved.iterations,
         norm=math.sqrt(total),
     )
+
+
+def certificate(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
+    """``(‖ΔW − b·a‖_F / ‖ΔW‖_F, ‖b·a‖²_F / ‖ΔW‖²_F)`` of any factors, measured as :func:`low_rank`
+    measures its own (``rel_error``, ``energy_kept``).
+
+    For factors stored in another dtype than the float32 ones :func:`low_rank` returns (a bfloat16
+    adapter): the error of what is written, the rounding of the factors included. The residual is
+    formed block by block in float32 (in float64 when ΔW is float64, or when the error is below
+    10⁻³, where the float32 rounding of the product would dominate it), its squared row norms
+    summed in float64; the energy is ``tr(bᵀb · a aᵀ)`` in float64.
+
+    Args:
+        delta: ΔW, [m, n].
+        b: [m, k] (k may be 0).
+        a: [k, n].
+
+    Returns:
+        ``(rel_error, energy_kept)``; ``(0.0, 1.0)`` for a zero ΔW.
+
+    Raises:
+        ValueError: shapes that do not fit, or a ΔW that is not finite.
+        TypeError: delta not floating point.
+    """
+    fits = delta.dim() == b.dim() == a.dim() == 2 and b.shape[1] == a.shape[0]
+    if not fits or b.shape[0] != delta.shape[0] or a.shape[1] != delta.shape[1]:
+        raise ValueError(
+            f"factors {tuple(b.shape)} and {tuple(a.shape)} do not fit an update of shape {tuple(delta.shape)}"
+        )
+    if not delta.is_floating_point():
+        raise TypeError(f"delta must be floating point, got {delta.dtype}")
+    wide = delta.dtype == _F64
+    src = delta if wide else delta.to(_F32).contiguous()
+    total = _norms(src)[0]
+    if not math.isfinite(total):
+        raise ValueError("delta has non-finite values (inf or NaN)")
+    if total == 0.0:
+        return 0.0, 1.0
+    b32, a32 = b.to(_F32), a.to(_F32)
+    err_sq = _residual_sq(src, b32, a32, _F64 if wide else _F32)
+    if err_sq < _FP64_CERTIFICATE_BELOW * total and not wide:
+        err_sq = _residual_sq(src, b32, a32, _F64)
+    kept = float((_gram64(b32.T) * _gram64(a32)).sum()) if b.shape[1] else 0.0
+    return math.sqrt(max(err_sq, 0.0) / total), kept / total
+
+
+def narrow(
+    delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Factors ``b`` [m, k], ``a`` [k, n] stored in a narrower ``dtype`` (bfloat16, float16), with the
+    :func:`certificate` of what is stored.
+
+    Two candidates, the one with the smaller true error kept: the plain cast of both factors, and the
+    cast ``a`` with ``b`` refitted to it by least squares, ``b = ΔW·aᵀ·(a·aᵀ)⁻¹`` (float64 Gram, k×k),
+    then cast: the best up factor for the rounded down factor, so ``a``'s rounding is absorbed and
+    only ``b``'s is left. A dense SVD whose factors are cast (mergekit's rule) is the first candidate.
+
+    Returns:
+        ``(b, a, rel_error, energy_kept)`` in ``dtype``.
+    """
+    plain_b, plain_a = b.to(dtype), a.to(dtype)
+    best = (plain_b, plain_a, *certificate(delta, plain_b, plain_a))
+    if b.shape[1] == 0:
+        return best
+    a64 = plain_a.to(_F64)
+    rhs = (delta.to(_F32) @ plain_a.to(_F32).T).to(_F64)  # [m, k]
+    try:
+        refit = torch.linalg.solve(a64 @ a64.T, rhs.T).T
+    except RuntimeError:  # pragma: no cover - a singular Gram: the rows of a are independent by construction
+        return best
+    if not bool(torch.isfinite(refit).all()):  # pragma: no cover - same
+        return best
+    refit_b = refit.to(dtype)
+    rel, energy = certificate(delta, refit_b, plain_a)
+    return (refit_b, plain_a, rel, energy) if rel < best[2] else best
 
 
 def spectrum_topk(

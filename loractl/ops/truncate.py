@@ -110,6 +110,46 @@ def _svd_truncate_experts(m: LoraModule, rank: int | None, rule: dict[str, float
     if k >= m.rank:
         return Truncated(m, m.rank, kept(m.rank))
     experts = [
-        e.with_factors(*balanced_factors(u, sv, vh, k), alpha=float(k)) for e, (u, sv, vh) in zip(m.split_experts(), svds)
+        e.with_factors(*balanced_factors(u, sv, vh, k), alpha=float(k))
+        for e, (u, sv, vh) in zip(m.split_experts(), svds)
     ]
     return Truncated(stack_experts(m, experts), k, kept(k))
+
+
+def _rank_gains(m: LoraModule) -> tuple[torch.Tensor, int]:
+    """What each rank of ``m`` is worth to :func:`budget_truncate`: the squared singular values gained
+    (float64, non-increasing) and the bytes one rank of its factors takes. A parameter LoRA keeps one
+    rank for all its experts: rank i gains Σₑ σₑ,ᵢ² and costs every expert's factor rows."""
+    parts = m.split_experts() if m.experts > 1 else [m]
+    gains = None
+    per_rank = 0
+    for e in parts:
+        b2, a2 = e.matrices()
+        sq = factored_svd(b2, a2, e.scale)[1].double().square()
+        gains = sq if gains is None else gains + sq
+        per_rank += (b2.shape[0] + a2.shape[1]) * max(e.up.element_size(), e.down.element_size())
+    return gains, per_rank
+
+
+def budget_truncate(modules: dict[str, LoraModule], budget: int) -> tuple[dict[str, Truncated], int]:
+    """Ranks for every module within ``budget`` bytes of factors, minimising the total squared error
+    ``Σ_modules Σ_{i>kₘ} σᵢ²`` of the updates (:func:`loractl.ops.lowrank.allocate`, greedy by
+    squared singular value per byte, the same allocator as ``extract --budget``), each module kept
+    at rank ≥ 1; then each truncated optimally at its rank (:func:`svd_truncate`).
+
+    A rank of module m costs ``(out + in) · itemsize`` bytes of its factors' dtype.
+
+    Returns:
+        The truncated modules by name, and the bytes their factors take.
+
+    Raises:
+        ValueError: a budget below one rank of every module.
+    """
+    from .lowrank import Candidate, allocate
+
+    cands = []
+    for name, m in modules.items():
+        gains, per_rank = _rank_gains(m)
+        cands.append(Candidate(name, gains, per_rank, min_rank=1))
+    alloc = allocate(cands, budget)
+    return {name: svd_truncate(m, alloc.ranks[name]) for name, m in modules.items()}, alloc.bytes

@@ -15,7 +15,19 @@ from safetensors import safe_open
 import loractl
 
 # every command of CLI.md
-COMMANDS = ["inspect", "merge", "unmerge", "combine", "truncate", "similarity", "convert", "check", "verify", "run"]
+COMMANDS = [
+    "inspect",
+    "merge",
+    "unmerge",
+    "combine",
+    "truncate",
+    "similarity",
+    "convert",
+    "extract",
+    "check",
+    "verify",
+    "run",
+]
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -82,6 +94,7 @@ USAGE = {
     "truncate": "ADAPTER",
     "similarity": "ADAPTER...",
     "convert": "ADAPTER",
+    "extract": "BASE TUNED",
     "check": "ADAPTER",
     "verify": "MERGED ADAPTER...",
     "run": "RECIPE",

@@ -85,6 +85,7 @@ def invocations(w: Path) -> dict[str, list[str]]:
         "check": ["check", t, "--base", base, "--target", "lorax"],
         # merged at weight 1, checked at weight 2: exit 1, with findings, so their keys are checked too
         "verify": ["verify", str(w / "m"), t, "--base", base, "--weight", "2"],
+        "extract": ["extract", base, str(w / "m"), "-o", str(w / "je"), "--rank", "8"],
         "run": ["run", str(w / "recipe.toml"), "--set", f"out={w / 'recipe-out'}"],
     }
 
@@ -95,7 +96,19 @@ EXIT_CODES = {"verify": 1}
 
 
 def test_every_command_has_a_section() -> None:
-    commands = {"inspect", "merge", "unmerge", "truncate", "combine", "similarity", "convert", "check", "verify", "run"}
+    commands = {
+        "inspect",
+        "merge",
+        "unmerge",
+        "truncate",
+        "combine",
+        "similarity",
+        "convert",
+        "check",
+        "verify",
+        "run",
+        "extract",
+    }
     assert commands <= {s.split()[0] for s in SECTIONS}
     assert all(SECTIONS[s] for s in SECTIONS), "a section without a key table"
 

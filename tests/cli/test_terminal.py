@@ -237,6 +237,20 @@ def test_progress_bar_starts_with_its_total(tmp_path: Path, args: tuple[str, ...
         assert all("/14" in f for f in bars), bars
 
 
+def test_extract_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    """extract draws its bar (bytes read, total known from the start) on a terminal, never with --json."""
+    from loractl import api
+
+    api.merge(EXAMPLES / "tiny-llama", [EXAMPLES / "tiny-llama-lora"], tmp_path / "m", receipt=False)
+    argv = ["extract", str(EXAMPLES / "tiny-llama"), str(tmp_path / "m"), "--rank", "8", "-o"]
+    code, _, err = _on_pty(*argv, str(tmp_path / "e"), columns=120)
+    assert code == 0
+    bars = [f for f in _frames(err) if f.startswith("extracting")]
+    assert bars and "━".encode() in err and all("?" not in f for f in bars), err
+    code, out, err = _on_pty(*argv, str(tmp_path / "e2"), "--json", columns=120)
+    assert code == 0 and b"extracting" not in err and b'"command": "extract"' in out
+
+
 def _check_rank4(tmp_path: Path, columns: int) -> list[str]:
     """``loractl check tiny-llama-lora --max-rank 4`` (14 modules of rank 8) on a terminal."""
     shutil.copytree(EXAMPLES / "tiny-llama-lora", tmp_path / "tiny-llama-lora")
