@@ -31,8 +31,8 @@ from __future__ import annotations
 import datetime
 import inspect as pyinspect
 import math
+import os
 import re
-import sys
 import time
 import types
 from collections import abc
@@ -42,11 +42,6 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import CheckFailedError, LoractlError, UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 STEP_KINDS = ("check", "truncate", "combine", "convert", "merge", "inspect")
 PATH_KEYS = ("adapter", "adapters", "base")
@@ -361,18 +356,12 @@ def _decode(path: Path, data: bytes) -> str:
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The recipe's text and its TOML document, with only ``[vars]`` and ``[[step]]`` at the top."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such recipe") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
-    text = _decode(path, data)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        at = re.search(r"at line (\d+)", str(e))
-        raise UsageError(f"{path}:{at[1] if at else 1}: not valid TOML ({e})") from None
+    from .io.files import MAX_TOML_BYTES, loads_toml, read_regular
+
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: no such recipe")
+    text = _decode(path, read_regular(path, "recipe", limit=MAX_TOML_BYTES))
+    doc = loads_toml(text, path)
     unknown_top = set(doc) - {"vars", "step"}
     if unknown_top:
         raise UsageError(

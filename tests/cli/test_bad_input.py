@@ -664,3 +664,150 @@ def test_unknown_dtype(cli, inputs, tools, bad_input):
     out = inputs.work / "merged"
     r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp8")
     bad_input(r, output=out, snapshot=snap, names=["--dtype"], loractl_error=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 14. odd values the fuzzer (tests/fuzz) put in the files loractl reads
+# --------------------------------------------------------------------------------------------
+def _set_config(path: Path, key: str, raw: str) -> None:
+    """Set ``key`` of a JSON file to the JSON text ``raw`` (``-Infinity`` included, as Python reads it)."""
+    text = path.read_text()
+    cfg = json.loads(text)
+    cfg[key] = "@@RAW@@"
+    path.write_text(json.dumps(cfg, indent=2).replace('"@@RAW@@"', raw))
+
+
+BASE_CONFIG_VALUES = {
+    "heads-minus-infinity": ("num_attention_heads", "-Infinity"),
+    "heads-zero": ("num_attention_heads", "0"),
+    "kv-heads-a-string": ("num_key_value_heads", '"2"'),
+    "layers-a-fraction": ("num_hidden_layers", "1.5"),
+    "layers-huge": ("num_hidden_layers", "1e300"),
+    "architectures-a-number": ("architectures", "5"),
+    "architectures-of-numbers": ("architectures", "[1, 2]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BASE_CONFIG_VALUES), ids=list(BASE_CONFIG_VALUES))
+def test_base_config_count_or_architecture_of_the_wrong_kind(cli, inputs, tools, bad_input, case):
+    """convert --to gguf reads the base's architecture, layer and head counts: a count that is not a
+    positive integer (-Infinity was an OverflowError, exit 3) or architectures that are not a list of
+    class names is exit 2 naming config.json and the key."""
+    key, raw = BASE_CONFIG_VALUES[case]
+    _set_config(inputs.base / "config.json", key, raw)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "a.gguf"
+    r = cli("convert", inputs.adapter, "-o", out, "--to", "gguf", "--base", inputs.base)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.base / "config.json"])
+    assert key in r.stderr_lines[0], r.stderr
+
+
+def test_base_config_heads_minus_infinity_when_checking_a_gguf_adapter(cli, inputs, tools, bad_input):
+    """The fuzzer's case: `check lora.gguf --target vllm --base BASE` reads the base's head counts to
+    undo llama.cpp's q/k permutation (an OverflowError, exit 3). check reports what it cannot read
+    as an integrity finding (exit 1) naming config.json and the key."""
+    gguf = inputs.root / "lora.gguf"
+    assert cli("convert", inputs.adapter, "-o", gguf, "--to", "gguf", "--base", inputs.base).code == 0
+    _set_config(inputs.base / "config.json", "num_attention_heads", "-Infinity")
+    snap = tools.Snapshot([inputs.root])
+    r = cli("check", gguf, "--target", "vllm", "--base", inputs.base, "--json")
+    assert r.code == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert not doc["ok"] and [f["code"] for f in doc["findings"]] == ["integrity"], r.stdout
+    message = doc["findings"][0]["message"]
+    assert str(inputs.base / "config.json") in message and "num_attention_heads" in message, message
+    snap.assert_unchanged()
+
+
+def test_base_config_tie_word_embeddings_not_a_boolean(cli, inputs, tools, bad_input):
+    _set_config(inputs.base / "config.json", "tie_word_embeddings", '"yes"')
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.base / "config.json"])
+    assert "tie_word_embeddings" in r.stderr_lines[0], r.stderr
+
+
+def _empty_first(path: Path, suffix: str) -> str:
+    """Make the first tensor of ``path`` whose name ends with ``suffix`` empty (its rank 0); its name."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in sorted(tensors) if k.endswith(suffix))
+    tensors[name] = torch.zeros(0, tensors[name].shape[1], dtype=tensors[name].dtype)
+    save_file(tensors, str(path), metadata=meta)
+    return name
+
+
+def test_loralib_adapter_with_an_empty_factor(cli, inputs, tools, bad_input):
+    """A loralib lora_A of shape [0, 64] (a ZeroDivisionError, exit 3, in inspect) is exit 2 naming
+    the file and the tensor."""
+    loralib = inputs.root / "loralib.safetensors"
+    r = cli("convert", inputs.adapter, "-o", loralib, "--to", "loralib")
+    assert r.code == 0, r.stderr
+    name = _empty_first(loralib, "lora_A")
+    snap = tools.Snapshot([inputs.root])
+    r = cli("inspect", loralib, loralib)
+    bad_input(r, output=inputs.work / "nothing", snapshot=snap, names=[loralib])
+    assert name in r.stderr_lines[0] and "empty" in r.stderr_lines[0], r.stderr
+
+
+def test_peft_adapter_with_an_empty_factor(cli, inputs, tools, bad_input):
+    weights = inputs.adapter / ADAPTER_FILE
+    name = _empty_first(weights, "lora_A.weight")
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    assert module in r.stderr_lines[0], r.stderr
+
+
+def _recipe(inputs, text: str | None = None) -> Path:
+    recipe = inputs.work / "recipe.toml"
+    if text is None:
+        text = (
+            f'[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\n'
+            'output = "build/adapter-r4"\nrank = 4\n'
+        )
+    recipe.write_text(text)
+    return recipe
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "dev-urandom", "fifo", "folder", "nested", "huge"])
+def test_a_recipe_that_is_not_a_toml_file(inputs, tools, kind):
+    """A recipe that is a link to /dev/zero (a MemoryError, exit 3) or /dev/urandom, a FIFO, a
+    folder, TOML nested 10,000 deep (a RecursionError, exit 3), or too large a file: exit 2, one line
+    naming the recipe, nothing written. Run in a real process (a FIFO must not block)."""
+    recipe = inputs.work / "recipe.toml"
+    if kind == "dev-zero":
+        recipe.symlink_to("/dev/zero")
+    elif kind == "dev-urandom":
+        recipe.symlink_to("/dev/urandom")
+    elif kind == "fifo":
+        os.mkfifo(recipe)
+    elif kind == "folder":
+        recipe.mkdir()
+    elif kind == "nested":
+        recipe.write_text("x = " + "[" * 10_000 + "]" * 10_000 + "\n")
+    elif kind == "huge":
+        recipe.write_text("# " + "x" * 11_000_000 + "\n")
+    snap = tools.Snapshot([inputs.root])
+    before = sorted(p.name for p in inputs.work.iterdir())
+    r = tools.run_module(["run", recipe], cwd=inputs.work, timeout=120)
+    assert r.code == 2, r.stderr
+    assert 1 <= len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {recipe}"), r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == before
+    snap.assert_unchanged()
+
+
+def test_a_config_file_nested_too_deeply(inputs, tools):
+    """./loractl.toml nested 10,000 deep: exit 2 naming it, not a RecursionError."""
+    config = inputs.work / "loractl.toml"
+    config.write_text("x = " + "[" * 10_000 + "]" * 10_000 + "\n")
+    out = inputs.work / "merged"
+    r = tools.run_module(["merge", inputs.base, inputs.adapter, "-o", out], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert 1 <= len(r.stderr_lines) <= 2 and str(config) in r.stderr_lines[0], r.stderr
+    assert "nested" in r.stderr_lines[0], r.stderr
+    assert not out.exists()
