@@ -663,7 +663,81 @@ def test_unknown_dtype(cli, inputs, tools, bad_input):
     snap = tools.Snapshot([inputs.root])
     out = inputs.work / "merged"
     r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp8")
-    bad_input(r, output=out, snapshot=snap, names=["--dtype"], loractl_error=False)
+    bad_input(r, output=out, snapshot=snap, names=["--dtype"])
+    assert r.stderr_lines[1] == "hint: see loractl merge --help"
+
+
+#: command lines click refuses, with what the one error line must name
+USAGE_ERRORS = {
+    "weight-not-a-number": (["merge", "{base}", "{adapter}", "-o", "{out}", "--weight", "x"], "merge", "--weight"),
+    "weight-empty": (["unmerge", "{base}", "{adapter}", "-o", "{out}", "--weight", ""], "unmerge", "--weight"),
+    "energy-not-a-number": (["truncate", "{adapter}", "-o", "{out}", "--energy", "x"], "truncate", "--energy"),
+    "density-not-a-number": (
+        ["combine", "{adapter}", "{adapter}", "-o", "{out}", "--density", "x"], "combine", "--density"
+    ),
+    "to-empty": (["convert", "{adapter}", "-o", "{out}", "--to", ""], "convert", "--to"),
+    "rank-empty": (["convert", "{adapter}", "-o", "{out}", "--to", "peft", "--rank", ""], "convert", "--rank"),
+    "unknown-option": (["merge", "{base}", "{adapter}", "-o", "{out}", "--bogus"], "merge", "--bogus"),
+    "option-without-value": (["merge", "{base}", "{adapter}", "-o"], "merge", "'-o'"),
+    "missing-argument": (["merge", "-o", "{out}"], "merge", "'BASE'"),
+    "unknown-command": (["bogus"], None, "'bogus'"),
+    "unknown-top-option": (["--bogus"], None, "--bogus"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS), ids=list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_and_a_hint(cli, inputs, tools, bad_input, case):
+    """A value click refuses, an unknown option or command, a missing argument: `error: ...` naming
+    it and `hint: see loractl COMMAND --help`, exit 2, as every other error; not click's usage block."""
+    argv, command, named = USAGE_ERRORS[case]
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "out"
+    paths = {"base": inputs.base, "adapter": inputs.adapter, "out": out}
+    r = cli(*[a.format(**paths) for a in argv])
+    bad_input(r, output=out, snapshot=snap, names=[named])
+    assert len(r.stderr_lines) == 2, r.stderr
+    assert r.stderr_lines[1] == f"hint: see loractl{' ' + command if command else ''} --help", r.stderr
+    assert "Usage:" not in r.stderr and "Try '" not in r.stderr
+
+
+def test_help_version_and_no_arguments_are_untouched(cli):
+    alone = cli()
+    assert "Usage: loractl [OPTIONS] COMMAND [ARGS]..." in alone.stdout + alone.stderr
+    assert "Commands:" in alone.stdout + alone.stderr
+    assert not any(line.startswith("error:") for line in (alone.stdout + alone.stderr).splitlines())
+    helped = cli("merge", "--help")
+    assert helped.code == 0 and helped.stdout.startswith("Usage: loractl merge [OPTIONS] BASE ADAPTER...")
+    version = cli("--version")
+    assert version.code == 0 and version.stdout.startswith("loractl ")
+
+
+def test_usage_errors_of_the_console_script_are_one_line(inputs, tools):
+    """The same through the console script (``loractl.cli.app:main``), in a real process."""
+    out = inputs.work / "merged"
+    r = tools.run_module(["merge", inputs.base, inputs.adapter, "-o", out, "--weight", "x"])
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) == 2, r.stderr
+    assert r.stderr_lines[0].startswith("error: Invalid value for '--weight'"), r.stderr
+    assert r.stderr_lines[1] == "hint: see loractl merge --help", r.stderr
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 13. control characters in a path
+# --------------------------------------------------------------------------------------------
+def test_a_control_character_in_a_path_cannot_spread_an_error_over_lines(cli, inputs, tools):
+    """Every error line is one line: a path with a newline, a carriage return or an escape sequence is
+    shown escaped as Python writes it (cli/_errors.one_line), whatever the error."""
+    missing = inputs.root / "no\nsuch\r\x1b[2Jadapter"
+    out = inputs.work / "merged"
+    snap = tools.Snapshot([inputs.root])
+    r = cli("merge", inputs.base, missing, "-o", out)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr.splitlines()) <= 2 and r.stderr_lines[0].startswith("error: "), repr(r.stderr)
+    assert "no\\nsuch\\r\\x1b[2Jadapter" in r.stderr_lines[0], repr(r.stderr)
+    assert "\x1b" not in r.stderr and "\r" not in r.stderr
+    assert not out.exists()
+    snap.assert_unchanged()
 
 
 # --------------------------------------------------------------------------------------------
