@@ -723,8 +723,90 @@ def test_usage_errors_of_the_console_script_are_one_line(inputs, tools):
 
 
 # --------------------------------------------------------------------------------------------
-# 13. control characters in a path
+# 13. output paths that cannot be written
 # --------------------------------------------------------------------------------------------
+def _odd_output(work: Path, kind: str) -> tuple[str, str]:
+    """(the -o given, what the error line must say), for an output path of ``kind``."""
+    if kind == "under-a-file":
+        (work / "file").write_text("x")
+        return str(work / "file" / "x"), "is not a folder"
+    if kind == "name-too-long":
+        return str(work / ("a" * 250)), "the name is too long"
+    if kind == "folder-name-too-long":
+        return str(work / ("a" * 300) / "x"), "File name too long"
+    if kind == "path-too-long":
+        return str(work / "/".join(["b" * 200] * 25) / "x"), "the path is too long"
+    if kind == "proc":  # ENOENT when the temporary is made
+        return "/proc/self/loractl-out", "cannot write"
+    if kind == "proc-pid-1":
+        return "/proc/1/x.safetensors", "cannot write"
+    if kind == "sysfs":  # EACCES or EPERM, even for root
+        return "/sys/loractl-out", "cannot write"
+    if kind == "missing-folder":
+        return str(work / "no" / "such" / "x"), "does not exist"
+    if kind == "dot":
+        return "./", "not a name for an output"
+    if kind == "newline":
+        return str(work / "a\nb" / "x"), "a\\nb"  # a missing folder, shown escaped on one line
+    raise AssertionError(kind)
+
+
+ODD_OUTPUTS = ["under-a-file", "name-too-long", "folder-name-too-long", "path-too-long", "proc",
+               "proc-pid-1", "sysfs", "missing-folder", "dot", "newline"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["merge", "convert", "truncate"])
+@pytest.mark.parametrize("kind", ODD_OUTPUTS)
+def test_an_output_path_that_cannot_be_written_is_one_clear_error(cli, inputs, tools, monkeypatch, command, kind):
+    """Odd -o paths are refused up front (io.atomic.check_output) or, where only trying tells
+    (/proc), when the temporary cannot be made: exit 2, one line naming the output (control
+    characters escaped), nothing written, the inputs untouched; never exit 3."""
+    monkeypatch.chdir(inputs.work)
+    out, said = _odd_output(inputs.work, kind)
+    snap = tools.Snapshot([inputs.root])
+    before = sorted(p.name for p in inputs.work.iterdir())
+    argv = {
+        "merge": ["merge", inputs.base, inputs.adapter, "-o", out, "--force"],
+        "convert": ["convert", inputs.adapter, "-o", out, "--to", "kohya", "--base", inputs.base, "--force"],
+        "truncate": ["truncate", inputs.adapter, "-o", out, "--rank", "4", "--force"],
+    }[command]
+    r = cli(*argv)
+    msg = f"exit {r.code}\n{r.stderr}"
+    assert r.code == 2, msg
+    assert 1 <= len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith("error: "), msg
+    assert said in r.stderr_lines[0], msg
+    shown = out.replace("\n", "\\n")
+    assert shown in r.stderr_lines[0] or kind == "dot", msg
+    assert sorted(p.name for p in inputs.work.iterdir()) == before  # nothing made, nothing left
+    assert not [p for p in inputs.work.rglob("*") if "loractl-" in p.name]
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "out, said",
+    [("readme.txt", "is not a folder"), ("/proc/loractl-fuzz", "cannot be made")],
+    ids=["under-a-file", "proc"],
+)
+def test_a_recipe_output_that_cannot_be_written_is_one_clear_error(inputs, tools, out, said):
+    """A recipe's output folder under a file is refused before any step runs; one that cannot be
+    made (/proc) fails its step: exit 2, one line naming the recipe and the output, nothing written."""
+    recipe = inputs.work / "recipe.toml"
+    recipe.write_text(
+        f'[vars]\nout = "build"\n\n[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\n'
+        'output = "${out}/adapter-r4"\nrank = 4\n'
+    )
+    (inputs.root / "readme.txt").write_text("a file, not a folder")
+    snap = tools.Snapshot([inputs.root, recipe])
+    target = inputs.root / out if not out.startswith("/") else Path(out)
+    r = tools.run_module(["run", recipe, "--set", f"out={target}"], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) == 1 and r.stderr_lines[0].startswith(f"error: {recipe}:"), r.stderr
+    assert said in r.stderr and str(target) in r.stderr, r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
+    assert not os.path.lexists(target / "adapter-r4")
+    snap.assert_unchanged()
+
+
 def test_a_control_character_in_a_path_cannot_spread_an_error_over_lines(cli, inputs, tools):
     """Every error line is one line: a path with a newline, a carriage return or an escape sequence is
     shown escaped as Python writes it (cli/_errors.one_line), whatever the error."""
