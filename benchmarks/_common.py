@@ -145,7 +145,7 @@ def cpu_and_ram() -> dict:
 
 
 def export_ref(ref: str, work: Path) -> tuple[str, Path]:
-    """Export the ``loractl`` package of git commit ``ref`` of this repository to ``work/loractl-src``;
+    """Export the ``loractl`` package of git commit ``ref`` of this repository to ``work/loractl-src-SHA``;
     returns the commit's sha and that folder (the caller puts it first on the import path)."""
     repo = Path(__file__).resolve().parent.parent
     rev = subprocess.run(
@@ -154,7 +154,7 @@ def export_ref(ref: str, work: Path) -> tuple[str, Path]:
     if rev.returncode != 0:
         raise SystemExit(f"--loractl-ref {ref!r}: not a commit of {repo}")
     sha = rev.stdout.strip()
-    src = work / "loractl-src"
+    src = work / f"loractl-src-{sha[:12]}"
     remove(src)
     src.mkdir()
     archive = subprocess.run(

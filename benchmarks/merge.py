@@ -366,7 +366,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--loractl-ref",
         metavar="REF",
-        help="time the loractl package of this git commit (e.g. HEAD) instead of the installed one",
+        action="append",
+        help="time the loractl package of this git commit (e.g. HEAD) instead of the installed one; "
+        "repeat it to time several commits in the same run (e.g. before and after a change)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also save every number to this JSON file")
@@ -471,7 +473,10 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
 
-        lc, lc_env, lc_what = loractl_cmd(args.loractl_ref, work)
+        refs = args.loractl_ref or [None]
+        codes = [loractl_cmd(ref, work) for ref in refs]
+        envs: dict[str, dict[str, str] | None] = {}
+        lc_what = "; ".join(what for _, _, what in codes)
         print(f"timing {lc_what}", flush=True)
         cases: list[tuple[Case, list[str], Path]] = [
             (Case("cp -rL", key="cp"), ["cp", "-rL", str(base), str(outputs[0])], outputs[0]),
@@ -480,17 +485,25 @@ def main(argv: list[str]) -> int:
                 ["sh", "-c", 'cp -rL "$0" "$1" && sync', str(base), str(outputs[1])],
                 outputs[1],
             ),
-            (
-                Case("loractl merge --no-receipt", key="loractl"),
-                [*lc, "merge", str(base), str(adapter), "-o", str(outputs[2]), "--no-receipt", "-q"],
-                outputs[2],
-            ),
-            (
-                Case("loractl merge (receipt)", key="loractl_receipt"),
-                [*lc, "merge", str(base), str(adapter), "-o", str(outputs[3]), "-q"],
-                outputs[3],
-            ),
         ]
+        for i, (ref, (lc, lc_env, _)) in enumerate(zip(refs, codes)):
+            tag = "" if len(refs) == 1 else f" @{ref}"
+            suffix = "" if i == 0 else f"_{i}"
+            for key, label, extra, out in (
+                ("loractl", "loractl merge --no-receipt", ["--no-receipt"], outputs[2]),
+                ("loractl_receipt", "loractl merge (receipt)", [], outputs[3]),
+            ):
+                envs[key + suffix] = lc_env
+                out_i = out if i == 0 else out.with_name(f"{out.name}{suffix}")
+                cases.append(
+                    (
+                        Case(label + tag, key=key + suffix),
+                        [*lc, "merge", str(base), str(adapter), "-o", str(out_i), *extra, "-q"],
+                        out_i,
+                    )
+                )
+                if out_i not in outputs:
+                    outputs.append(out_i)
         if run_peft:
             cases.append(
                 (
@@ -517,7 +530,7 @@ def main(argv: list[str]) -> int:
                     cmd,
                     logs / f"{case.key}-{r}.log",
                     work,
-                    lc_env if case.key.startswith("loractl") else None,
+                    envs.get(case.key),
                 )
                 case.runs.append(run)
                 print(
@@ -526,16 +539,30 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
                 out_bytes[case.key] = folder_bytes(out)
-                if case.key == "loractl_receipt":
+                if case.key.startswith("loractl_receipt"):
                     receipt_bytes = (out / "loractl.receipt").stat().st_size
-                keep_for_verify = verify and last and case.key in ("loractl", "peft")
+                keep_for_verify = last and (
+                    (verify and case.key in ("loractl", "peft"))
+                    or (len(refs) > 1 and case.key.startswith("loractl"))
+                )
                 if not keep_for_verify:
                     remove(out)
         if verify:
             print("comparing loractl's merged tensors with PEFT's, bit for bit ...", flush=True)
             verification = compare(outputs[2], outputs[4])
-            for o in (outputs[2], outputs[4]):
-                remove(o)
+        if len(refs) > 1:  # the same output bits from every commit timed
+            for c, _, out in cases:
+                if c.key.startswith("loractl") and c.key not in ("loractl", "loractl_receipt"):
+                    first = (
+                        outputs[2] if c.key.startswith("loractl_") and "receipt" not in c.key else outputs[3]
+                    )
+                    same = compare(first, out)
+                    print(
+                        f"  {c.label}: {same['equal']} tensors bit-identical to the first commit's, {same['n_differ']} differ",
+                        flush=True,
+                    )
+        for o in outputs:
+            remove(o)
 
         info = machine_info(work)
         info["loractl_code"] = lc_what
@@ -596,20 +623,22 @@ def report(size, base_bytes, build, cases, receipt_bytes, out_bytes, verificatio
     print()
     print(f"loractl merge benchmark: {size} ({base_bytes / 1e9:.2f} GB bf16 base), median of {args.repeat}")
     print()
-    head = f"{'what':<30} {'median s':>9} {'min s':>8} {'× cp':>6} {'× cp+sync':>9} {'peak RSS MiB':>12} {'CPU s':>7}"
+    w = max(30, *(len(c.label) + 1 for c in cases))
+    head = f"{'what':<{w}} {'median s':>9} {'min s':>8} {'× cp':>6} {'× cp+sync':>9} {'peak RSS MiB':>12} {'CPU s':>7}"
     print(head)
     print("-" * len(head))
     for c in cases:
         cpu = [r.user_s + r.sys_s for r in c.runs if r.user_s is not None and r.sys_s is not None]
         cpu_s = f"{statistics.median(cpu):7.1f}" if cpu else f"{'-':>7}"
         print(
-            f"{c.label:<30} {c.median:9.2f} {c.min:8.2f} {c.median / cp:6.2f} "
+            f"{c.label:<{w}} {c.median:9.2f} {c.min:8.2f} {c.median / cp:6.2f} "
             f"{c.median / by['cp_sync'].median:9.2f} {c.peak_rss_mib:12.0f} {cpu_s}"
         )
     print()
     if "peft" in by:
-        for k in ("loractl", "loractl_receipt"):
-            print(f"speedup {by[k].label} vs PEFT: {by['peft'].median / by[k].median:.1f}×")
+        for k, c in by.items():
+            if k.startswith("loractl"):
+                print(f"speedup {c.label} vs PEFT: {by['peft'].median / c.median:.1f}×")
     else:
         print("PEFT path not timed" + (" (pass --peft-7b)" if size == "7b" and not args.skip_peft else ""))
     if receipt_bytes is not None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from .adapter import Adapter, LoraModule
-from .checks import CheckResult
+from .checks import check
 from .errors import InputError, ShapeMismatchError, UnsupportedAdapterError, UsageError
 from .formats import FORMATS, WriteOptions, writable, write_adapter
 from .inputs import (
@@ -143,11 +143,6 @@ def save_adapter(
     options = options or WriteOptions()
     options.metadata = {**metadata(operation, sources), **options.metadata}
     return write_adapter(adapter, Path(output), to, options, force=force, inputs=inputs)
-
-
-def _writes(adapter: Adapter, output: str | Path, fmt: str, operation: str, sources: list[AdapterRef], **kw: Any) -> None:
-    """Save a derived adapter, protecting every input it was made from."""
-    save_adapter(adapter, output, to=fmt, operation=operation, sources=sources, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1226,38 +1221,6 @@ def convert(
 # --------------------------------------------------------------------------------------------
 # check and recipes
 # --------------------------------------------------------------------------------------------
-def check(
-    adapter: str | Path,
-    *,
-    base: str | Path | None = None,
-    target: str | None = None,
-    max_rank: int | None = None,
-    format: str | None = None,
-    allow_pickle: bool = False,
-    strict: bool = False,
-    alpha: float | None = None,
-) -> CheckResult:
-    """A gate before deployment: every finding about ``adapter`` (integrity, NaN/Inf, untrained
-    modules, fit to ``base`` by the rule merge applies, and what ``target`` — peft, vllm, llama.cpp,
-    lorax — accepts). See :func:`loractl.checks.check`.
-
-    Returns:
-        The findings; ``ok`` is False when any is an error (with ``strict``, also a warning).
-    """
-    from .checks import check as run_checks
-
-    return run_checks(
-        adapter,
-        base=base,
-        target=target,
-        max_rank=max_rank,
-        format=format,
-        allow_pickle=allow_pickle,
-        strict=strict,
-        alpha=alpha,
-    )
-
-
 def run(
     recipe: str | Path,
     *,

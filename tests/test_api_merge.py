@@ -413,3 +413,49 @@ def test_unmerge_refuses_a_merged_model_changed_after_the_merge(tmp_path: Path) 
     with pytest.raises(InputError, match="does not come back to the original"):
         api.unmerge(merged, adapters, tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_receipts_of_format_1_still_unmerge(tmp_path: Path) -> None:
+    """Receipts written before the checksum became tensor_sum64 (format 1: a crc32 per tensor) are
+    still read: the same merge with its receipt rewritten as format 1 unmerges bit for bit, and a
+    wrong crc32 is still caught."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loractl.io.receipt import tensor_crc32
+
+    arch, base, adapters = _setup(tmp_path, "llama-plain", torch.bfloat16)
+    merged = tmp_path / "merged"
+    api.merge(base, adapters, merged)
+    receipt = merged / "loractl.receipt"
+    with safe_open(receipt, "pt") as f:
+        meta, parts = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    originals = read_st(base)
+    crcs = {k: tensor_crc32(originals[k]) for k in json.loads(meta.pop("sum64"))}
+    meta.update({"loractl.receipt": "1", "crc32": json.dumps(crcs)})
+    receipt.unlink()
+    save_file(parts, receipt, metadata=meta)
+    api.unmerge(merged, adapters, tmp_path / "back")
+    back = read_st(tmp_path / "back")
+    assert all(same_bits(originals[k], back[k]) for k in originals)
+    meta["crc32"] = json.dumps({k: v ^ 1 for k, v in crcs.items()})
+    receipt.unlink()
+    save_file(parts, receipt, metadata=meta)
+    with pytest.raises(InputError, match="does not come back to the original"):
+        api.unmerge(merged, adapters, tmp_path / "back2")
+
+
+def test_sum64_tells_changed_and_reordered_tensors() -> None:
+    """tensor_sum64 changes when one element changes, when two elements swap, and covers a tail that
+    is not a whole 64-bit word."""
+    from loractl.io.receipt import tensor_sum64
+
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.randn(1000, 37, generator=g).to(torch.bfloat16), torch.randn(7, generator=g)):
+        ref = tensor_sum64(t)
+        assert ref == tensor_sum64(t.clone())
+        one = t.clone()
+        one.view(-1)[-1] = one.view(-1)[-1] * 2 + 1
+        swapped = t.clone()
+        swapped.view(-1)[[0, 5]] = t.view(-1)[[5, 0]]
+        assert tensor_sum64(one) != ref and tensor_sum64(swapped) != ref

@@ -46,7 +46,7 @@ RUNTIMES: dict[str, list[Rule]] = {
 
 
 def check(
-    adapter_path: str | Path,
+    adapter: str | Path,
     *,
     base: str | Path | None = None,
     target: str | None = None,
@@ -66,7 +66,7 @@ def check(
     ``lorax-*``).
 
     Args:
-        adapter_path: a PEFT folder, an adapter file, or a Hub reference ``org/name[@revision]``.
+        adapter: a PEFT folder, an adapter file, or a Hub reference ``org/name[@revision]``.
         base: a base model folder or file, or a Hub reference (shapes, coverage, and the
             architecture runtimes need).
         target: ``peft``, ``vllm``, ``llama.cpp`` or ``lorax``.
@@ -92,16 +92,16 @@ def check(
     tgt = _target(target)
     if max_rank is not None and max_rank < 1:
         raise UsageError(f"--max-rank {max_rank} must be at least 1")
-    local = resolve_adapter(adapter_path) if is_hub_ref(adapter_path) else Path(adapter_path)
+    local = resolve_adapter(adapter) if is_hub_ref(adapter) else Path(adapter)
     if not local.exists():
-        raise InputError(f"{adapter_path}: no such file or folder", hint="check the adapter path")
+        raise InputError(f"{adapter}: no such file or folder", hint="check the adapter path")
     findings: list[Finding] = []
     b = open_base(base) if base is not None else None
     try:
         opts = read_options(base=b, allow_pickle=allow_pickle, alpha=alpha)
         a = adapter_rules.load(local, format, opts, findings)
         if a is not None:
-            ctx = Context(str(adapter_path), a, b, str(base) if base is not None else None, alpha)
+            ctx = Context(str(adapter), a, b, str(base) if base is not None else None, alpha)
             for rule in _rules(tgt, max_rank, with_base=b is not None):
                 findings.extend(rule(ctx))
     finally:
@@ -109,7 +109,7 @@ def check(
             b.close()
     order = {s: i for i, s in enumerate(SEVERITIES)}
     findings.sort(key=lambda f: order[f.severity])  # stable: rule order kept within a severity
-    result = CheckResult(ok=True, adapter=str(adapter_path), target=tgt, findings=findings, strict=strict)
+    result = CheckResult(ok=True, adapter=str(adapter), target=tgt, findings=findings, strict=strict)
     result.ok = not result.failures
     return result
 

@@ -69,64 +69,62 @@ def inspect(
         alpha=alpha,
     )
 
-    def human(r: api.InspectResult) -> None:
-        from rich.table import Table
+    render("inspect", result, as_json=json_out, quiet=quiet, human=_human_inspect)
 
-        c = console()
-        if len(r.adapters) > 1:
-            t = Table(title="adapters")
-            for col in ("path", "format", "kind", "modules", "rank", "parameters", "bytes", "dtypes"):
-                t.add_column(col)
-            for a in r.adapters:
-                rank = (
-                    str(a.rank["min"])
-                    if a.rank["min"] == a.rank["max"]
-                    else f"{a.rank['min']}-{a.rank['max']}"
-                )
-                t.add_row(
-                    a.path,
-                    a.format,
-                    a.kind,
-                    str(a.modules),
-                    rank,
-                    f"{a.parameters:,}",
-                    human_bytes(a.bytes),
-                    ",".join(a.dtypes),
-                )
-            c.print(t)
+
+def _human_inspect(r) -> None:  # r: api.InspectResult
+    """The human form of `inspect`: one table per adapter, its base fit when given."""
+    from rich.table import Table
+
+    c = console()
+    if len(r.adapters) > 1:
+        t = Table(title="adapters")
+        for col in ("path", "format", "kind", "modules", "rank", "parameters", "bytes", "dtypes"):
+            t.add_column(col)
         for a in r.adapters:
             rank = (
-                str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}..{a.rank['max']}"
+                str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}-{a.rank['max']}"
             )
+            t.add_row(
+                a.path,
+                a.format,
+                a.kind,
+                str(a.modules),
+                rank,
+                f"{a.parameters:,}",
+                human_bytes(a.bytes),
+                ",".join(a.dtypes),
+            )
+        c.print(t)
+    for a in r.adapters:
+        rank = str(a.rank["min"]) if a.rank["min"] == a.rank["max"] else f"{a.rank['min']}..{a.rank['max']}"
+        c.print(
+            f"[bold]{a.path}[/bold]: {a.format} {a.kind}, {a.modules} modules, rank {rank}, "
+            f"{a.parameters:,} parameters, {human_bytes(a.bytes)} ({', '.join(a.dtypes)})"
+        )
+        if a.init:
             c.print(
-                f"[bold]{a.path}[/bold]: {a.format} {a.kind}, {a.modules} modules, rank {rank}, "
-                f"{a.parameters:,} parameters, {human_bytes(a.bytes)} ({', '.join(a.dtypes)})"
+                f"  trained with init_lora_weights={a.init!r}: it changed the base; do not merge into the original"
             )
-            if a.init:
-                c.print(
-                    f"  trained with init_lora_weights={a.init!r}: it changed the base; do not merge into the original"
-                )
-            if a.modules_to_save:
-                c.print(f"  modules_to_save (full copies): {', '.join(a.modules_to_save)}")
-            t = Table(show_edge=False)
-            for col in ("module", "kind", "rank", "alpha", "scale", "shape", "dtype"):
-                t.add_column(col, justify="right" if col in ("rank", "alpha", "scale") else "left")
-            for m in a.module_list:
-                kind = m.kind + (" DoRA" if m.dora else "")
-                t.add_row(
-                    m.name,
-                    kind,
-                    str(m.rank),
-                    _fmt_float(m.alpha),
-                    _fmt_float(m.scale),
-                    "x".join(map(str, m.shape)),
-                    m.dtype,
-                )
-            c.print(t)
-            if a.base is not None:
-                _human_base(c, a.base)
-
-    render("inspect", result, as_json=json_out, quiet=quiet, human=human)
+        if a.modules_to_save:
+            c.print(f"  modules_to_save (full copies): {', '.join(a.modules_to_save)}")
+        t = Table(show_edge=False)
+        for col in ("module", "kind", "rank", "alpha", "scale", "shape", "dtype"):
+            t.add_column(col, justify="right" if col in ("rank", "alpha", "scale") else "left")
+        for m in a.module_list:
+            kind = m.kind + (" DoRA" if m.dora else "")
+            t.add_row(
+                m.name,
+                kind,
+                str(m.rank),
+                _fmt_float(m.alpha),
+                _fmt_float(m.scale),
+                "x".join(map(str, m.shape)),
+                m.dtype,
+            )
+        c.print(t)
+        if a.base is not None:
+            _human_base(c, a.base)
 
 
 def _human_base(c, b) -> None:  # b: api.BaseFit

@@ -266,6 +266,24 @@ def _block_update(
     return dc
 
 
+def _rounded(w: torch.Tensor, d: torch.Tensor, out: torch.Tensor, subtract: bool = False) -> torch.Tensor:
+    """``out = w + d`` (``w - d``) computed as torch's ``torch.add(w, d, out=out)`` computes it for a
+    half-precision ``w`` and a float32 ``d``: promoted to float32, added, rounded once to ``out``'s
+    dtype, the same bits, NaN payloads included (tests/ops/test_merge_ops.py checks it). Spelled as a
+    widening copy into this thread's float32 scratch block, an in-place float32 add and a narrowing
+    copy, each a vectorised kernel: torch's mixed-dtype add takes a scalar path that is 4-5x slower,
+    and it was most of a merge's arithmetic."""
+    if w.dtype == d.dtype:
+        return torch.sub(w, d, out=out) if subtract else torch.add(w, d, out=out)
+    acc = _scratch("acc", tuple(w.shape), d.dtype)  # type: ignore[arg-type]
+    acc.copy_(w)
+    if subtract:
+        acc.sub_(d)
+    else:
+        acc.add_(d)
+    return out.copy_(acc)
+
+
 def fused_product_equals(m: LoraModule, weight: float, ref: torch.Tensor) -> bool:
     """Does the update of :func:`fused_merge` (B·A in row blocks, then scaled, on this thread) have the
     bits of ``ref`` (PEFT's :func:`delta_weight`)? Compared block by block, so the update is never
@@ -330,16 +348,16 @@ def fused_merge(
             dc = _block_update(a, b, s, r0, n)
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
             if not residual:
-                torch.add(wc, dc, out=oc)
+                _rounded(wc, dc, oc)
                 if not all_finite(oc):
                     raise NonFiniteBlock(r0)
                 continue
             mc = _scratch("merged", (n, cols), w0.dtype) if in_place else oc
-            torch.add(wc, dc, out=mc)
+            _rounded(wc, dc, mc)
             if not all_finite(mc):
                 raise NonFiniteBlock(r0)
             rc = _scratch("rec", (n, cols), w0.dtype)
-            torch.sub(mc, dc, out=rc)  # what an unmerge without the receipt computes
+            _rounded(mc, dc, rc, subtract=True)  # what an unmerge without the receipt computes
             chunk = residual_ops.encode_block(
                 w_int[r0 * cols : (r0 + n) * cols], rc.view(-1).view(itype).numpy(), r0 * cols
             )
@@ -400,7 +418,7 @@ def fused_unmerge(m_w: torch.Tensor, m: LoraModule, weight: float, out: torch.Te
         for r0 in range(start, stop, step):
             n = min(step, stop - r0)
             oc = out[r0 : r0 + n]
-            torch.sub(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), out=oc)
+            _rounded(m_w[r0 : r0 + n], _block_update(a, b, s, r0, n), oc, subtract=True)
             if not all_finite(oc):
                 raise NonFiniteBlock(r0)
 

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from loractl.io.receipt import RECEIPT_VERSION
+
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -232,7 +234,7 @@ def test_force_replaces_the_receipt_beside_the_output(cli, inputs, tools):
     r = cli("merge", single, inputs.adapter, "-o", out, "--force")
     assert r.code == 0, r.stderr
     with safe_open(str(receipt), "pt") as f:
-        assert f.metadata()["loractl.receipt"] == "1"
+        assert f.metadata()["loractl.receipt"] == RECEIPT_VERSION
     back = inputs.work / "back.safetensors"
     assert cli("unmerge", out, inputs.adapter, "-o", back).code == 0
     a, b = load_file(str(back)), load_file(str(single))
@@ -278,7 +280,7 @@ def test_a_spool_named_file_in_the_base_does_not_break_the_receipt(cli, inputs, 
     assert r.code == 0, r.stderr
     assert not (merged / ".receipt.spool").exists()
     with safe_open(str(merged / "loractl.receipt"), "pt") as f:
-        assert f.metadata()["loractl.receipt"] == "1"
+        assert f.metadata()["loractl.receipt"] == RECEIPT_VERSION
     back = inputs.work / "back"
     r = cli("unmerge", merged, inputs.adapter, "-o", back)
     assert r.code == 0, r.stderr

@@ -79,8 +79,13 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def _meta(key: str, value: str) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+    """Set metadata ``key``; ``crc32`` makes the receipt one of format 1 (whose checksums it holds)."""
+
     def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         meta[key] = value
+        if key == "crc32":
+            meta["loractl.receipt"] = "1"
+            meta.pop("sum64", None)
 
     return edit
 
@@ -89,10 +94,14 @@ METADATA = {
     "shard_metadata null": ("shard_metadata", "null"),
     "shard_metadata a list": ("shard_metadata", "[1, 2]"),
     "shard_metadata of numbers": ("shard_metadata", '{"base.safetensors": {"format": 5}}'),
-    "crc32 nested deeply": ("crc32", "[" * 5000 + "]" * 5000),
-    "crc32 of strings": ("crc32", json.dumps({DOWN: "123"})),
-    "crc32 negative": ("crc32", json.dumps({DOWN: -1})),
-    "crc32 beyond 32 bits": ("crc32", json.dumps({DOWN: 2**40})),
+    "sum64 nested deeply": ("sum64", "[" * 5000 + "]" * 5000),
+    "sum64 of numbers": ("sum64", json.dumps({DOWN: 123})),
+    "sum64 not hex": ("sum64", json.dumps({DOWN: "z" * 32})),
+    "sum64 too short": ("sum64", json.dumps({DOWN: "0" * 16})),
+    "format 1 crc32 nested deeply": ("crc32", "[" * 5000 + "]" * 5000),
+    "format 1 crc32 of strings": ("crc32", json.dumps({DOWN: "123"})),
+    "format 1 crc32 negative": ("crc32", json.dumps({DOWN: -1})),
+    "format 1 crc32 beyond 32 bits": ("crc32", json.dumps({DOWN: 2**40})),
     "dtypes of an unknown dtype": ("dtypes", json.dumps({DOWN: "F128"})),
     "dtypes a string": ("dtypes", '"BF16"'),
     "adapters an object": ("adapters", '{"path": "lora"}'),
@@ -196,7 +205,7 @@ def test_the_receipt_merge_wrote_still_restores_the_base(case: Path, merged_once
         assert torch.equal(restored[k].view(torch.int16), t.view(torch.int16)), k
 
 
-@pytest.mark.parametrize("what", ["shard_metadata null", "dtypes a string", "adapters not JSON"])
+@pytest.mark.parametrize("what", ["shard_metadata null", "sum64 nested deeply", "adapters not JSON"])
 def test_odd_metadata_through_the_command_line(case: Path, what: str) -> None:
     """unmerge with such a receipt (a TypeError, exit 3, for shard_metadata null): exit 2, one line
     naming the receipt and the key, nothing written, nothing changed."""

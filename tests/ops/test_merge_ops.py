@@ -103,3 +103,24 @@ def test_residual_join_across_blocks_and_whole_tensor_fallback() -> None:
     everything = residual.encode_block(orig, orig + 1, 0)
     assert everything is not None and residual.join([everything], 4000, torch.bfloat16) is None
     assert residual.join([], 4000, torch.bfloat16) == {}
+
+
+def test_rounded_add_is_torchs_mixed_dtype_add_bit_for_bit() -> None:
+    """ops.merge._rounded (widen, add in float32, narrow) gives the bits of torch.add(w, d, out=o) for
+    half-precision w and float32 d, for every magnitude, signed zeros, infinities, NaN and subnormals."""
+    from loractl.ops.merge import _rounded
+
+    g = torch.Generator().manual_seed(0)
+    specials_w = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 6.0e4]
+    specials_d = [-0.0, 0.0, 1.0, -1.0, 1.0, 1e-41, 1e-45, 1e38]
+    for dtype, exps in ((torch.bfloat16, range(-40, 38, 7)), (torch.float16, range(-8, 5))):
+        for e in exps:
+            w = (torch.randn(64, 257, generator=g) * 10.0**e).to(dtype)
+            d = torch.randn(64, 257, generator=g) * 10.0**e * torch.rand(64, 257, generator=g)
+            w.view(-1)[:8] = torch.tensor(specials_w).to(dtype)
+            d.view(-1)[:8] = torch.tensor(specials_d)
+            for subtract in (False, True):
+                ref = torch.empty_like(w)
+                (torch.sub if subtract else torch.add)(w, d, out=ref)
+                got = _rounded(w, d, torch.empty_like(w), subtract=subtract)
+                assert ref.dtype == dtype and torch.equal(ref.view(torch.int16), got.view(torch.int16))
