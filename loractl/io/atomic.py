@@ -161,6 +161,16 @@ def _lstat(p: Path) -> os.stat_result | None:
         return None
 
 
+def _exists(p: Path) -> bool:
+    """Whether ``p`` exists (a dangling link does); an OSError other than ENOENT (a name too long,
+    a file as a folder, no permission) is raised."""
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def check_folder(target: Path, *, made: bool = False) -> None:
     """Refuse an output whose folder is missing (or, with ``made``, cannot be made: a part of it is
     a file) or is not a folder.
@@ -170,10 +180,10 @@ def check_folder(target: Path, *, made: bool = False) -> None:
     """
     target = Path(target)
     folder = target.parent
-    if made:  # the nearest existing folder above; the rest is made (mkdir -p)
-        while _lstat(folder) is None and folder != folder.parent:
-            folder = folder.parent
     try:
+        if made:  # the nearest existing folder above; the rest is made (mkdir -p)
+            while folder != folder.parent and not _exists(folder):
+                folder = folder.parent
         st = os.stat(folder)
     except OSError as e:
         if e.errno == errno.ENOENT:

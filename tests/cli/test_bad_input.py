@@ -784,8 +784,8 @@ def test_an_output_path_that_cannot_be_written_is_one_clear_error(cli, inputs, t
 
 @pytest.mark.parametrize(
     "out, said",
-    [("readme.txt", "is not a folder"), ("/proc/loractl-fuzz", "cannot be made")],
-    ids=["under-a-file", "proc"],
+    [("readme.txt", "is not a folder"), ("/proc/loractl-fuzz", "cannot be made"), ("a" * 300, "File name too long")],
+    ids=["under-a-file", "proc", "folder-name-too-long"],
 )
 def test_a_recipe_output_that_cannot_be_written_is_one_clear_error(inputs, tools, out, said):
     """A recipe's output folder under a file is refused before any step runs; one that cannot be
