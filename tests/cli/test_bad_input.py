@@ -670,6 +670,8 @@ def test_unknown_dtype(cli, inputs, tools, bad_input):
 #: command lines click refuses, with what the one error line must name
 USAGE_ERRORS = {
     "weight-not-a-number": (["merge", "{base}", "{adapter}", "-o", "{out}", "--weight", "x"], "merge", "--weight"),
+    "weight-a-list": (["merge", "{base}", "{adapter}", "-o", "{out}", "-w", "-1", "--weight", "1,2", "--format", "kohya"],
+                      "merge", "--weight"),
     "weight-empty": (["unmerge", "{base}", "{adapter}", "-o", "{out}", "--weight", ""], "unmerge", "--weight"),
     "energy-not-a-number": (["truncate", "{adapter}", "-o", "{out}", "--energy", "x"], "truncate", "--energy"),
     "density-not-a-number": (
