@@ -248,7 +248,7 @@ def _unmerge_job(
     receipt: Receipt | None,
     adapters: Sequence[Adapter],
 ) -> tuple[torch.Tensor, None]:
-    parts = receipt.parts(name) if receipt is not None else {}
+    parts = receipt.parts(name, m.shape, orig) if receipt is not None else {}
     reread = functools.partial(b.read, name)
     check = functools.partial(
         check_finite, original=reread, key=name, contributions=contribs, adapters=adapters, op="unmerging"

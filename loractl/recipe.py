@@ -31,8 +31,8 @@ from __future__ import annotations
 import datetime
 import inspect as pyinspect
 import math
+import os
 import re
-import sys
 import time
 import types
 from collections import abc
@@ -42,11 +42,6 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import CheckFailedError, LoractlError, UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 STEP_KINDS = ("check", "truncate", "combine", "convert", "merge", "inspect")
 PATH_KEYS = ("adapter", "adapters", "base")
@@ -361,18 +356,12 @@ def _decode(path: Path, data: bytes) -> str:
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The recipe's text and its TOML document, with only ``[vars]`` and ``[[step]]`` at the top."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such recipe") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
-    text = _decode(path, data)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        at = re.search(r"at line (\d+)", str(e))
-        raise UsageError(f"{path}:{at[1] if at else 1}: not valid TOML ({e})") from None
+    from .io.files import MAX_TOML_BYTES, loads_toml, read_regular
+
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: no such recipe")
+    text = _decode(path, read_regular(path, "recipe", limit=MAX_TOML_BYTES))
+    doc = loads_toml(text, path)
     unknown_top = set(doc) - {"vars", "step"}
     if unknown_top:
         raise UsageError(
@@ -601,6 +590,7 @@ class _StepReader:
         out = Path(str(opts["output"]))
         full = out if out.is_absolute() else (Path.cwd() if from_cli else self.path.resolve().parent) / out
         _refuse_inputs(full, self.path, name, line, opts)
+        _check_output_path(full, self.path, name, line)
         if str(full) in self.outputs:
             raise UsageError(f"{where}: steps {self.outputs[str(full)].name!r} and {name!r} write the same output")
         if full.exists() and not opts.get("force"):
@@ -711,6 +701,18 @@ def _refuse_inputs(output: Path, recipe: Path, step: str, line: int, opts: Mappi
         raise UsageError(f"{recipe}:{line}: step {step!r}: {e.message}", hint=e.cli_hint) from None
 
 
+def _check_output_path(output: Path, recipe: Path, step: str, line: int) -> None:
+    """A step's output must have a name the filesystem takes, and a folder that is (or can be made)
+    a folder: refused before any step runs."""
+    from .io.atomic import check_folder, check_name
+
+    try:
+        check_name(output)
+        check_folder(output, made=True)
+    except LoractlError as e:
+        raise UsageError(f"{recipe}:{line}: step {step!r}: {e.message}", hint=e.cli_hint) from None
+
+
 def run(
     recipe: Recipe, *, dry_run: bool = False, on_step: Callable[[StepReport], None] | None = None
 ) -> RunResult:
@@ -720,7 +722,7 @@ def run(
     step's message names the recipe file and the step's line; the folders created for its output
     are removed again.
     """
-    from .io.atomic import protecting
+    from .io.atomic import make_folders, protecting
 
     result = RunResult(str(recipe.path), dry_run, ok=True)
     failed = False
@@ -734,9 +736,8 @@ def run(
         created: list[Path] = []
         try:
             if step.output:  # recipes lay out their own output folders
-                parent = Path(step.output).parent
-                created = _missing_parents(parent)
-                parent.mkdir(parents=True, exist_ok=True)
+                created = _missing_parents(Path(step.output).parent)
+                make_folders(Path(step.output))
             with protecting([recipe.path]):  # no step may write over the recipe itself
                 out = fn(**step.options)
             report.result = out

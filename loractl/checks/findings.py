@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..formats.gguf import architecture
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter
     from ..errors import LoractlError
@@ -79,8 +81,7 @@ class Context:
         """``config.json``'s ``architectures[0]`` of the base, or None."""
         if self.base is None:
             return None
-        archs = self.base.config.get("architectures") or []
-        return str(archs[0]) if archs else None
+        return architecture(self.base.config, text_first=False)
 
     def cmd(self, *args: str) -> str:
         """A ``loractl`` command line on this adapter: ``loractl VERB ADAPTER args...``."""

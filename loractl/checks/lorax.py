@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from ..formats.gguf import MAX_LAYERS, config_count
 from .findings import Context, Finding, few
 from .runtime import (
     QKV_GATE_UP,
@@ -110,8 +111,8 @@ def _layer_count(ctx: Context) -> int | None:
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
         for c in (cfg, text):
-            if isinstance(c.get(key), int):
-                return int(c[key])
+            if c.get(key) is not None:
+                return config_count(cfg, key, c[key], MAX_LAYERS)
     return None
 
 

@@ -17,11 +17,10 @@ only the person typing the command can give them.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import LoractlError, UsageError
 
 #: options only the command line may give (see the module's docstring)
 COMMAND_LINE_ONLY = {
@@ -29,34 +28,35 @@ COMMAND_LINE_ONLY = {
     "force": "a config file in the current folder must not let commands replace existing outputs",
 }
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 
 def read_defaults(folder: Path | None = None) -> tuple[dict[str, Any], Path | None]:
     """The raw ``[tool.loractl]`` table (or loractl.toml's top level) and the file it came from."""
+    from ..io.files import MAX_TOML_BYTES, loads_toml, read_regular
+
     folder = folder or Path.cwd()
     own = folder / "loractl.toml"
     proj = folder / "pyproject.toml"
     for path in (own, proj):
-        if not path.is_file():
+        if not path.is_file():  # none here (a folder, a FIFO or a device is not a config file either)
             continue
         try:
-            doc = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"{path}: not valid TOML ({e})", hint="fix it or remove it") from None
-        table = doc if path == own else doc.get("tool", {}).get("loractl")
+            text = read_regular(path, "config file", limit=MAX_TOML_BYTES).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text (byte {e.start})", hint="fix it or remove it") from None
+        except LoractlError as e:  # a folder, a FIFO, a link to a device, too large, unreadable
+            raise UsageError(e.message, hint="fix it or remove it") from None
+        doc = loads_toml(text, path, hint="fix it or remove it")
+        tool = doc.get("tool", {}) if path == proj else {}
+        table = doc if path == own else tool.get("loractl") if isinstance(tool, dict) else None
         if table:
             if not isinstance(table, dict):
                 raise UsageError(f"{path}: [tool.loractl] must be a table")
-            _refuse_trust(table, path)
+            _refuse_trust(table, path, text)
             return table, path
     return {}, None
 
 
-def _refuse_trust(table: dict[str, Any], path: Path) -> None:
+def _refuse_trust(table: dict[str, Any], path: Path, text: str) -> None:
     """Raise on an option of :data:`COMMAND_LINE_ONLY`, at any level of the table."""
     items = [(k, v) for k, v in table.items() if not isinstance(v, dict)]
     items += [(k, v) for sub in table.values() if isinstance(sub, dict) for k, v in sub.items()]
@@ -68,8 +68,8 @@ def _refuse_trust(table: dict[str, Any], path: Path) -> None:
         line = next(
             (
                 i
-                for i, text in enumerate(path.read_text(errors="replace").splitlines(), 1)
-                if re.match(rf"""\s*["']?{re.escape(key)}["']?\s*=""", text)
+                for i, line in enumerate(text.splitlines(), 1)
+                if re.match(rf"""\s*["']?{re.escape(key)}["']?\s*=""", line)
             ),
             None,
         )

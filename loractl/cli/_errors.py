@@ -1,9 +1,11 @@
 """Turns every error into one clear line on stderr and the contract's exit code.
 
-LoractlError -> its own exit code (2 input/usage, 1 check failed); Ctrl-C -> 130 and SIGTERM
+LoractlError -> its own exit code (2 input/usage, 1 check failed), and so is a usage error of click
+(a bad option or value: :class:`Group`); Ctrl-C -> 130 and SIGTERM
 (``timeout``, ``docker stop``, a cancelled CI job) -> 143, both with nothing left behind; stdout
 closed by its reader -> 141, quietly (as cat or git); anything else is a bug: exit 3, one line, the
-traceback only with LORACTL_DEBUG=1.
+traceback only with LORACTL_DEBUG=1. Every line is one line: control characters in a message (a
+path holding a newline) are escaped as Python writes them (:func:`one_line`).
 """
 
 from __future__ import annotations
@@ -15,19 +17,82 @@ import signal
 import sys
 import threading
 import traceback
+import unicodedata
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import LoractlError
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # older typer: click itself
+    from click import exceptions as _click_errors  # type: ignore[no-redef]
+
+_UsageError = _click_errors.UsageError
+#: ``loractl`` alone: click prints the help (click >= 8.2 by raising this usage error)
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: what may not be printed as it is: control characters, line and paragraph separators, and the
+#: surrogates that stand for a file name's bytes that are not UTF-8
+_ESCAPED = {"Cc", "Zl", "Zp", "Cs"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters, line separators and undecodable bytes escaped as Python's
+    ``repr`` writes them (``\\n``, ``\\x1b``, ``\\udcff``): a path holding a newline can neither
+    spread a message over lines nor move the terminal's cursor."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _ESCAPED else c for c in text)
+
+
 def _say(line: str) -> None:
-    sys.stderr.write(line.rstrip() + "\n")
+    sys.stderr.write(one_line(line.rstrip()) + "\n")
     sys.stderr.flush()
+
+
+def say_error(message: str, hint: str | None = None) -> None:
+    """``error: MESSAGE`` and ``hint: HINT`` on stderr, each on one line."""
+    _say(f"error: {message}")
+    if hint:
+        _say(f"hint: {hint}")
+
+
+def _usage_exit(e: Any, command: str) -> typer.Exit:
+    """Say click's usage error as loractl says every error: one line and a hint; exit 2."""
+    message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+    say_error(message, f"see {e.ctx.command_path if e.ctx else command} --help")
+    return typer.Exit(e.exit_code)
+
+
+class Group(TyperGroup):
+    """loractl's command group: a usage error of click (an unknown option or command, a value an
+    option refuses, a missing argument) is one line ``error: ...`` and ``hint: see loractl COMMAND
+    --help``, exit 2, as every other error is, instead of click's usage block. ``loractl`` alone
+    still prints the help."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _NoArgsIsHelp:
+            raise
+        except _UsageError as e:
+            raise _usage_exit(e, "loractl") from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _NoArgsIsHelp:
+            raise
+        except _UsageError as e:  # click names no context for some (an option's missing value)
+            sub = ctx.invoked_subcommand
+            raise _usage_exit(e, f"{ctx.command_path} {sub}" if sub else ctx.command_path) from None
 
 
 class Terminated(BaseException):
@@ -87,9 +152,7 @@ def handled(func: F) -> F:
         except typer.Exit:
             raise
         except LoractlError as e:
-            _say(f"error: {e.message}")
-            if e.cli_hint:
-                _say(f"hint: {e.cli_hint}")
+            say_error(e.message, e.cli_hint)
             raise typer.Exit(e.exit_code) from None
         except BrokenPipeError:
             # the reader of stdout went away (`loractl inspect --json | head`): not an error of

@@ -20,11 +20,13 @@ from . import similarity as similarity_cmd
 from . import truncate as truncate_cmd
 from . import unmerge as unmerge_cmd
 from . import verify as verify_cmd
+from ._errors import Group
 from ._help import Command
 
 app = typer.Typer(
     name="loractl",
-    help="Merge, unmerge, inspect, combine, truncate, convert, extract and check LoRA adapters.",
+    cls=Group,
+    help="Merge, unmerge, inspect, combine, truncate, convert, extract, check and verify LoRA adapters.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -83,7 +85,7 @@ def run() -> object:
 
     from ..errors import LoractlError
     from ._config import default_map, read_defaults
-    from ._errors import TERMINATED, Terminated, on_sigterm_clean_up
+    from ._errors import TERMINATED, Terminated, on_sigterm_clean_up, say_error
 
     on_sigterm_clean_up()
     try:
@@ -93,7 +95,7 @@ def run() -> object:
             params = {name: {p.name for p in sub.params if p.name} for name, sub in cmd.commands.items()}  # type: ignore[attr-defined]
             dmap = default_map(table, params) if table else {}
         except LoractlError as e:
-            sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.cli_hint}\n" if e.cli_hint else ""))
+            say_error(e.message, e.cli_hint)
             return e.exit_code
         try:
             cmd(prog_name="loractl", default_map=dmap)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from . import _options as opt
-from ._errors import handled
+from ._errors import handled, say_error
 from ._output import console, render
 
 EPILOG = """Examples:
@@ -78,9 +78,7 @@ def run(
     render("run", result, as_json=json_out, quiet=quiet, human=human)
     failed = [s for s in result.steps if s.status == "failed"]
     if failed:  # on stderr with --json too: stdout holds the document, stderr says what went wrong
-        sys.stderr.write(
-            f"error: {failed[0].message}\n" + (f"hint: {failed[0].hint}\n" if failed[0].hint else "")
-        )
+        say_error(failed[0].message, failed[0].hint)
         raise typer.Exit(failed[0].exit_code)
 
 

@@ -271,7 +271,7 @@ def load_adapter(path: str | Path, format: str | None = None, options: ReadOptio
 
 def check_modules(adapter: Adapter, source: Path) -> None:
     """What every format's modules must be, whatever the file said: factors (and DoRA magnitudes,
-    ``lora_B`` biases) of a floating-point dtype, a rank of at least 1, a finite alpha.
+    ``lora_B`` biases) of a floating-point dtype and not empty, a rank of at least 1, a finite alpha.
 
     Raises:
         FormatError: naming the module and the tensor or value.
@@ -289,6 +289,8 @@ def check_modules(adapter: Adapter, source: Path) -> None:
                     "not a floating-point tensor",
                     hint="LoRA factors are float tensors; the file is damaged or not a LoRA",
                 )
+            if t is not None and t.numel() == 0:
+                raise FormatError(f"{source}: module {m.name!r}: {label} {list(t.shape)} is empty")
         if m.rank < 1:
             raise FormatError(f"{source}: module {m.name!r} has rank 0 (lora_A {list(m.down.shape)})")
         if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(m.alpha):

@@ -260,7 +260,8 @@ def _guess_component(name: str, options: WriteOptions | None) -> str | None:
     (diffusers ``_class_name``, transformers ``architectures``), else from its top-level module name."""
     cfg = options.base_config if options is not None else {}
     cls = str(cfg.get("_class_name") or "")
-    archs = " ".join(str(a) for a in cfg.get("architectures") or [])
+    listed = cfg.get("architectures")
+    archs = " ".join(str(a) for a in listed) if isinstance(listed, list) else ""
     if cls.startswith("UNet"):
         return "unet"
     if "Transformer" in cls:

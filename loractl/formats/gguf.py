@@ -41,14 +41,14 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InputError, UnsupportedAdapterError, UsageError
-from ..io.files import open_regular
+from ..io.files import open_regular, shown, source_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -181,6 +181,27 @@ def hparams(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, **text} if isinstance(text, dict) else dict(config)
 
 
+def architecture(config: dict[str, Any], text_first: bool = True) -> str | None:
+    """The config's ``architectures[0]`` (with ``text_first``, its ``text_config``'s if it states one),
+    or None.
+
+    Raises:
+        InputError: ``architectures`` is not a list of class names.
+    """
+    text = config.get("text_config") if text_first else None
+    for c in (text, config) if isinstance(text, dict) else (config,):
+        archs = c.get("architectures")
+        if not archs:
+            continue
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise InputError(
+                f"{source_of(config, 'the base config.json')}: architectures is {shown(archs)}, not a list of class names",
+                hint="fix the base model's config.json",
+            )
+        return archs[0]
+    return None
+
+
 def base_arch(config: dict[str, Any], source: Path) -> ArchSpec:
     """The GGUF architecture of a base from its ``config.json`` (``architectures[0]``, else ``model_type``).
 
@@ -192,9 +213,7 @@ def base_arch(config: dict[str, Any], source: Path) -> ArchSpec:
             f"{source}: converting to GGUF needs --base (the base's config.json gives architecture, layers, heads)",
             hint="pass --base with the base model folder",
         )
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    archs = text.get("architectures") or config.get("architectures") or []
-    name = archs[0] if archs else None
+    name = architecture(config)
     arch = HF_ARCHITECTURES.get(name) if name else None
     if arch is None:
         arch = MODEL_TYPES.get(str(hparams(config).get("model_type")))
@@ -206,22 +225,56 @@ def base_arch(config: dict[str, Any], source: Path) -> ArchSpec:
     return ARCHS[arch]
 
 
-def head_counts(config: dict[str, Any]) -> tuple[int, int] | None:
-    """(n_head, n_head_kv) from the config (``num_key_value_heads`` defaults to ``num_attention_heads``)."""
+#: the most attention heads a base config may state (the largest models have a few hundred)
+MAX_HEADS = 65_536
+
+
+def config_count(config: dict[str, Any], key: str, value: Any, limit: int) -> int:
+    """A count read from a base's config (``config[key]`` or its ``text_config``'s is ``value``): a
+    positive integer (an integral float as well, as Python reads ``32.0``) of at most ``limit``.
+
+    Raises:
+        InputError: naming the config file and the key.
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise InputError(
+            f"{source_of(config, 'the base config.json')}: {key} is {shown(value)}, not a count from 1 to {limit}",
+            hint="fix the base model's config.json",
+        )
+    return value
+
+
+def _count(config: dict[str, Any], keys: Sequence[str], limit: int) -> int | None:
+    """The first of ``keys`` the config states (not null), checked by :func:`config_count`."""
     hp = hparams(config)
-    n_head = hp.get("num_attention_heads", hp.get("n_heads"))
-    if not n_head:
+    for k in keys:
+        if hp.get(k) is not None:
+            return config_count(config, k, hp[k], limit)
+    return None
+
+
+def head_counts(config: dict[str, Any]) -> tuple[int, int] | None:
+    """(n_head, n_head_kv) from the config (``num_key_value_heads`` defaults to ``num_attention_heads``).
+
+    Raises:
+        InputError: a count that is not a positive integer (:func:`config_count`).
+    """
+    n_head = _count(config, ("num_attention_heads", "n_heads"), MAX_HEADS)
+    if n_head is None:
         return None
-    n_kv = hp.get("num_key_value_heads", hp.get("n_kv_heads")) or n_head
-    return int(n_head), int(n_kv)
+    n_kv = _count(config, ("num_key_value_heads", "n_kv_heads"), MAX_HEADS)
+    return n_head, n_kv or n_head
 
 
 def layer_count(config: dict[str, Any]) -> int | None:
-    hp = hparams(config)
-    for k in _LAYER_KEYS:
-        if k in hp:
-            return int(hp[k])
-    return None
+    """The number of layers the config states (``ModelBase.find_hparam``'s keys), or None.
+
+    Raises:
+        InputError: a count that is not a positive integer (:func:`config_count`).
+    """
+    return _count(config, _LAYER_KEYS, MAX_LAYERS)
 
 
 # --------------------------------------------------------------------------------------------

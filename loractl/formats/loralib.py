@@ -158,6 +158,9 @@ def read(
             raise FormatError(
                 f"{weights}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not matrices"
             )
+        for part, t in (("lora_A", a), ("lora_B", b)):
+            if t.numel() == 0:
+                raise FormatError(f"{weights}: tensor {name + '.' + part!r} {list(t.shape)} is empty")
         if f"{name}.conv.weight" in base_keys and f"{name}.weight" not in base_keys:
             raise FormatError(
                 f"{weights}: module {name!r} is a loralib ConvLoRA (base tensor {name + '.conv.weight'!r}); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..errors import InputError
+from ..io.files import shown, source_of
 
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
 #: pipeline components that prefix module names in diffusers/kohya adapters (``unet.conv_in``)
@@ -28,10 +29,19 @@ EMBEDDINGS = (
 
 def ties_word_embeddings(config: dict) -> bool:
     """The model's config ties its output head to the input embedding (transformers' ``tie_word_embeddings``,
-    also under ``text_config`` for multimodal models)."""
+    also under ``text_config`` for multimodal models).
+
+    Raises:
+        InputError: it is neither true nor false (nor absent).
+    """
     tie = config.get("tie_word_embeddings")
     if tie is None and isinstance(config.get("text_config"), dict):
         tie = config["text_config"].get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise InputError(
+            f"{source_of(config, 'the base config.json')}: tie_word_embeddings is {shown(tie)}, not true or false",
+            hint="fix the base model's config.json",
+        )
     return bool(tie)
 
 

@@ -11,6 +11,7 @@ also catches hard links, bind mounts and a case-insensitive filesystem's other s
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -34,6 +35,12 @@ _ours: set[str] = set()
 #: no temporary of this process is older than this
 _STARTED = time.time()
 _TEMP_RE = re.compile(r"\.loractl-(tmp|old)-(\d+)-[0-9a-f]+(\.spool)?")
+#: the longest name of a folder entry (Linux, macOS), unless the folder says otherwise
+_NAME_MAX = 255
+#: the longest path the kernel takes (Linux's PATH_MAX, less its NUL)
+_PATH_MAX = 4095
+#: what a temporary adds to the output's name: ``.NAME.loractl-tmp-PID-HEX.spool`` (Linux's longest pid)
+_TEMP_EXTRA = len("..loractl-tmp-4194304-01234567.spool")
 
 
 @contextmanager
@@ -106,30 +113,128 @@ def refuse_inputs(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> Non
     )
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # a folder still to be made, or no pathconf here
+        return _NAME_MAX
+
+
+def check_name(target: Path) -> None:
+    """Refuse an output path whose last part is no name ('.', '..', '/'), or too long a name or path
+    for the filesystem once the temporary's marks are added to it.
+
+    Raises:
+        OutputError: naming the output.
+    """
+    target = Path(target)
+    name = target.name
+    if "\x00" in str(target):
+        raise OutputError(f"{target}: a path cannot hold a NUL character")
+    if name in ("", ".", ".."):
+        raise OutputError(
+            f"{target}: not a name for an output ('.', '..' and '/' name an existing folder by its place)",
+            hint="give the output a new name, such as out/merged",
+        )
+    limit = _name_max(target.parent) - _TEMP_EXTRA
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise OutputError(
+            f"{target}: the name is too long ({size} bytes; at most {limit} here, with room for the temporary beside it)",
+            hint="choose a shorter name",
+        )
+    try:
+        size = len(os.fsencode(os.path.abspath(target))) + _TEMP_EXTRA
+    except OSError:  # the current folder is gone: the folder check says so
+        size = 0
+    if size > _PATH_MAX:
+        raise OutputError(
+            f"{target}: the path is too long ({size} bytes with the temporary beside it; at most {_PATH_MAX})",
+            hint="choose a shorter path",
+        )
+
+
+def _lstat(p: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(p)
+    except OSError:
+        return None
+
+
+def _exists(p: Path) -> bool:
+    """Whether ``p`` exists (a dangling link does); an OSError other than ENOENT (a name too long,
+    a file as a folder, no permission) is raised."""
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check_folder(target: Path, *, made: bool = False) -> None:
+    """Refuse an output whose folder is missing (or, with ``made``, cannot be made: a part of it is
+    a file) or is not a folder.
+
+    Raises:
+        OutputError: naming the output and the folder.
+    """
+    target = Path(target)
+    folder = target.parent
+    try:
+        if made:  # the nearest existing folder above; the rest is made (mkdir -p)
+            while folder != folder.parent and not _exists(folder):
+                folder = folder.parent
+        st = os.stat(folder)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise OutputError(f"{target}: the folder {folder} does not exist") from None
+        if e.errno == errno.ENOTDIR:
+            raise OutputError(f"{target}: {folder} is not a folder (a part of it is a file)") from None
+        raise OutputError(f"{target}: the folder {folder} cannot be used ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{target}: {folder} is not a folder")
+
+
+def make_folders(target: Path) -> None:
+    """Make the folders above the output ``target`` (mkdir -p).
+
+    Raises:
+        OutputError: a folder cannot be made (a file in the way, ``/proc``, no permission...).
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{target}: its folder {target.parent} cannot be made ({e.strerror})") from None
+
+
 def check_output(target: Path, inputs: Sequence[str | os.PathLike[str]], force: bool) -> None:
-    """Refuse an output that is (or contains, or lies inside) an input, or that exists without ``force``.
+    """Refuse an output that is (or contains, or lies inside) an input, that exists without
+    ``force``, whose name or folder cannot be used (:func:`check_name`, :func:`check_folder`).
 
     Raises:
         OutputError: with the reason and what to do.
     """
     target = Path(target)
     refuse_inputs(target, inputs)
-    if target.exists() or target.is_symlink():
-        if not force:
-            raise OutputError(
-                f"{target}: already exists", hint="pass --force to replace it, or choose another -o"
-            )
-    if not target.parent.exists():
-        raise OutputError(f"{target}: the folder {target.parent} does not exist")
+    check_name(target)
+    check_folder(target)
+    if _lstat(target) is not None and not force:
+        raise OutputError(
+            f"{target}: already exists", hint="pass --force to replace it, or choose another -o"
+        )
 
 
 def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
+    st = _lstat(p)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(p, ignore_errors=True)
     else:
         try:
             p.unlink()
-        except FileNotFoundError:
+        except OSError:  # gone already, or never ours to remove
             pass
 
 
@@ -304,8 +409,7 @@ def atomic_output(
     check_output(target, inputs, force)
     remove_stale(target)
     tmp = temp_name(target)
-    if is_dir:
-        tmp.mkdir()
+    _make_temp(tmp, target, is_dir)
     try:
         yield tmp
         if tmp.is_dir():
@@ -331,10 +435,50 @@ def atomic_output(
                 f"{target}: no space left on the device while writing it ({e.strerror})",
                 hint="free some disk space or write elsewhere; nothing was left behind",
             ) from None
+        if _within(e, tmp):  # the output's own files cannot be made (/proc, a read-only place...)
+            raise _unwritable(target, e) from None
         raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _unwritable(target: Path, e: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write {target}: {e.strerror or e}",
+        hint="choose an output in a folder you can write to",
+    )
+
+
+def _make_temp(tmp: Path, target: Path, is_dir: bool) -> None:
+    """Make the temporary ``tmp`` (an empty folder with ``is_dir``; else try a file there, and
+    remove it for the block to write), so that a place no output can be made in (``/proc``, a
+    read-only filesystem, a folder without write permission, a part of the path that is a file)
+    is refused before any work.
+
+    Raises:
+        OutputError: ``cannot write TARGET: REASON`` (ENOENT, ENOTDIR, EACCES, EPERM, EROFS, EISDIR...).
+    """
+    try:
+        if is_dir:
+            tmp.mkdir()
+        else:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(tmp)
+    except OSError as e:
+        _remove(tmp)
+        raise _unwritable(target, e) from None
+
+
+def _within(e: OSError, tmp: Path) -> bool:
+    """Whether the error ``e`` is about the temporary ``tmp``, its spool or a file inside it."""
+    top = str(tmp)
+    for f in (e.filename, e.filename2):
+        if isinstance(f, (str, os.PathLike)):
+            f = os.fspath(f)
+            if f == top or f.startswith((top + os.sep, top + ".")):
+                return True
+    return False
 
 
 def copy_file(src: Path, dst: Path) -> None:

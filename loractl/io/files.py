@@ -15,17 +15,20 @@ import math
 import os
 import re
 import stat
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, InputError
+from ..errors import FormatError, InputError, UsageError
 
 #: the deepest nesting of arrays and objects accepted; serde_json (which safetensors uses) refuses 128
 MAX_DEPTH = 127
 #: the largest JSON file read whole (safetensors' own limit for a header)
 MAX_JSON_BYTES = 100_000_000
+#: the largest TOML file read (a recipe, loractl.toml, pyproject.toml)
+MAX_TOML_BYTES = 10_000_000
 _U64 = 2**64
 _I64_MIN = -(2**63)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -305,11 +308,68 @@ def loads_json(
     return doc
 
 
+def loads_toml(text: str, path: str | os.PathLike[str], hint: str | None = None) -> dict[str, Any]:
+    """A TOML document (a recipe, loractl.toml, pyproject.toml), nested at most :data:`MAX_DEPTH` deep.
+
+    Raises:
+        UsageError: not TOML (naming the line), or nested too deeply, naming ``path``; with ``hint``.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        at = re.search(r"at line (\d+)", str(e))
+        raise UsageError(f"{path}:{at[1] if at else 1}: not valid TOML ({e})", hint=hint) from None
+    except RecursionError:  # tomllib parses nested arrays and tables by recursion
+        raise UsageError(f"{path}: nested more than {MAX_DEPTH} levels deep", hint=hint) from None
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise UsageError(f"{path}: nested more than {MAX_DEPTH} levels deep", hint=hint)
+        items = node.values() if isinstance(node, dict) else node
+        stack += [(v, depth + 1) for v in items if isinstance(v, (dict, list))]
+    return doc
+
+
+class FileObject(dict):
+    """A JSON object read from a file by :func:`read_json`: a dict that remembers its file
+    (``path``), so that a later check of one of its values (a base's ``config.json``) can name it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, items: dict[str, Any], path: Path) -> None:
+        super().__init__(items)
+        self.path = path
+
+
+def shown(value: Any) -> str:
+    """A JSON value as an error message shows it: short, and a list or object only by its kind."""
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    text = json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def source_of(doc: Any, default: str) -> str:
+    """The file ``doc`` was read from (a :class:`FileObject`'s), else ``default``."""
+    path = getattr(doc, "path", None)
+    return str(path) if path is not None else default
+
+
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
-    """A JSON file (regular, at most :data:`MAX_JSON_BYTES`), parsed by :func:`loads_json`.
+    """A JSON file (regular, at most :data:`MAX_JSON_BYTES`), parsed by :func:`loads_json`; an object
+    is a :class:`FileObject`.
 
     Raises:
         InputError: see :func:`read_regular`.
         FormatError: see :func:`loads_json`.
     """
-    return loads_json(read_regular(path, what), path)
+    doc = loads_json(read_regular(path, what), path)
+    return FileObject(doc, Path(path)) if isinstance(doc, dict) else doc

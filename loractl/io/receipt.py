@@ -26,16 +26,19 @@ memory), and the file is written once the merge is done.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .base import RECEIPT_NAME
-from .safetensors import SafetensorsFile, SpooledWriter
+from .files import loads_json
+from .safetensors import DTYPE_INFO, SafetensorsFile, SpooledWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -172,12 +175,18 @@ class Receipt:
             self._file.close()
             raise InputError(f"{path}: not a loractl receipt (or from an incompatible version)")
         try:
-            self.adapters: list[dict[str, Any]] = json.loads(meta.get("adapters", "[]"))
-            self.dtypes: dict[str, str] = json.loads(meta.get("dtypes", "{}"))
-            self.shard_metadata: dict[str, dict[str, str]] = json.loads(meta.get("shard_metadata", "{}"))
-            key = "crc32" if self.version == "1" else "sum64"
-            self.checksums = {k: (int(v) if key == "crc32" else str(v)) for k, v in json.loads(meta.get(key, "{}")).items()}
+            self.adapters: list[dict[str, Any]] = self._meta(meta, "adapters", [], _ADAPTERS)
+            self.dtypes: dict[str, str] = self._meta(meta, "dtypes", {}, _DTYPES)
+            self.shard_metadata: dict[str, dict[str, str]] = self._meta(meta, "shard_metadata", {}, _SHARDS)
+            self.checksums: dict[str, int] | dict[str, str] = (
+                self._meta(meta, "crc32", {}, _CRC32)
+                if self.version == "1"
+                else self._meta(meta, "sum64", {}, _SUM64)
+            )
             self._read_originals(meta)
+        except InputError:
+            self._file.close()
+            raise
         except (ValueError, TypeError, AttributeError, KeyError):
             self._file.close()
             raise InputError(f"{path}: its metadata is not readable; not a receipt loractl wrote") from None
@@ -192,9 +201,9 @@ class Receipt:
         Raises:
             ValueError, TypeError, KeyError: a record that is not what loractl writes.
         """
-        self.quantized: dict[str, dict[str, Any]] = json.loads(meta.get("quantized", "{}"))
-        self.aux: list[str] = json.loads(meta.get("aux", "[]"))
-        self.order: dict[str, list[str]] | None = json.loads(meta["order"]) if "order" in meta else None
+        self.quantized: dict[str, dict[str, Any]] = self._meta(meta, "quantized", {}, _ANY)
+        self.aux: list[str] = self._meta(meta, "aux", [], _ANY)
+        self.order: dict[str, list[str]] | None = self._meta(meta, "order", None, _ANY)
         self.config: str | None = meta.get("config")
         self.index: str | None = meta.get("index")
         if not isinstance(self.quantized, dict) or not isinstance(self.aux, list):
@@ -205,7 +214,14 @@ class Receipt:
                 isinstance(rec["dtype"], str)
                 and isinstance(rec["scale"], str)
                 and isinstance(rec["requantized"], bool)
-                and (block is None or (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) and x > 0 for x in block)))
+                and (
+                    block is None
+                    or (
+                        isinstance(block, list)
+                        and len(block) == 2
+                        and all(isinstance(x, int) and x > 0 for x in block)
+                    )
+                )
             )
             if not ok or f"{rec['scale']}::full" not in self._file:
                 raise TypeError(f"quantized[{name!r}]")
@@ -222,6 +238,23 @@ class Receipt:
         info = self._file.tensors[f"{name}::full"]
         return info.dtype, tuple(info.shape)
 
+    def _meta(
+        self, meta: Mapping[str, str], key: str, default: Any, kind: tuple[str, Callable[[Any], bool]]
+    ) -> Any:
+        """The JSON document in header metadata ``key`` (``default`` when absent), of the kind loractl writes.
+
+        Raises:
+            InputError: not JSON (or nested too deeply), or not of that kind.
+        """
+        text = meta.get(key)
+        if text is None:
+            return default
+        doc = loads_json(text, f"{self.path}: metadata {key!r}")
+        what, ok = kind
+        if not ok(doc):
+            raise InputError(f"{self.path}: metadata {key!r} is not {what}; not a receipt loractl wrote")
+        return doc
+
     def check_adapters(self, refs: Sequence[AdapterRef]) -> None:
         """Refuse adapters or weights other than the merge's, in its order.
 
@@ -234,15 +267,31 @@ class Receipt:
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{self.path}: its adapter list is not readable") from None
         if got != want:
-            names = ", ".join(Path(str(r.get("path", "?"))).name + " ×" + str(r.get("weight")) for r in self.adapters)
+            names = ", ".join(
+                Path(str(r.get("path", "?"))).name + " ×" + str(r.get("weight")) for r in self.adapters
+            )
             raise InputError(
                 f"{self.path}: this receipt was written for other adapters or weights ({names})",
                 hint="give the same adapters and --weight values, in the same order, as the merge",
             )
 
-    def parts(self, name: str) -> dict[str, torch.Tensor]:
-        """The parts recorded for base tensor ``name`` ({} when it needs none)."""
-        return {k.split("::", 1)[1]: self._file.read(k) for k in self._entries.get(name, [])}
+    def parts(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The parts recorded for base tensor ``name`` ({} when it needs none), checked against the
+        tensor's ``shape`` and original ``dtype``: each of the dtype and shape
+        :func:`loractl.ops.residual.decode` and the DoRA division need, and consistent together.
+
+        Raises:
+            InputError: naming the receipt and the part (``name::part``) that does not fit.
+        """
+        parts = {k.split("::", 1)[1]: self._file.read(k) for k in self._entries.get(name, [])}
+        bad = parts_problem(parts, tuple(shape), dtype)
+        if bad is not None:
+            part, problem = bad
+            raise InputError(
+                f"{self.path}: tensor {name + '::' + part!r} {problem}; not the receipt loractl wrote for this model",
+                hint="give the receipt this merge wrote, or --no-receipt to subtract (close, not exact)",
+            )
+        return parts
 
     def verify(self, name: str, restored: torch.Tensor, merged: Path) -> None:
         """Check a restored tensor against the checksum recorded at merge time.
@@ -262,6 +311,98 @@ class Receipt:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: what each metadata document must be (loractl writes them so): its description and test
+_ANY = ("JSON", lambda d: True)  # checked by the reader that uses it
+_ADAPTERS = ("a list of objects", lambda d: isinstance(d, list) and all(isinstance(r, dict) for r in d))
+_DTYPES = (
+    "an object of dtype names",
+    lambda d: isinstance(d, dict) and all(isinstance(v, str) and v in DTYPE_INFO for v in d.values()),
+)
+_SHARDS = (
+    "an object of string tables",
+    lambda d: (
+        isinstance(d, dict)
+        and all(isinstance(m, dict) and all(isinstance(v, str) for v in m.values()) for m in d.values())
+    ),
+)
+_CRC32 = (
+    "an object of 32-bit checksums",
+    lambda d: isinstance(d, dict) and all(_is_int(v) and 0 <= v < 2**32 for v in d.values()),
+)
+_SUM64 = (
+    "an object of 128-bit checksums (32 hex digits)",
+    lambda d: isinstance(d, dict) and all(isinstance(v, str) and _HEX32.fullmatch(v) for v in d.values()),
+)
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_DORA = re.compile(r"dora[0-9]+")
+
+
+def _vector_problem(t: torch.Tensor, dtype: torch.dtype) -> str | None:
+    if t.dtype != dtype or t.dim() != 1:
+        return f"is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, not a vector of {str(dtype).removeprefix('torch.')}"
+    return None
+
+
+def parts_problem(
+    parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[str, str] | None:
+    """The first part of a tensor's receipt parts that :func:`loractl.ops.residual.decode` (or the
+    DoRA division) could not use for a tensor of ``shape`` and original ``dtype``, and why; None if
+    they fit: ``full`` of that dtype and shape; ``gap8`` (uint8), ``gapbig`` (int64), ``d8`` (int8)
+    and ``valbig`` (``dtype``) vectors, all four or none, as many gaps and values as they count, every
+    position inside the tensor; ``dora<k>`` floats that broadcast to ``shape``."""
+    import torch
+
+    want = {"gap8": torch.uint8, "gapbig": torch.int64, "d8": torch.int8, "valbig": dtype}
+    for k, t in parts.items():
+        if k == "full":
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                return (
+                    k,
+                    f"is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the tensor {str(dtype).removeprefix('torch.')} {list(shape)}",
+                )
+        elif k in want:
+            problem = _vector_problem(t, want[k])
+            if problem:
+                return k, problem
+        elif _DORA.fullmatch(k):
+            try:
+                fits = t.is_floating_point() and torch.broadcast_shapes(t.shape, shape) == torch.Size(shape)
+            except RuntimeError:
+                fits = False
+            if not fits:
+                return (
+                    k,
+                    f"({str(t.dtype).removeprefix('torch.')} {list(t.shape)}) does not fit the tensor's {list(shape)}",
+                )
+        else:
+            return k, "is not a part loractl writes"
+    if "full" in parts or not (parts.keys() & want.keys()):
+        return None
+    missing = [k for k in want if k not in parts]
+    if missing:
+        return missing[0], "is missing (the other corrections of the tensor are there)"
+    gap8, gapbig, d8, valbig = (parts[k] for k in want)
+    numel = math.prod(shape)
+    if d8.numel() != gap8.numel():
+        return "d8", f"holds {d8.numel()} values for {gap8.numel()} positions"
+    big = gap8 == 255
+    if gapbig.numel() != int(big.sum()):
+        return "gapbig", f"holds {gapbig.numel()} gaps, gap8 counts {int(big.sum())}"
+    if valbig.numel() != int((d8 == -128).sum()):
+        return "valbig", f"holds {valbig.numel()} values, d8 counts {int((d8 == -128).sum())}"
+    if gapbig.numel() and (int(gapbig.min()) < 255 or int(gapbig.max()) >= numel):
+        return "gapbig", f"holds a gap outside [255, {numel})"
+    last = int(gap8[~big].sum(dtype=torch.int64)) + int(gapbig.sum()) + gap8.numel() - 1
+    if last >= numel:
+        return "gap8", f"points at position {last}, past the tensor's {numel} values"
+    return None
 
 
 def spool_beside(tmp: Path) -> Path:

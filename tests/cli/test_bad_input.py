@@ -663,4 +663,309 @@ def test_unknown_dtype(cli, inputs, tools, bad_input):
     snap = tools.Snapshot([inputs.root])
     out = inputs.work / "merged"
     r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp8")
-    bad_input(r, output=out, snapshot=snap, names=["--dtype"], loractl_error=False)
+    bad_input(r, output=out, snapshot=snap, names=["--dtype"])
+    assert r.stderr_lines[1] == "hint: see loractl merge --help"
+
+
+#: command lines click refuses, with what the one error line must name
+USAGE_ERRORS = {
+    "weight-not-a-number": (["merge", "{base}", "{adapter}", "-o", "{out}", "--weight", "x"], "merge", "--weight"),
+    "weight-a-list": (["merge", "{base}", "{adapter}", "-o", "{out}", "-w", "-1", "--weight", "1,2", "--format", "kohya"],
+                      "merge", "--weight"),
+    "weight-empty": (["unmerge", "{base}", "{adapter}", "-o", "{out}", "--weight", ""], "unmerge", "--weight"),
+    "energy-not-a-number": (["truncate", "{adapter}", "-o", "{out}", "--energy", "x"], "truncate", "--energy"),
+    "density-not-a-number": (
+        ["combine", "{adapter}", "{adapter}", "-o", "{out}", "--density", "x"], "combine", "--density"
+    ),
+    "to-empty": (["convert", "{adapter}", "-o", "{out}", "--to", ""], "convert", "--to"),
+    "rank-empty": (["convert", "{adapter}", "-o", "{out}", "--to", "peft", "--rank", ""], "convert", "--rank"),
+    "unknown-option": (["merge", "{base}", "{adapter}", "-o", "{out}", "--bogus"], "merge", "--bogus"),
+    "option-without-value": (["merge", "{base}", "{adapter}", "-o"], "merge", "'-o'"),
+    "missing-argument": (["merge", "-o", "{out}"], "merge", "'BASE'"),
+    "unknown-command": (["bogus"], None, "'bogus'"),
+    "unknown-top-option": (["--bogus"], None, "--bogus"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS), ids=list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_and_a_hint(cli, inputs, tools, bad_input, case):
+    """A value click refuses, an unknown option or command, a missing argument: `error: ...` naming
+    it and `hint: see loractl COMMAND --help`, exit 2, as every other error; not click's usage block."""
+    argv, command, named = USAGE_ERRORS[case]
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "out"
+    paths = {"base": inputs.base, "adapter": inputs.adapter, "out": out}
+    r = cli(*[a.format(**paths) for a in argv])
+    bad_input(r, output=out, snapshot=snap, names=[named])
+    assert len(r.stderr_lines) == 2, r.stderr
+    assert r.stderr_lines[1] == f"hint: see loractl{' ' + command if command else ''} --help", r.stderr
+    assert "Usage:" not in r.stderr and "Try '" not in r.stderr
+
+
+def test_help_version_and_no_arguments_are_untouched(cli):
+    alone = cli()
+    assert "Usage: loractl [OPTIONS] COMMAND [ARGS]..." in alone.stdout + alone.stderr
+    assert "Commands:" in alone.stdout + alone.stderr
+    assert not any(line.startswith("error:") for line in (alone.stdout + alone.stderr).splitlines())
+    helped = cli("merge", "--help")
+    assert helped.code == 0 and helped.stdout.startswith("Usage: loractl merge [OPTIONS] BASE ADAPTER...")
+    version = cli("--version")
+    assert version.code == 0 and version.stdout.startswith("loractl ")
+
+
+def test_usage_errors_of_the_console_script_are_one_line(inputs, tools):
+    """The same through the console script (``loractl.cli.app:main``), in a real process."""
+    out = inputs.work / "merged"
+    r = tools.run_module(["merge", inputs.base, inputs.adapter, "-o", out, "--weight", "x"])
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) == 2, r.stderr
+    assert r.stderr_lines[0].startswith("error: Invalid value for '--weight'"), r.stderr
+    assert r.stderr_lines[1] == "hint: see loractl merge --help", r.stderr
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 13. output paths that cannot be written
+# --------------------------------------------------------------------------------------------
+def _odd_output(work: Path, kind: str) -> tuple[str, str]:
+    """(the -o given, what the error line must say), for an output path of ``kind``."""
+    if kind == "under-a-file":
+        (work / "file").write_text("x")
+        return str(work / "file" / "x"), "is not a folder"
+    if kind == "name-too-long":
+        return str(work / ("a" * 250)), "the name is too long"
+    if kind == "folder-name-too-long":
+        return str(work / ("a" * 300) / "x"), "File name too long"
+    if kind == "path-too-long":
+        return str(work / "/".join(["b" * 200] * 25) / "x"), "the path is too long"
+    if kind == "proc":  # ENOENT when the temporary is made
+        return "/proc/self/loractl-out", "cannot write"
+    if kind == "proc-pid-1":
+        return "/proc/1/x.safetensors", "cannot write"
+    if kind == "sysfs":  # EACCES or EPERM, even for root
+        return "/sys/loractl-out", "cannot write"
+    if kind == "missing-folder":
+        return str(work / "no" / "such" / "x"), "does not exist"
+    if kind == "dot":
+        return "./", "not a name for an output"
+    if kind == "newline":
+        return str(work / "a\nb" / "x"), "a\\nb"  # a missing folder, shown escaped on one line
+    raise AssertionError(kind)
+
+
+ODD_OUTPUTS = ["under-a-file", "name-too-long", "folder-name-too-long", "path-too-long", "proc",
+               "proc-pid-1", "sysfs", "missing-folder", "dot", "newline"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["merge", "convert", "truncate"])
+@pytest.mark.parametrize("kind", ODD_OUTPUTS)
+def test_an_output_path_that_cannot_be_written_is_one_clear_error(cli, inputs, tools, monkeypatch, command, kind):
+    """Odd -o paths are refused up front (io.atomic.check_output) or, where only trying tells
+    (/proc), when the temporary cannot be made: exit 2, one line naming the output (control
+    characters escaped), nothing written, the inputs untouched; never exit 3."""
+    monkeypatch.chdir(inputs.work)
+    out, said = _odd_output(inputs.work, kind)
+    snap = tools.Snapshot([inputs.root])
+    before = sorted(p.name for p in inputs.work.iterdir())
+    argv = {
+        "merge": ["merge", inputs.base, inputs.adapter, "-o", out, "--force"],
+        "convert": ["convert", inputs.adapter, "-o", out, "--to", "kohya", "--base", inputs.base, "--force"],
+        "truncate": ["truncate", inputs.adapter, "-o", out, "--rank", "4", "--force"],
+    }[command]
+    r = cli(*argv)
+    msg = f"exit {r.code}\n{r.stderr}"
+    assert r.code == 2, msg
+    assert 1 <= len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith("error: "), msg
+    assert said in r.stderr_lines[0], msg
+    shown = out.replace("\n", "\\n")
+    assert shown in r.stderr_lines[0] or kind == "dot", msg
+    assert sorted(p.name for p in inputs.work.iterdir()) == before  # nothing made, nothing left
+    assert not [p for p in inputs.work.rglob("*") if "loractl-" in p.name]
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "out, said",
+    [("readme.txt", "is not a folder"), ("/proc/loractl-fuzz", "cannot be made"), ("a" * 300, "File name too long")],
+    ids=["under-a-file", "proc", "folder-name-too-long"],
+)
+def test_a_recipe_output_that_cannot_be_written_is_one_clear_error(inputs, tools, out, said):
+    """A recipe's output folder under a file is refused before any step runs; one that cannot be
+    made (/proc) fails its step: exit 2, one line naming the recipe and the output, nothing written."""
+    recipe = inputs.work / "recipe.toml"
+    recipe.write_text(
+        f'[vars]\nout = "build"\n\n[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\n'
+        'output = "${out}/adapter-r4"\nrank = 4\n'
+    )
+    (inputs.root / "readme.txt").write_text("a file, not a folder")
+    snap = tools.Snapshot([inputs.root, recipe])
+    target = inputs.root / out if not out.startswith("/") else Path(out)
+    r = tools.run_module(["run", recipe, "--set", f"out={target}"], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) == 1 and r.stderr_lines[0].startswith(f"error: {recipe}:"), r.stderr
+    assert said in r.stderr and str(target) in r.stderr, r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
+    assert not os.path.lexists(target / "adapter-r4")
+    snap.assert_unchanged()
+
+
+def test_a_control_character_in_a_path_cannot_spread_an_error_over_lines(cli, inputs, tools):
+    """Every error line is one line: a path with a newline, a carriage return or an escape sequence is
+    shown escaped as Python writes it (cli/_errors.one_line), whatever the error."""
+    missing = inputs.root / "no\nsuch\r\x1b[2Jadapter"
+    out = inputs.work / "merged"
+    snap = tools.Snapshot([inputs.root])
+    r = cli("merge", inputs.base, missing, "-o", out)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr.splitlines()) <= 2 and r.stderr_lines[0].startswith("error: "), repr(r.stderr)
+    assert "no\\nsuch\\r\\x1b[2Jadapter" in r.stderr_lines[0], repr(r.stderr)
+    assert "\x1b" not in r.stderr and "\r" not in r.stderr
+    assert not out.exists()
+    snap.assert_unchanged()
+
+
+# --------------------------------------------------------------------------------------------
+# 14. odd values the fuzzer (tests/fuzz) put in the files loractl reads
+# --------------------------------------------------------------------------------------------
+def _set_config(path: Path, key: str, raw: str) -> None:
+    """Set ``key`` of a JSON file to the JSON text ``raw`` (``-Infinity`` included, as Python reads it)."""
+    text = path.read_text()
+    cfg = json.loads(text)
+    cfg[key] = "@@RAW@@"
+    path.write_text(json.dumps(cfg, indent=2).replace('"@@RAW@@"', raw))
+
+
+BASE_CONFIG_VALUES = {
+    "heads-minus-infinity": ("num_attention_heads", "-Infinity"),
+    "heads-zero": ("num_attention_heads", "0"),
+    "kv-heads-a-string": ("num_key_value_heads", '"2"'),
+    "layers-a-fraction": ("num_hidden_layers", "1.5"),
+    "layers-huge": ("num_hidden_layers", "1e300"),
+    "architectures-a-number": ("architectures", "5"),
+    "architectures-of-numbers": ("architectures", "[1, 2]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BASE_CONFIG_VALUES), ids=list(BASE_CONFIG_VALUES))
+def test_base_config_count_or_architecture_of_the_wrong_kind(cli, inputs, tools, bad_input, case):
+    """convert --to gguf reads the base's architecture, layer and head counts: a count that is not a
+    positive integer (-Infinity was an OverflowError, exit 3) or architectures that are not a list of
+    class names is exit 2 naming config.json and the key."""
+    key, raw = BASE_CONFIG_VALUES[case]
+    _set_config(inputs.base / "config.json", key, raw)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "a.gguf"
+    r = cli("convert", inputs.adapter, "-o", out, "--to", "gguf", "--base", inputs.base)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.base / "config.json"])
+    assert key in r.stderr_lines[0], r.stderr
+
+
+def test_base_config_heads_minus_infinity_when_checking_a_gguf_adapter(cli, inputs, tools, bad_input):
+    """The fuzzer's case: `check lora.gguf --target vllm --base BASE` reads the base's head counts to
+    undo llama.cpp's q/k permutation (an OverflowError, exit 3). check reports what it cannot read
+    as an integrity finding (exit 1) naming config.json and the key."""
+    gguf = inputs.root / "lora.gguf"
+    assert cli("convert", inputs.adapter, "-o", gguf, "--to", "gguf", "--base", inputs.base).code == 0
+    _set_config(inputs.base / "config.json", "num_attention_heads", "-Infinity")
+    snap = tools.Snapshot([inputs.root])
+    r = cli("check", gguf, "--target", "vllm", "--base", inputs.base, "--json")
+    assert r.code == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert not doc["ok"] and [f["code"] for f in doc["findings"]] == ["integrity"], r.stdout
+    message = doc["findings"][0]["message"]
+    assert str(inputs.base / "config.json") in message and "num_attention_heads" in message, message
+    snap.assert_unchanged()
+
+
+def test_base_config_tie_word_embeddings_not_a_boolean(cli, inputs, tools, bad_input):
+    _set_config(inputs.base / "config.json", "tie_word_embeddings", '"yes"')
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.base / "config.json"])
+    assert "tie_word_embeddings" in r.stderr_lines[0], r.stderr
+
+
+def _empty_first(path: Path, suffix: str) -> str:
+    """Make the first tensor of ``path`` whose name ends with ``suffix`` empty (its rank 0); its name."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in sorted(tensors) if k.endswith(suffix))
+    tensors[name] = torch.zeros(0, tensors[name].shape[1], dtype=tensors[name].dtype)
+    save_file(tensors, str(path), metadata=meta)
+    return name
+
+
+def test_loralib_adapter_with_an_empty_factor(cli, inputs, tools, bad_input):
+    """A loralib lora_A of shape [0, 64] (a ZeroDivisionError, exit 3, in inspect) is exit 2 naming
+    the file and the tensor."""
+    loralib = inputs.root / "loralib.safetensors"
+    r = cli("convert", inputs.adapter, "-o", loralib, "--to", "loralib")
+    assert r.code == 0, r.stderr
+    name = _empty_first(loralib, "lora_A")
+    snap = tools.Snapshot([inputs.root])
+    r = cli("inspect", loralib, loralib)
+    bad_input(r, output=inputs.work / "nothing", snapshot=snap, names=[loralib])
+    assert name in r.stderr_lines[0] and "empty" in r.stderr_lines[0], r.stderr
+
+
+def test_peft_adapter_with_an_empty_factor(cli, inputs, tools, bad_input):
+    weights = inputs.adapter / ADAPTER_FILE
+    name = _empty_first(weights, "lora_A.weight")
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    assert module in r.stderr_lines[0], r.stderr
+
+
+def _recipe(inputs, text: str | None = None) -> Path:
+    recipe = inputs.work / "recipe.toml"
+    if text is None:
+        text = (
+            f'[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\n'
+            'output = "build/adapter-r4"\nrank = 4\n'
+        )
+    recipe.write_text(text)
+    return recipe
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "dev-urandom", "fifo", "folder", "nested", "huge"])
+def test_a_recipe_that_is_not_a_toml_file(inputs, tools, kind):
+    """A recipe that is a link to /dev/zero (a MemoryError, exit 3) or /dev/urandom, a FIFO, a
+    folder, TOML nested 10,000 deep (a RecursionError, exit 3), or too large a file: exit 2, one line
+    naming the recipe, nothing written. Run in a real process (a FIFO must not block)."""
+    recipe = inputs.work / "recipe.toml"
+    if kind == "dev-zero":
+        recipe.symlink_to("/dev/zero")
+    elif kind == "dev-urandom":
+        recipe.symlink_to("/dev/urandom")
+    elif kind == "fifo":
+        os.mkfifo(recipe)
+    elif kind == "folder":
+        recipe.mkdir()
+    elif kind == "nested":
+        recipe.write_text("x = " + "[" * 10_000 + "]" * 10_000 + "\n")
+    elif kind == "huge":
+        recipe.write_text("# " + "x" * 11_000_000 + "\n")
+    snap = tools.Snapshot([inputs.root])
+    before = sorted(p.name for p in inputs.work.iterdir())
+    r = tools.run_module(["run", recipe], cwd=inputs.work, timeout=120)
+    assert r.code == 2, r.stderr
+    assert 1 <= len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {recipe}"), r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == before
+    snap.assert_unchanged()
+
+
+def test_a_config_file_nested_too_deeply(inputs, tools):
+    """./loractl.toml nested 10,000 deep: exit 2 naming it, not a RecursionError."""
+    config = inputs.work / "loractl.toml"
+    config.write_text("x = " + "[" * 10_000 + "]" * 10_000 + "\n")
+    out = inputs.work / "merged"
+    r = tools.run_module(["merge", inputs.base, inputs.adapter, "-o", out], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert 1 <= len(r.stderr_lines) <= 2 and str(config) in r.stderr_lines[0], r.stderr
+    assert "nested" in r.stderr_lines[0], r.stderr
+    assert not out.exists()

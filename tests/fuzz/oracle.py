@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import stat
+import unicodedata
 from pathlib import Path
 
 from .commands import Command
@@ -254,6 +255,8 @@ def _names_something(cmd: Command, case: Path, line: str) -> bool:
     for a in [*cmd.inputs, *cmd.outputs]:
         names.add(a)
         names.add(a.rstrip("/").rsplit("/", 1)[-1])
+        names.add(_escaped(a))  # a path with a newline is shown escaped (to stay on one line)
+        names.add(_escaped(a.rstrip("/").rsplit("/", 1)[-1]))
         p = case / a if a and "\x00" not in a else None
         try:
             if p is not None and p.is_dir() and not p.is_symlink():
@@ -277,6 +280,12 @@ def _names_something(cmd: Command, case: Path, line: str) -> bool:
     names -= {"", ".", "/"}
     # as a word: 'lora' is named by "lora/adapter_config.json: ..." but not by "loractl ..."
     return any(re.search(_word(n), line) for n in names | words) or str(case) in line
+
+
+def _escaped(text: str) -> str:
+    """``text`` as an error line shows it: control characters, line separators and lone surrogates
+    (undecodable bytes of a file name) escaped as Python's repr writes them."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in text)
 
 
 def _word(name: str) -> str:

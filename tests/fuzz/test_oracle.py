@@ -80,6 +80,15 @@ def test_exit_codes_and_stderr(case, code, stderr, expected):
     assert _run(top, work, _convert(), Outcome(code, "", stderr, 0.1)) == expected
 
 
+def test_an_output_with_a_newline_is_named_escaped_on_one_line(case):
+    top, work = case
+    cmd = _convert(out="out/a\nb")
+    escaped = Outcome(2, "", "error: out/a\\nb: the folder out/a does not exist\n", 0.1)
+    spread = Outcome(2, "", "error: out/a\nb: the folder out/a does not exist\n", 0.1)
+    assert _run(top, work, cmd, escaped) == set()
+    assert _run(top, work, cmd, spread) == {"bad-stderr"}
+
+
 def test_a_hang_is_reported(case):
     top, work = case
     assert _run(top, work, _convert(), Outcome(-9, "", "", 20.0, hang=True)) == {"hang"}
