@@ -372,6 +372,18 @@ class UnmergeResult:
 
 
 @_keeps_torch_threads
+def _open_receipt(merged: Path, receipt: str | Path | None, use: bool) -> tuple[Path, Receipt | None]:
+    """The receipt's path (given, or beside ``merged``) and the receipt, open (None when not used or absent).
+
+    Raises:
+        InputError: a receipt given that does not exist, or is not a receipt.
+    """
+    rpath = Path(receipt) if receipt is not None else receipt_path(merged)
+    if receipt is not None and not rpath.exists():
+        raise InputError(f"{rpath}: no such receipt")
+    return rpath, (Receipt(rpath) if use and rpath.exists() else None)
+
+
 def unmerge(
     merged: str | Path,
     adapters: Adapters,
@@ -417,10 +429,7 @@ def unmerge(
         raise UsageError("no adapter given")
     ws = weights_for(weights, len(adapters))
     merged, output = Path(merged), Path(output)
-    rpath = Path(receipt) if receipt is not None else receipt_path(merged)
-    if receipt is not None and not rpath.exists():
-        raise InputError(f"{rpath}: no such receipt")
-    rec = Receipt(rpath) if use_receipt and rpath.exists() else None
+    rpath, rec = _open_receipt(merged, receipt, use_receipt)
     try:
         with open_base(merged) as b:
             loaded = load_adapters(adapters, format, read_options(b, allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha))

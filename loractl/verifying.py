@@ -24,7 +24,6 @@ import torch
 from .io.buffers import BufferPool
 from .io.layout import layout
 from .io.safetensors import FLOAT_DTYPES, torch_dtype
-from .merging import _dequantized
 from .ops import verify as verify_ops
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,10 +198,10 @@ class _Reader:
 def _read_pair(
     merged: BaseModel, base: BaseModel, pool: BufferPool, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base's tensor (dequantized where it is stored 4-bit) and the merged model's, into pooled buffers."""
+    """The base's tensor (dequantized where it is stored quantized: 4-bit, FP8) and the merged model's, into pooled buffers."""
     q = base.quantized.get(name)
     if q is not None:
-        w = _dequantized(base, q)
+        w = q.load(base, torch_dtype(q.merge_dtype))  # as a merge dequantizes it (4-bit, FP8)
     else:
         info = base.info(name)
         w = base.read(name, out=pool.empty(info.shape, torch_dtype(info.dtype)))

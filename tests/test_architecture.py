@@ -121,3 +121,24 @@ def test_no_import_cycle_even_through_imports_inside_functions() -> None:
     runs a package before any of its modules, so that edge adds no order of its own.
     """
     assert _cycle(lazy=True, skip_ancestors=True) is None
+
+
+#: the longest a function of loractl may be, in lines from ``def`` to its last line (issue #12)
+MAX_FUNCTION_LINES = 100
+
+
+def test_no_function_is_longer_than_a_screenful() -> None:
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert long == [], "\n".join(long)
+
+
+def test_the_length_rule_sees_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    node = ast.parse(f"def f():\n{body}\n").body[0]
+    assert node.end_lineno - node.lineno + 1 == MAX_FUNCTION_LINES + 1

@@ -117,6 +117,43 @@ def _merged_up(b: torch.Tensor, enable: list[bool], r: int) -> torch.Tensor:
     return up
 
 
+def _factors(
+    weights: Path, name: str, p: dict[str, torch.Tensor], base_keys: set[str], options: ReadOptions
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A loralib module's lora_A, lora_B and rank, checked (see :func:`read`'s ``Raises``)."""
+    for part in ("lora_A", "lora_B"):
+        if part not in p:
+            raise FormatError(
+                f"{weights}: module {name!r} has no {part} tensor", hint="the state dict is incomplete"
+            )
+    a, b = p["lora_A"], p["lora_B"]
+    if a.dim() != 2 or b.dim() != 2:
+        raise FormatError(
+            f"{weights}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not matrices"
+        )
+    for part, t in (("lora_A", a), ("lora_B", b)):
+        if t.numel() == 0:
+            raise FormatError(f"{weights}: tensor {name + '.' + part!r} {list(t.shape)} is empty")
+    if f"{name}.conv.weight" in base_keys and f"{name}.weight" not in base_keys:
+        raise FormatError(
+            f"{weights}: module {name!r} is a loralib ConvLoRA (base tensor {name + '.conv.weight'!r}); "
+            "its update (B·A reshaped to the kernel) is not a LoRA loractl can represent",
+            hint="merge it with loralib itself (model.eval())",
+        )
+    r = int(b.shape[1])
+    if r == 0 or a.shape[0] % r:
+        raise FormatError(
+            f"{weights}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not have the same rank"
+        )
+    if options.rank is not None and options.rank != r:
+        raise FormatError(
+            f"{weights}: module {name!r}: tensor {name + '.lora_B'!r} {list(b.shape)} has rank {r}, "
+            f"but the rank given is {options.rank}",
+            hint="pass the r the model was trained with, or leave --rank out to take it from the shapes",
+        )
+    return a, b, r
+
+
 def read(
     path: Path,
     weights: Path,
@@ -148,36 +185,7 @@ def read(
     assumed_enable: list[str] = []
     fifo: list[str] = []
     for name, p in sorted(parts.items()):
-        for part in ("lora_A", "lora_B"):
-            if part not in p:
-                raise FormatError(
-                    f"{weights}: module {name!r} has no {part} tensor", hint="the state dict is incomplete"
-                )
-        a, b = p["lora_A"], p["lora_B"]
-        if a.dim() != 2 or b.dim() != 2:
-            raise FormatError(
-                f"{weights}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not matrices"
-            )
-        for part, t in (("lora_A", a), ("lora_B", b)):
-            if t.numel() == 0:
-                raise FormatError(f"{weights}: tensor {name + '.' + part!r} {list(t.shape)} is empty")
-        if f"{name}.conv.weight" in base_keys and f"{name}.weight" not in base_keys:
-            raise FormatError(
-                f"{weights}: module {name!r} is a loralib ConvLoRA (base tensor {name + '.conv.weight'!r}); "
-                "its update (B·A reshaped to the kernel) is not a LoRA loractl can represent",
-                hint="merge it with loralib itself (model.eval())",
-            )
-        r = int(b.shape[1])
-        if r == 0 or a.shape[0] % r:
-            raise FormatError(
-                f"{weights}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not have the same rank"
-            )
-        if options.rank is not None and options.rank != r:
-            raise FormatError(
-                f"{weights}: module {name!r}: tensor {name + '.lora_B'!r} {list(b.shape)} has rank {r}, "
-                f"but the rank given is {options.rank}",
-                hint="pass the r the model was trained with, or leave --rank out to take it from the shapes",
-            )
+        a, b, r = _factors(weights, name, p, base_keys, options)
         alpha = float(options.alpha) if options.alpha is not None else float(r)
         k = int(a.shape[0]) // r
         leaf = name.rsplit(".", 1)[-1]

@@ -727,6 +727,36 @@ def _hull(gains: list[float], costs: list[int], start: int) -> list[tuple[int, i
     return segments
 
 
+def _curves(candidates: Sequence[Candidate]) -> tuple[list[list[float]], list[list[int]], list[float]]:
+    """Each candidate's kept energy ``G(k)`` and cost ``c(k)`` for k = 0..r, and its total energy,
+    after checking it (see :func:`allocate`'s ``Raises``)."""
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})
+        raise ValueError(f"duplicate module names: {dup}")
+    gains_of: list[list[float]] = []
+    costs_of: list[list[int]] = []
+    totals: list[float] = []
+    for c in candidates:
+        sv2 = [float(v) for v in (c.sv2.tolist() if isinstance(c.sv2, torch.Tensor) else c.sv2)]
+        if any(not (v >= 0.0 and math.isfinite(v)) for v in sv2):
+            raise ValueError(f"module {c.name!r}: squared singular values must be finite and >= 0")
+        if any(b > a for a, b in zip(sv2, sv2[1:], strict=False)):
+            raise ValueError(f"module {c.name!r}: squared singular values must be in descending order")
+        if c.bytes_per_rank < 1 or c.fixed_bytes < 0:
+            raise ValueError(f"module {c.name!r}: bytes_per_rank must be >= 1 and fixed_bytes >= 0")
+        if not 0 <= c.min_rank <= len(sv2):
+            raise ValueError(f"module {c.name!r}: min_rank {c.min_rank} is not within 0..{len(sv2)}")
+        gains = [0.0]
+        for v in sv2:
+            gains.append(gains[-1] + v)
+        costs = [0] + [c.fixed_bytes + j * c.bytes_per_rank for j in range(1, len(sv2) + 1)]
+        gains_of.append(gains)
+        costs_of.append(costs)
+        totals.append(gains[-1] if c.total is None else max(float(c.total), gains[-1]))
+    return gains_of, costs_of, totals
+
+
 def allocate(candidates: Sequence[Candidate], budget: int) -> Allocation:
     """Ranks per module minimising the total squared error ``Σ_modules Σ_{i>kₘ} σᵢ²`` within
     ``Σ bytes ≤ budget``: greedy by kept energy per byte.
@@ -761,31 +791,7 @@ def allocate(candidates: Sequence[Candidate], budget: int) -> Allocation:
     """
     if budget < 0:
         raise ValueError(f"budget must be >= 0 bytes, got {budget}")
-    names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        dup = sorted({x for x in names if names.count(x) > 1})
-        raise ValueError(f"duplicate module names: {dup}")
-    gains_of: list[list[float]] = []
-    costs_of: list[list[int]] = []
-    totals: list[float] = []
-    for c in candidates:
-        sv2 = [float(v) for v in (c.sv2.tolist() if isinstance(c.sv2, torch.Tensor) else c.sv2)]
-        if any(not (v >= 0.0 and math.isfinite(v)) for v in sv2):
-            raise ValueError(f"module {c.name!r}: squared singular values must be finite and >= 0")
-        if any(b > a for a, b in zip(sv2, sv2[1:], strict=False)):
-            raise ValueError(f"module {c.name!r}: squared singular values must be in descending order")
-        if c.bytes_per_rank < 1 or c.fixed_bytes < 0:
-            raise ValueError(f"module {c.name!r}: bytes_per_rank must be >= 1 and fixed_bytes >= 0")
-        if not 0 <= c.min_rank <= len(sv2):
-            raise ValueError(f"module {c.name!r}: min_rank {c.min_rank} is not within 0..{len(sv2)}")
-        gains = [0.0]
-        for v in sv2:
-            gains.append(gains[-1] + v)
-        costs = [0] + [c.fixed_bytes + j * c.bytes_per_rank for j in range(1, len(sv2) + 1)]
-        gains_of.append(gains)
-        costs_of.append(costs)
-        totals.append(gains[-1] if c.total is None else max(float(c.total), gains[-1]))
-
+    gains_of, costs_of, totals = _curves(candidates)
     ranks = [c.min_rank for c in candidates]
     used = sum(costs_of[i][r] for i, r in enumerate(ranks))
     if used > budget:
