@@ -248,8 +248,8 @@ def merge(
         inputs = protected_paths(base=b, adapters=loaded)
         # a single-file output has its receipt beside it: checked as an output too, before any work,
         # whether or not one is written now (unmerge would take a receipt left there for this output's)
+        check_output(output, inputs, force)  # first: './' has no name to put a receipt beside
         beside = None if b.is_dir else receipt_beside(output)
-        check_output(output, inputs, force)
         if beside is not None:
             check_output(beside, inputs, force)
         notes: list[str] = []
