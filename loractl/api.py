@@ -1132,6 +1132,12 @@ def _converted(m: LoraModule, dtype: str | None, normalize: bool, pad_rank: int 
             f"{source}: module {m.name!r} has rank {m.rank}, above --pad-rank {pad_rank}",
             hint=f"truncate it first: loractl truncate {source} -o smaller --rank {pad_rank}",
         )
+    widest = max(math.prod(m.down.shape[1:]), m.up.shape[0])
+    if pad_rank is not None and pad_rank > widest:  # zeros past the module's own size: memory, no meaning
+        raise UsageError(
+            f"{source}: module {m.name!r}: --pad-rank {pad_rank} is above its larger dimension {widest}",
+            hint=f"pad to at most {widest}",
+        )
     if dtype is not None:
         m = m.cast(torch_dtype(DTYPES[dtype]))  # type: ignore[arg-type]
     if normalize:

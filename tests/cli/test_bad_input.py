@@ -969,3 +969,13 @@ def test_a_config_file_nested_too_deeply(inputs, tools):
     assert 1 <= len(r.stderr_lines) <= 2 and str(config) in r.stderr_lines[0], r.stderr
     assert "nested" in r.stderr_lines[0], r.stderr
     assert not out.exists()
+
+
+def test_convert_pad_rank_beyond_the_module(cli, inputs, tools, bad_input):
+    """--pad-rank 2**40 tried to allocate 756 TB (a RuntimeError of torch's allocator, exit 3): a
+    pad rank above a module's larger dimension is exit 2 naming the adapter and the module."""
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "padded"
+    r = cli("convert", inputs.adapter, "-o", out, "--to", "peft", "--pad-rank", str(2**40))
+    bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
+    assert "--pad-rank 1099511627776" in r.stderr_lines[0] and "module" in r.stderr_lines[0], r.stderr
