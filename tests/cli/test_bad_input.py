@@ -979,3 +979,21 @@ def test_convert_pad_rank_beyond_the_module(cli, inputs, tools, bad_input):
     r = cli("convert", inputs.adapter, "-o", out, "--to", "peft", "--pad-rank", str(2**40))
     bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
     assert "--pad-rank 1099511627776" in r.stderr_lines[0] and "module" in r.stderr_lines[0], r.stderr
+
+
+def test_gguf_tensor_offset_past_2_to_the_64(cli, inputs, tools, bad_input):
+    """A GGUF tensor's data offset of 2**64 - 1 made the gguf reader print numpy's RuntimeWarning
+    (overflow) on stderr before loractl's error: only the one error line now."""
+    from tests.fuzz.mutate_gguf import fields
+
+    gguf = inputs.root / "lora.gguf"
+    assert cli("convert", inputs.adapter, "-o", gguf, "--to", "gguf", "--base", inputs.base).code == 0
+    raw = bytearray(gguf.read_bytes())
+    field = next(f for f in fields(bytes(raw))[0] if f.what == "offset")
+    struct.pack_into(field.fmt, raw, field.offset, 2**64 - 1)
+    gguf.write_bytes(bytes(raw))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "out.safetensors"
+    r = tools.run_module(["convert", gguf, "-o", out, "--to", "peft", "--base", inputs.base])
+    bad_input(r, output=out, snapshot=snap, names=[gguf])
+    assert "Warning" not in r.stderr, r.stderr
