@@ -997,3 +997,23 @@ def test_gguf_tensor_offset_past_2_to_the_64(cli, inputs, tools, bad_input):
     r = tools.run_module(["convert", gguf, "-o", out, "--to", "peft", "--base", inputs.base])
     bad_input(r, output=out, snapshot=snap, names=[gguf])
     assert "Warning" not in r.stderr, r.stderr
+
+
+def test_a_recipe_step_writing_inside_a_later_steps_input(inputs, tools):
+    """Step 'small' writes into the base folder that step 'merged' reads (force = true): exit 2
+    naming the recipe, the step and the base, before any step runs; the base is untouched."""
+    recipe = inputs.work / "recipe.toml"
+    recipe.write_text(
+        f'[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\n'
+        f'output = "{inputs.base}/sub"\nrank = 4\nforce = true\n\n'
+        f'[[step]]\nname = "merged"\nrun = "merge"\nbase = "{inputs.base}"\nadapters = ["@small"]\n'
+        'output = "build/merged"\n'
+    )
+    snap = tools.Snapshot([inputs.root, recipe])
+    r = tools.run_module(["run", recipe], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {recipe}:"), r.stderr
+    assert "'small'" in r.stderr_lines[0] and str(inputs.base) in r.stderr_lines[0], r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
+    assert not (inputs.base / "sub").exists()
+    snap.assert_unchanged()
