@@ -316,8 +316,8 @@ def merge(
         inputs = protected_paths(base=b, adapters=loaded)
         # a single-file output has its receipt beside it: checked as an output too, before any work,
         # whether or not one is written now (unmerge would take a receipt left there for this output's)
+        check_output(output, inputs, force)  # first: './' has no name to put a receipt beside
         beside = None if b.is_dir else receipt_beside(output)
-        check_output(output, inputs, force)
         if beside is not None:
             check_output(beside, inputs, force)
         receipt = receipt and not _four_bit_note(b, notes)
@@ -1413,6 +1413,12 @@ def _converted(m: LoraModule, dtype: str | None, normalize: bool, pad_rank: int 
         raise UsageError(
             f"{source}: module {m.name!r} has rank {m.rank}, above --pad-rank {pad_rank}",
             hint=f"truncate it first: loractl truncate {source} -o smaller --rank {pad_rank}",
+        )
+    widest = max(math.prod(m.down.shape[1:]), m.up.shape[0])
+    if pad_rank is not None and pad_rank > widest:  # zeros past the module's own size: memory, no meaning
+        raise UsageError(
+            f"{source}: module {m.name!r}: --pad-rank {pad_rank} is above its larger dimension {widest}",
+            hint=f"pad to at most {widest}",
         )
     if dtype is not None:
         m = m.cast(torch_dtype(DTYPES[dtype]))  # type: ignore[arg-type]

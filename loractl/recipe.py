@@ -457,6 +457,7 @@ def load(
     reader = _StepReader(path, text, variables, set(overrides or {}), defaults or {}, allow_pickle, steps)
     for i, raw in enumerate(raw_steps):
         reader.read(i, raw)
+    _refuse_other_steps_inputs(path, reader.steps)
     return Recipe(path, reader.steps, {k: _text_of(v) for k, v in variables.items()}, steps)
 
 
@@ -699,6 +700,28 @@ def _refuse_inputs(output: Path, recipe: Path, step: str, line: int, opts: Mappi
         refuse_inputs(output, inputs)
     except LoractlError as e:
         raise UsageError(f"{recipe}:{line}: step {step!r}: {e.message}", hint=e.cli_hint) from None
+
+
+def _refuse_other_steps_inputs(recipe: Path, steps: Sequence[Step]) -> None:
+    """No step's output may be, contain or lie inside a local input of any step (a later step's
+    base as well as its own), other than an output of the recipe (``@step``, or a path a step
+    writes): refused before any step runs."""
+    from .io.atomic import refuse_inputs
+
+    outputs = {s.output for s in steps if s.output}
+    inputs: list[Path] = []
+    for s in steps:
+        for key in PATH_KEYS:
+            values = s.options.get(key)
+            for v in values if isinstance(values, list) else [values]:
+                if isinstance(v, str) and Path(v).is_absolute() and v not in outputs:
+                    inputs.append(Path(v))
+    for s in steps:
+        if s.output:
+            try:
+                refuse_inputs(Path(s.output), inputs)
+            except LoractlError as e:
+                raise UsageError(f"{recipe}:{s.line}: step {s.name!r}: {e.message}", hint=e.cli_hint) from None
 
 
 def _check_output_path(output: Path, recipe: Path, step: str, line: int) -> None:

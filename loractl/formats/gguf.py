@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -566,7 +567,9 @@ def read_file(path: Path, options: ReadOptions) -> Adapter:
     gguf = _gguf(path)
     os.close(open_regular(path, ".gguf file"))  # a FIFO would block np.memmap's open
     try:
-        reader = gguf.GGUFReader(path, "r")
+        with warnings.catch_warnings():  # numpy's overflow warnings on a damaged header's offsets
+            warnings.simplefilter("ignore", RuntimeWarning)
+            reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/KeyError/IndexError for damaged files
         raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     kv: dict[str, Any] = {}

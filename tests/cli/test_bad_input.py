@@ -969,3 +969,51 @@ def test_a_config_file_nested_too_deeply(inputs, tools):
     assert 1 <= len(r.stderr_lines) <= 2 and str(config) in r.stderr_lines[0], r.stderr
     assert "nested" in r.stderr_lines[0], r.stderr
     assert not out.exists()
+
+
+def test_convert_pad_rank_beyond_the_module(cli, inputs, tools, bad_input):
+    """--pad-rank 2**40 tried to allocate 756 TB (a RuntimeError of torch's allocator, exit 3): a
+    pad rank above a module's larger dimension is exit 2 naming the adapter and the module."""
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "padded"
+    r = cli("convert", inputs.adapter, "-o", out, "--to", "peft", "--pad-rank", str(2**40))
+    bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
+    assert "--pad-rank 1099511627776" in r.stderr_lines[0] and "module" in r.stderr_lines[0], r.stderr
+
+
+def test_gguf_tensor_offset_past_2_to_the_64(cli, inputs, tools, bad_input):
+    """A GGUF tensor's data offset of 2**64 - 1 made the gguf reader print numpy's RuntimeWarning
+    (overflow) on stderr before loractl's error: only the one error line now."""
+    from tests.fuzz.mutate_gguf import fields
+
+    gguf = inputs.root / "lora.gguf"
+    assert cli("convert", inputs.adapter, "-o", gguf, "--to", "gguf", "--base", inputs.base).code == 0
+    raw = bytearray(gguf.read_bytes())
+    field = next(f for f in fields(bytes(raw))[0] if f.what == "offset")
+    struct.pack_into(field.fmt, raw, field.offset, 2**64 - 1)
+    gguf.write_bytes(bytes(raw))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "out.safetensors"
+    r = tools.run_module(["convert", gguf, "-o", out, "--to", "peft", "--base", inputs.base])
+    bad_input(r, output=out, snapshot=snap, names=[gguf])
+    assert "Warning" not in r.stderr, r.stderr
+
+
+def test_a_recipe_step_writing_inside_a_later_steps_input(inputs, tools):
+    """Step 'small' writes into the base folder that step 'merged' reads (force = true): exit 2
+    naming the recipe, the step and the base, before any step runs; the base is untouched."""
+    recipe = inputs.work / "recipe.toml"
+    recipe.write_text(
+        f'[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\n'
+        f'output = "{inputs.base}/sub"\nrank = 4\nforce = true\n\n'
+        f'[[step]]\nname = "merged"\nrun = "merge"\nbase = "{inputs.base}"\nadapters = ["@small"]\n'
+        'output = "build/merged"\n'
+    )
+    snap = tools.Snapshot([inputs.root, recipe])
+    r = tools.run_module(["run", recipe], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {recipe}:"), r.stderr
+    assert "'small'" in r.stderr_lines[0] and str(inputs.base) in r.stderr_lines[0], r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
+    assert not (inputs.base / "sub").exists()
+    snap.assert_unchanged()

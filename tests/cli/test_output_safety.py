@@ -524,3 +524,18 @@ def test_a_plot_may_not_overwrite_an_input(cli, inputs, tools, command):
         else:
             r = cli("inspect", weights, "--spectrum", "--base", inputs.base, "--plot", target)
         _refused(r, names=[target], tree=tree, output=target, existed=True, tools=tools)
+
+
+@pytest.mark.parametrize("out", ["./", ".", ".."])
+def test_a_single_file_base_merged_to_a_folder_by_its_place(cli, inputs, tools, monkeypatch, out):
+    """`merge base.safetensors AD -o ./ --force` (the fuzzer's seed 11 case 955) named the receipt
+    beside an output without a name: a ValueError, exit 3. The output is checked first: exit 2."""
+    single = _single_file_base(inputs)
+    monkeypatch.chdir(inputs.work)
+    snap = tools.Snapshot([inputs.root])
+    before = sorted(p.name for p in inputs.work.iterdir())
+    r = cli("merge", single, inputs.adapter, "-o", out, "--force")
+    assert r.code == 2, r.stdout + r.stderr
+    assert 1 <= len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {out.rstrip('/')}:"), r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == before
+    snap.assert_unchanged()

@@ -190,7 +190,8 @@ def outputs(doc: dict[str, Any], sets: dict[str, str]) -> tuple[list[str], bool]
     """The outputs a recipe may write (as written in it, variables substituted), and whether any step forces."""
     variables: dict[str, str] = {}
     if isinstance(doc.get("vars"), dict):
-        variables = {k: str(v) for k, v in doc["vars"].items()}
+        # as loractl splices a variable into text (recipe._text_of): a TOML boolean as TOML writes it
+        variables = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in doc["vars"].items()}
     variables.update(sets)
     outs, force = [], False
     steps = doc.get("step") if isinstance(doc.get("step"), list) else []
