@@ -54,7 +54,7 @@ from .safetensors import DTYPE_INFO, torch_dtype
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .base import BaseModel
+    from .safetensors import TensorSource
 
 FP8_METHOD = "fp8"
 CT_METHOD = "compressed-tensors"
@@ -129,11 +129,11 @@ class Fp8Weight:
         """Whether ``merge --requantize`` can write it back in its own layout (block-scaled ``fp8`` only)."""
         return self.method == FP8_METHOD
 
-    def load(self, base: BaseModel, dtype: torch.dtype) -> torch.Tensor:
+    def load(self, base: TensorSource, dtype: torch.dtype) -> torch.Tensor:
         """The weight as transformers loads it into a model of ``dtype``: :func:`dequantize`."""
         return dequantize(base, self, dtype)
 
-    def float32(self, base: BaseModel) -> torch.Tensor:
+    def float32(self, base: TensorSource) -> torch.Tensor:
         """The weight's values in float32 (:func:`dequantize` to float32)."""
         import torch
 
@@ -165,18 +165,18 @@ def model_dtype(config: dict[str, Any]) -> str:
     return "BF16"
 
 
-def _config_file(base: BaseModel) -> str:
+def _config_file(base: TensorSource) -> str:
     return str(base.path / "config.json") if base.is_dir else str(base.path)
 
 
-def _config_error(base: BaseModel, key: str, what: str) -> FormatError:
+def _config_error(base: TensorSource, key: str, what: str) -> FormatError:
     return FormatError(
         f"{_config_file(base)}: key {key!r}: {what}",
         hint="fix config.json's quantization_config (see the model card) or use an unquantized base",
     )
 
 
-def _block_of(base: BaseModel, qc: dict[str, Any]) -> tuple[int, int] | None:
+def _block_of(base: TensorSource, qc: dict[str, Any]) -> tuple[int, int] | None:
     if "weight_block_size" not in qc:
         return DEFAULT_BLOCK
     b = qc["weight_block_size"]
@@ -211,11 +211,11 @@ def expected_scale_shape(
 # --------------------------------------------------------------------------------------------
 # finding the FP8 weights (headers and config.json only)
 # --------------------------------------------------------------------------------------------
-def _where(base: BaseModel, name: str) -> str:
+def _where(base: TensorSource, name: str) -> str:
     return str(base.file_of(name).path) if name in base.tensors else str(base.path)
 
 
-def _bad(base: BaseModel, name: str, what: str, hint: str | None = None) -> FormatError:
+def _bad(base: TensorSource, name: str, what: str, hint: str | None = None) -> FormatError:
     return FormatError(
         f"{_where(base, name)}: tensor {name!r}: {what}",
         hint=hint
@@ -227,14 +227,14 @@ def _shape(s: tuple[int, ...]) -> str:
     return str(list(s))
 
 
-def _scale_sibling(base: BaseModel, name: str) -> str | None:
+def _scale_sibling(base: TensorSource, name: str) -> str | None:
     for suffix in SCALE_NAMES:
         if name + suffix in base.tensors:
             return name + suffix
     return None
 
 
-def is_fp8(base: BaseModel) -> bool:
+def is_fp8(base: TensorSource) -> bool:
     """Whether ``base`` declares an FP8 quantization or holds an FP8 tensor with a scale beside it
     (headers and config only; :func:`find_fp8` validates)."""
     if quant_method(base.config) in (FP8_METHOD, CT_METHOD) and any(
@@ -246,7 +246,7 @@ def is_fp8(base: BaseModel) -> bool:
     )
 
 
-def find_fp8(base: BaseModel) -> dict[str, Fp8Weight]:
+def find_fp8(base: TensorSource) -> dict[str, Fp8Weight]:
     """Every FP8 weight of ``base`` with its scale, by the weight's key.
 
     Reads config.json and the tensor headers only; the scales' values are checked when
@@ -343,7 +343,7 @@ def find_fp8(base: BaseModel) -> dict[str, Fp8Weight]:
 
 
 def _check_pair(
-    base: BaseModel,
+    base: TensorSource,
     name: str,
     scale_key: str,
     block: tuple[int, int] | None,
@@ -396,7 +396,7 @@ def _check_pair(
 # --------------------------------------------------------------------------------------------
 # compressed-tensors' FP8 ("float-quantized")
 # --------------------------------------------------------------------------------------------
-def _ct_schemes(base: BaseModel, qc: dict[str, Any]) -> list[tuple[str, tuple[int, int] | None]]:
+def _ct_schemes(base: TensorSource, qc: dict[str, Any]) -> list[tuple[str, tuple[int, int] | None]]:
     """The (strategy, block) of every config group that quantizes weights to 8-bit floats."""
     groups = qc.get("config_groups")
     if not isinstance(groups, dict):
@@ -428,7 +428,7 @@ def _ct_schemes(base: BaseModel, qc: dict[str, Any]) -> list[tuple[str, tuple[in
     return schemes
 
 
-def _find_ct(base: BaseModel, qc: dict[str, Any]) -> dict[str, Fp8Weight]:
+def _find_ct(base: TensorSource, qc: dict[str, Any]) -> dict[str, Fp8Weight]:
     fmt = qc.get("format")
     f8 = [n for n, (_, info) in base.tensors.items() if info.dtype in FP8_MAX]
     if fmt not in ("float-quantized", "naive-quantized") or not f8:
@@ -472,7 +472,7 @@ def _find_ct(base: BaseModel, qc: dict[str, Any]) -> dict[str, Fp8Weight]:
 # --------------------------------------------------------------------------------------------
 # dequantizing
 # --------------------------------------------------------------------------------------------
-def _read_scale(base: BaseModel, w: Fp8Weight, raw: torch.Tensor | None = None) -> torch.Tensor:
+def _read_scale(base: TensorSource, w: Fp8Weight, raw: torch.Tensor | None = None) -> torch.Tensor:
     """The scale as float32 with the weight's grid shape (a per-tensor scale as ``[1, 1]``); refuses
     NaN, infinite and negative scales.
 
@@ -538,7 +538,7 @@ def _row_step(cols: int, block: tuple[int, int] | None) -> int:
 
 
 def dequantize(
-    base: BaseModel,
+    base: TensorSource,
     w: Fp8Weight,
     dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
@@ -624,7 +624,7 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 def _not_finite(
-    base: BaseModel, w: Fp8Weight, q: torch.Tensor, x: torch.Tensor, m: int, r0: int, dtype: torch.dtype
+    base: TensorSource, w: Fp8Weight, q: torch.Tensor, x: torch.Tensor, m: int, r0: int, dtype: torch.dtype
 ) -> None:
     import torch
 
@@ -845,7 +845,7 @@ def aux_keys(found: dict[str, Fp8Weight]) -> set[str]:
     return {k for w in found.values() for k in w.aux}
 
 
-def dequantized_nbytes(base: BaseModel, dtype_bytes: int | None, found: dict[str, Fp8Weight]) -> int:
+def dequantized_nbytes(base: TensorSource, dtype_bytes: int | None, found: dict[str, Fp8Weight]) -> int:
     """Tensor bytes of a copy of ``base`` whose FP8 weights are written dequantized.
 
     Each FP8 weight counts ``numel × dtype_bytes`` (None: its :attr:`Fp8Weight.out_dtype`'s size),

@@ -48,7 +48,7 @@ from .safetensors import DTYPE_INFO, FLOAT_DTYPES
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .base import BaseModel
+    from .safetensors import TensorSource
 
 #: the ``method`` of a 4-bit weight (``inspect``'s ``quantized.method``)
 METHOD = "bitsandbytes-4bit"
@@ -145,14 +145,14 @@ class QuantizedWeight:
     #: ``merge --requantize`` cannot write 4-bit weights, and a receipt cannot give back their bytes
     requantizable: ClassVar[bool] = False
 
-    def load(self, base: BaseModel, dtype: torch.dtype) -> torch.Tensor:
+    def load(self, base: TensorSource, dtype: torch.dtype) -> torch.Tensor:
         """The weight as bitsandbytes' ``dequantize_4bit`` gives it (in :attr:`dtype`, whatever
         ``dtype`` the merge writes: the merge computes from there)."""
         from .safetensors import torch_dtype
 
         return dequantize(base, self).to(torch_dtype(self.st_dtype))
 
-    def float32(self, base: BaseModel) -> torch.Tensor:
+    def float32(self, base: TensorSource) -> torch.Tensor:
         """The weight's values in float32 (:func:`dequantize`)."""
         return dequantize(base, self)
 
@@ -160,16 +160,16 @@ class QuantizedWeight:
 # --------------------------------------------------------------------------------------------
 # finding the quantized weights (headers and the small JSON tensors only)
 # --------------------------------------------------------------------------------------------
-def is_quantized(base: BaseModel) -> bool:
+def is_quantized(base: TensorSource) -> bool:
     """Whether ``base`` holds bitsandbytes 4-bit weights (looks at tensor names only)."""
     return any(QUANT_STATE in name for name in base.tensors)
 
 
-def _where(base: BaseModel, name: str) -> str:
+def _where(base: TensorSource, name: str) -> str:
     return str(base.file_of(name).path) if name in base.tensors else str(base.path)
 
 
-def _bad(base: BaseModel, name: str, what: str) -> FormatError:
+def _bad(base: TensorSource, name: str, what: str) -> FormatError:
     return FormatError(
         f"{_where(base, name)}: tensor {name!r}: {what}",
         hint="the bitsandbytes 4-bit state is inconsistent; re-save the model with transformers "
@@ -181,7 +181,7 @@ def _pos_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _read_state(base: BaseModel, key: str) -> dict[str, Any]:
+def _read_state(base: TensorSource, key: str) -> dict[str, Any]:
     """The JSON object packed in a ``quant_state.bitsandbytes__*`` uint8 tensor."""
     info = base.info(key)
     if info.dtype != "U8" or len(info.shape) != 1 or info.numel > MAX_STATE_BYTES:
@@ -202,7 +202,7 @@ def _read_state(base: BaseModel, key: str) -> dict[str, Any]:
     return state
 
 
-def _parse(base: BaseModel, key: str) -> QuantizedWeight:
+def _parse(base: TensorSource, key: str) -> QuantizedWeight:
     name, _, qt = key.partition(QUANT_STATE)
     if qt not in QUANT_TYPES:
         raise _bad(base, key, f"unknown bitsandbytes quant type {qt!r} (expected nf4 or fp4)")
@@ -247,7 +247,7 @@ def _parse(base: BaseModel, key: str) -> QuantizedWeight:
     return q
 
 
-def _check_headers(base: BaseModel, q: QuantizedWeight) -> None:
+def _check_headers(base: TensorSource, q: QuantizedWeight) -> None:
     """Sizes and dtypes of the packed weight and its statistics, from the headers alone."""
     state = q.state_key
     if q.name not in base.tensors:
@@ -281,7 +281,7 @@ def _check_headers(base: BaseModel, q: QuantizedWeight) -> None:
         expect("absmax", q.blocks, floats, "float")
 
 
-def find_quantized(base: BaseModel) -> dict[str, QuantizedWeight]:
+def find_quantized(base: TensorSource) -> dict[str, QuantizedWeight]:
     """Every bitsandbytes 4-bit weight of ``base``, by its ``<m>.weight`` key.
 
     Reads the tensor headers and the small ``quant_state`` JSON tensors only.
@@ -332,7 +332,7 @@ def table(quant_type: str) -> torch.Tensor:
     raise ValueError(f"unknown 4-bit type {quant_type!r}")
 
 
-def _finite(base: BaseModel, key: str, t: torch.Tensor) -> None:
+def _finite(base: TensorSource, key: str, t: torch.Tensor) -> None:
     import torch
 
     bad = int((~torch.isfinite(t)).sum())
@@ -340,7 +340,7 @@ def _finite(base: BaseModel, key: str, t: torch.Tensor) -> None:
         raise _bad(base, key, f"holds {bad} NaN/Inf values")
 
 
-def _absmax(base: BaseModel, q: QuantizedWeight) -> torch.Tensor:
+def _absmax(base: TensorSource, q: QuantizedWeight) -> torch.Tensor:
     """The float32 scale of every block (bitsandbytes ``dequantize_4bit``'s ``absmax``).
 
     With double quantization (bitsandbytes ``dequantize_blockwise`` then ``absmax += offset``)::
@@ -376,7 +376,7 @@ def _absmax(base: BaseModel, q: QuantizedWeight) -> torch.Tensor:
 CHUNK_BYTES = 1 << 20
 
 
-def dequantize(base: BaseModel, q: QuantizedWeight) -> torch.Tensor:
+def dequantize(base: TensorSource, q: QuantizedWeight) -> torch.Tensor:
     """The weight ``q`` in float32 with its real shape, equal to bitsandbytes' ``dequantize_4bit``.
 
     ``W[i] = table[code[i]] · absmax[i // blocksize]`` over the flattened weight, ``code[2j]`` the high
@@ -433,7 +433,7 @@ def aux_keys(quantized: dict[str, QuantizedWeight]) -> set[str]:
 
 
 def dequantized_nbytes(
-    base: BaseModel, dtype_bytes: int | None = 2, quantized: dict[str, QuantizedWeight] | None = None
+    base: TensorSource, dtype_bytes: int | None = 2, quantized: dict[str, QuantizedWeight] | None = None
 ) -> int:
     """Tensor bytes of a copy of ``base`` whose 4-bit weights are written dequantized.
 

@@ -15,7 +15,7 @@ from .safetensors import DTYPE_INFO
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .base import BaseModel
+    from .safetensors import TensorSource
 
 
 class QuantizedTensor(Protocol):
@@ -45,16 +45,16 @@ class QuantizedTensor(Protocol):
     @property
     def requantizable(self) -> bool: ...
 
-    def load(self, base: BaseModel, dtype: torch.dtype) -> torch.Tensor:
+    def load(self, base: TensorSource, dtype: torch.dtype) -> torch.Tensor:
         """The weight dequantized as its runtime does it for a model computed in ``dtype``."""
         ...
 
-    def float32(self, base: BaseModel) -> torch.Tensor:
+    def float32(self, base: TensorSource) -> torch.Tensor:
         """The weight's values in float32 (for analyses: ``similarity --base``)."""
         ...
 
 
-def find(base: BaseModel) -> dict[str, QuantizedTensor]:
+def find(base: TensorSource) -> dict[str, QuantizedTensor]:
     """Every quantized weight of ``base`` by its key: the 4-bit ones, then the FP8 ones.
 
     Raises:
@@ -79,7 +79,7 @@ def methods(found: dict[str, QuantizedTensor]) -> list[str]:
     return sorted({q.method for q in found.values()})
 
 
-def dequantized_nbytes(base: BaseModel, found: dict[str, QuantizedTensor]) -> int:
+def dequantized_nbytes(base: TensorSource, found: dict[str, QuantizedTensor]) -> int:
     """Tensor bytes of a merge of ``base`` written with ``--dtype auto``: each quantized weight in its
     :attr:`~QuantizedTensor.merge_dtype`, its auxiliary tensors left out, every other tensor as stored."""
     skip = aux_keys(found)

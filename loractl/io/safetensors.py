@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import FormatError, OutputError
 from .files import loads_json, open_regular
@@ -714,3 +714,22 @@ class SpooledWriter:
             os.close(self._fd)
             self._fd = -1
             self.spool.unlink(missing_ok=True)
+
+
+class TensorSource(Protocol):
+    """What a reader of one model's tensors needs of it (:class:`loractl.io.base.BaseModel` is one):
+    the quantized-weight readers (``io.quant``, ``io.fp8``, ``io.quantized``) take this, so that
+    ``io.base`` may use them without their importing it back."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, tuple[int, TensorInfo]]
+
+    @property
+    def is_dir(self) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def file_of(self, name: str) -> SafetensorsFile: ...
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
