@@ -152,6 +152,57 @@ def test_merge_sharded_base_streams_one_tensor_at_a_time(moe, tmp_path):
     assert _diff(read_st(tmp_path / "merged"), case.peft()) == []
 
 
+# --- verify ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", MAIN_ARCHS)
+def test_verify_expert_merges(moe, arch, dtype, tmp_path):
+    """``verify`` accepts loractl's and PEFT's merges of expert LoRAs (their bits are PEFT's), and names the
+    expert tensors of a merge checked at the wrong weight, and one left unmerged."""
+    case = moe(arch, dtype)
+    api.merge(case.base, case.adapters, tmp_path / "merged", receipt=False)
+    ok = api.verify(tmp_path / "merged", case.adapters, base=case.base)
+    assert ok.ok, [asdict(f) for f in ok.findings]
+    peft_dir = Path(case.root / "peft")
+    case.peft()
+    assert api.verify(peft_dir, case.adapters, base=case.base).ok
+    wrong = api.verify(tmp_path / "merged", case.adapters, base=case.base, weights=[2.0, 1.0])
+    assert not wrong.ok
+    expert_param = next(m for m in fx_parameters(case) if ".experts." in m)
+    assert any(f.code == "mismatch" and expert_param in (f.module or "") for f in wrong.findings), [
+        (f.code, f.module) for f in wrong.findings
+    ]
+    # one expert tensor left as in the base: not-merged, named by its parameter
+    merged = read_st(tmp_path / "merged")
+    base = read_st(case.base)
+    key = next(k for k in merged if ".experts." in k and not same_bits(merged[k], base[k]))
+    merged[key] = base[key].clone()
+    shutil.rmtree(tmp_path / "merged")
+    (tmp_path / "merged").mkdir()
+    for f in case.base.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / "merged" / f.name)
+    _write_like(case.base, merged, tmp_path / "merged")
+    left = api.verify(tmp_path / "merged", case.adapters, base=case.base)
+    assert [f.code for f in left.findings if f.tensor == key] == ["not-merged"], [asdict(f) for f in left.findings]
+
+
+def fx_parameters(case) -> list[str]:
+    """The parameter LoRAs of a case's first adapter (module names)."""
+    return [n for n, m in load_adapter(case.adapters[0]).modules.items() if m.experts > 1]
+
+
+def _write_like(base: Path, tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """``tensors`` saved in ``base``'s shard files (the same names in the same files)."""
+    from safetensors import safe_open
+
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            names, meta = list(f.keys()), f.metadata()
+        save_file({n: tensors[n].contiguous() for n in names}, str(out / shard.name), metadata=meta)
+
+
 # --- inspect ---------------------------------------------------------------------------------------------------
 
 

@@ -972,7 +972,27 @@ def check_changed(
     order = exact_match(merged, base, changes) if exact else None
     if order is not None:
         return TensorCheck(OK, exact=order, elements=merged.numel(), modules=modules)
+    if any(c.kind == "expert" for c in changes):
+        return _judge_experts(merged, base, modules)
     return _judge(merged, base, changes, modules)
+
+
+def _judge_experts(merged: torch.Tensor, base: torch.Tensor, modules: tuple[str, ...]) -> TensorCheck:
+    """The verdict on a tensor a LoRA on MoE experts changes whose bits are not a correct merge's: the
+    rounding bound does not cover expert updates yet, so such a tensor is ``nan-inf``, ``not-merged``
+    (equal to the base) or ``mismatch``, never ``ok`` by the bound."""
+    n = merged.numel()
+    nonfinite = int((~torch.isfinite(merged)).sum()) - int((~torch.isfinite(base.to(merged.dtype))).sum())
+    if nonfinite > 0:
+        return TensorCheck(NAN_INF, elements=n, nonfinite=nonfinite, modules=modules)
+    if torch.equal(merged, base.to(merged.dtype)):
+        return TensorCheck(NOT_MERGED, elements=n, modules=modules, note="equal to the base")
+    return TensorCheck(
+        MISMATCH,
+        elements=n,
+        modules=modules,
+        note="not the bits of PEFT's merge of these expert LoRAs (checked exactly; no rounding bound for experts)",
+    )
 
 
 def _judge(
