@@ -276,7 +276,7 @@ def unmerge_jobs(
         for t in items:
             contribs = plan.changes.get(t.name, [])
             if receipt is not None and t.name in receipt.aux:
-                loaders[t.name] = functools.partial(lambda k: receipt.parts(k)["full"], t.name)
+                loaders[t.name] = functools.partial(receipt.whole, t.name)
                 jobs[t.name] = functools.partial(restore_whole, name=t.name, receipt=receipt, path=b.path)
             elif receipt is not None and t.name in receipt.quantized:
                 jobs[t.name] = functools.partial(

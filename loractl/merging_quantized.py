@@ -191,11 +191,11 @@ def unmerge_fp8(
     """
     from .io.safetensors import torch_dtype
 
-    parts = receipt.parts(name)
+    parts = receipt.parts(name, m.shape, torch_dtype(info["dtype"]))
     if "full" in parts:
         codes = parts["full"]
     else:
-        scale = receipt.parts(info["scale"])["full"]
+        scale = receipt.whole(info["scale"])
         block = tuple(info["block"]) if info["block"] else None
         if info["requantized"]:
             q = b.quantized[name]

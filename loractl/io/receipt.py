@@ -238,6 +238,17 @@ class Receipt:
         info = self._file.tensors[f"{name}::full"]
         return info.dtype, tuple(info.shape)
 
+    def whole(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as the receipt keeps it whole (an FP8 weight's scale, a tensor merge removed).
+
+        Raises:
+            InputError: the receipt holds other parts for it than the whole tensor.
+        """
+        from .safetensors import torch_dtype
+
+        dtype, shape = self.stored(name)
+        return self.parts(name, shape, torch_dtype(dtype))["full"]
+
     def _meta(
         self, meta: Mapping[str, str], key: str, default: Any, kind: tuple[str, Callable[[Any], bool]]
     ) -> Any:
