@@ -1017,3 +1017,23 @@ def test_a_recipe_step_writing_inside_a_later_steps_input(inputs, tools):
     assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
     assert not (inputs.base / "sub").exists()
     snap.assert_unchanged()
+
+
+def test_lora_factors_of_different_dimensions(cli, inputs, tools, bad_input):
+    """lora_B reshaped to [out, r, 1] beside a 2-D lora_A (a matmul RuntimeError, exit 3, in
+    merge): exit 2 naming the file, the module and both shapes."""
+    weights = inputs.adapter / ADAPTER_FILE
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+    tensors[name] = tensors[name].unsqueeze(-1).contiguous()
+    save_file(tensors, str(weights), metadata=meta)
+    cfg = json.loads((inputs.adapter / "adapter_config.json").read_text())
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert module in r.stderr_lines[0] and "do not make a low-rank pair" in r.stderr_lines[0], r.stderr
+    assert cfg["r"] == tensors[name].shape[1]
