@@ -1019,6 +1019,21 @@ def test_a_recipe_step_writing_inside_a_later_steps_input(inputs, tools):
     snap.assert_unchanged()
 
 
+def test_a_recipe_input_with_a_name_too_long(inputs, tools):
+    """A step's base named by 300 characters (an OSError ENAMETOOLONG, exit 3): exit 2 naming the
+    recipe, its line and the step, nothing written."""
+    recipe = inputs.work / "recipe.toml"
+    recipe.write_text(
+        f'[[step]]\nname = "gate"\nrun = "check"\nadapter = "{inputs.adapter}"\nbase = "{"x" * 300}"\n'
+    )
+    snap = tools.Snapshot([inputs.root, recipe])
+    r = tools.run_module(["run", recipe], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {recipe}:5: step 'gate'"), r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
+    snap.assert_unchanged()
+
+
 def test_lora_factors_of_different_dimensions(cli, inputs, tools, bad_input):
     """lora_B reshaped to [out, r, 1] beside a 2-D lora_A (a matmul RuntimeError, exit 3, in
     merge): exit 2 naming the file, the module and both shapes."""
