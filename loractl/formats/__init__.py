@@ -299,6 +299,12 @@ def check_modules(adapter: Adapter, source: Path) -> None:
                 "do not make a low-rank pair",
                 hint="the file is damaged or not a LoRA",
             )
+        if m.magnitude is not None and m.magnitude.numel() != m.up.shape[0]:
+            raise FormatError(
+                f"{source}: module {m.name!r}: lora_magnitude_vector {list(m.magnitude.shape)} does not hold one "
+                f"value per output ({m.up.shape[0]}, lora_B {list(m.up.shape)})",
+                hint="the file is damaged or not a DoRA adapter",
+            )
         if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(m.alpha):
             raise FormatError(f"{source}: module {m.name!r} has alpha {m.alpha!r}, not a finite number")
 

@@ -1052,3 +1052,22 @@ def test_lora_factors_of_different_dimensions(cli, inputs, tools, bad_input):
     module = name.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
     assert module in r.stderr_lines[0] and "do not make a low-rank pair" in r.stderr_lines[0], r.stderr
     assert cfg["r"] == tensors[name].shape[1]
+
+
+def test_dora_magnitude_of_the_wrong_size(cli, inputs, tools, bad_input):
+    """A lora_magnitude_vector [3, 5] added to a module with 64 outputs (a broadcasting RuntimeError
+    in merge, exit 3): exit 2 naming the file, the module and the shape."""
+    weights = inputs.adapter / ADAPTER_FILE
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    a = next(k for k in sorted(tensors) if k.endswith("mlp.down_proj.lora_A.weight"))
+    module = a.removesuffix(".lora_A.weight")
+    tensors[module + ".lora_magnitude_vector"] = torch.ones(3, 5, dtype=tensors[a].dtype)
+    save_file(tensors, str(weights), metadata=meta)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+    assert module.removeprefix("base_model.model.") in r.stderr_lines[0], r.stderr
+    assert "lora_magnitude_vector [3, 5]" in r.stderr_lines[0], r.stderr
