@@ -1071,3 +1071,18 @@ def test_dora_magnitude_of_the_wrong_size(cli, inputs, tools, bad_input):
     bad_input(r, output=out, snapshot=snap, names=[weights])
     assert module.removeprefix("base_model.model.") in r.stderr_lines[0], r.stderr
     assert "lora_magnitude_vector [3, 5]" in r.stderr_lines[0], r.stderr
+
+
+def test_a_base_value_beyond_the_output_dtype_names_the_base_file(cli, inputs, tools, bad_input):
+    """A base weight of 1e38 (no adapter touches model.embed_tokens) written with --dtype fp16
+    overflows to Inf: refused, and the error names the base file holding the tensor (it named only
+    the tensor)."""
+    shard = next(
+        inputs.base / s for s in (SHARD1, SHARD2) if "model.embed_tokens.weight" in load_file(str(inputs.base / s))
+    )
+    _resave_with(shard, "model.embed_tokens.weight", (0, 0), 1e38)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp16")
+    bad_input(r, output=out, snapshot=snap, names=[shard])
+    assert r.stderr_lines[0].startswith(f"error: {shard}: tensor 'model.embed_tokens.weight'"), r.stderr
