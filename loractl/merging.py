@@ -39,13 +39,15 @@ def check_finite(
     contributions: Sequence[merge_ops.Contribution],
     adapters: Sequence[Adapter],
     op: str = "merging",
+    source: object = None,
 ) -> None:
     """NaN/Inf are never written where the original was finite: a result with any is compared with
     the original element by element (``original()`` reads it again: the computation may have
     overwritten it in place); only NaN/Inf the original already held at the same places pass.
 
     Raises:
-        InputError: naming the tensor, the modules and adapters that changed it, and how many values.
+        InputError: naming ``source`` (the base file holding the tensor), the tensor, the modules and
+            adapters that changed it, and how many values.
     """
     if merge_ops.all_finite(result) or bool(torch.isfinite(result).all()):
         return
@@ -56,7 +58,7 @@ def check_finite(
     mods = sorted({f"{c.module.name!r} of {adapters[c.adapter].path}" for c in contributions if c.module is not None})
     by = f" by module {', '.join(mods)}" if mods else ""
     raise InputError(
-        f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
+        f"{source}: " * (source is not None) + f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
         f"({str(result.dtype).replace('torch.', '')})",
         hint="the update overflows this dtype (a huge scale, --weight or factor?); nothing was written",
     )
@@ -91,7 +93,12 @@ def merge_jobs(
                 functools.partial(q.load, b, out_dtype) if q is not None else functools.partial(b.read, t.name)
             )
             check = functools.partial(
-                check_finite, original=original, key=t.name, contributions=contribs, adapters=adapters
+                check_finite,
+                original=original,
+                key=t.name,
+                contributions=contribs,
+                adapters=adapters,
+                source=b.file_of(t.name).path,
             )
             if q is not None and requantize:
                 if contribs:
@@ -251,7 +258,8 @@ def _unmerge_job(
     parts = receipt.parts(name, m.shape, orig) if receipt is not None else {}
     reread = functools.partial(b.read, name)
     check = functools.partial(
-        check_finite, original=reread, key=name, contributions=contribs, adapters=adapters, op="unmerging"
+        check_finite, original=reread, key=name, contributions=contribs, adapters=adapters, op="unmerging",
+        source=b.file_of(name).path,
     )
     restored = merge_ops.unmerge_tensor(m, contribs, orig, parts, fused=fused, merged=reread, check=check)
     if receipt is not None:

@@ -576,7 +576,11 @@ class _StepReader:
                 continue
             p = Path(v)
             full = p if p.is_absolute() else (Path.cwd() if given else self.path.resolve().parent) / p
-            if full.exists():
+            try:
+                found = os.path.lexists(full) and full.exists()
+            except (OSError, ValueError) as e:  # a name too long, a NUL: no such input
+                raise UsageError(f"{where}: step {name!r}: input {v!r} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+            if found:
                 resolved.append(str(full))
             elif _is_hub_ref(v):
                 resolved.append(v)

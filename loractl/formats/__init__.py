@@ -293,6 +293,18 @@ def check_modules(adapter: Adapter, source: Path) -> None:
                 raise FormatError(f"{source}: module {m.name!r}: {label} {list(t.shape)} is empty")
         if m.rank < 1:
             raise FormatError(f"{source}: module {m.name!r} has rank 0 (lora_A {list(m.down.shape)})")
+        if m.down.dim() != m.up.dim():
+            raise FormatError(  # a linear pair is [r, in] and [out, r]; a convolution's [r, in, k...] and [out, r, 1...]
+                f"{source}: module {m.name!r}: lora_A {list(m.down.shape)} and lora_B {list(m.up.shape)} "
+                "do not make a low-rank pair",
+                hint="the file is damaged or not a LoRA",
+            )
+        if m.magnitude is not None and m.magnitude.numel() != m.up.shape[0]:
+            raise FormatError(
+                f"{source}: module {m.name!r}: lora_magnitude_vector {list(m.magnitude.shape)} does not hold one "
+                f"value per output ({m.up.shape[0]}, lora_B {list(m.up.shape)})",
+                hint="the file is damaged or not a DoRA adapter",
+            )
         if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(m.alpha):
             raise FormatError(f"{source}: module {m.name!r} has alpha {m.alpha!r}, not a finite number")
 

@@ -1017,3 +1017,72 @@ def test_a_recipe_step_writing_inside_a_later_steps_input(inputs, tools):
     assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
     assert not (inputs.base / "sub").exists()
     snap.assert_unchanged()
+
+
+def test_a_recipe_input_with_a_name_too_long(inputs, tools):
+    """A step's base named by 300 characters (an OSError ENAMETOOLONG, exit 3): exit 2 naming the
+    recipe, its line and the step, nothing written."""
+    recipe = inputs.work / "recipe.toml"
+    recipe.write_text(
+        f'[[step]]\nname = "gate"\nrun = "check"\nadapter = "{inputs.adapter}"\nbase = "{"x" * 300}"\n'
+    )
+    snap = tools.Snapshot([inputs.root, recipe])
+    r = tools.run_module(["run", recipe], cwd=inputs.work)
+    assert r.code == 2, r.stderr
+    assert len(r.stderr_lines) <= 2 and r.stderr_lines[0].startswith(f"error: {recipe}:5: step 'gate'"), r.stderr
+    assert sorted(p.name for p in inputs.work.iterdir()) == ["recipe.toml"]
+    snap.assert_unchanged()
+
+
+def test_lora_factors_of_different_dimensions(cli, inputs, tools, bad_input):
+    """lora_B reshaped to [out, r, 1] beside a 2-D lora_A (a matmul RuntimeError, exit 3, in
+    merge): exit 2 naming the file, the module and both shapes."""
+    weights = inputs.adapter / ADAPTER_FILE
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+    tensors[name] = tensors[name].unsqueeze(-1).contiguous()
+    save_file(tensors, str(weights), metadata=meta)
+    cfg = json.loads((inputs.adapter / "adapter_config.json").read_text())
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert module in r.stderr_lines[0] and "do not make a low-rank pair" in r.stderr_lines[0], r.stderr
+    assert cfg["r"] == tensors[name].shape[1]
+
+
+def test_dora_magnitude_of_the_wrong_size(cli, inputs, tools, bad_input):
+    """A lora_magnitude_vector [3, 5] added to a module with 64 outputs (a broadcasting RuntimeError
+    in merge, exit 3): exit 2 naming the file, the module and the shape."""
+    weights = inputs.adapter / ADAPTER_FILE
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    a = next(k for k in sorted(tensors) if k.endswith("mlp.down_proj.lora_A.weight"))
+    module = a.removesuffix(".lora_A.weight")
+    tensors[module + ".lora_magnitude_vector"] = torch.ones(3, 5, dtype=tensors[a].dtype)
+    save_file(tensors, str(weights), metadata=meta)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out)
+    bad_input(r, output=out, snapshot=snap, names=[weights])
+    assert module.removeprefix("base_model.model.") in r.stderr_lines[0], r.stderr
+    assert "lora_magnitude_vector [3, 5]" in r.stderr_lines[0], r.stderr
+
+
+def test_a_base_value_beyond_the_output_dtype_names_the_base_file(cli, inputs, tools, bad_input):
+    """A base weight of 1e38 (no adapter touches model.embed_tokens) written with --dtype fp16
+    overflows to Inf: refused, and the error names the base file holding the tensor (it named only
+    the tensor)."""
+    shard = next(
+        inputs.base / s for s in (SHARD1, SHARD2) if "model.embed_tokens.weight" in load_file(str(inputs.base / s))
+    )
+    _resave_with(shard, "model.embed_tokens.weight", (0, 0), 1e38)
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "merged"
+    r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp16")
+    bad_input(r, output=out, snapshot=snap, names=[shard])
+    assert r.stderr_lines[0].startswith(f"error: {shard}: tensor 'model.embed_tokens.weight'"), r.stderr
