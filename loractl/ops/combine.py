@@ -328,6 +328,8 @@ def combine_peft(
     new_rank = rank or max(A.shape[0] for _, A, _, _ in modules)
     if new_rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    # no more components than the update has (PEFT would slice U and Vh to different ranks and fail)
+    new_rank = min(new_rank, present[0][0].shape[0], present[0][1].shape[1])
     if generator_seed is None or not method.startswith("dare"):
         return _peft_svd(present, method, new_rank, density, majority_sign, clamp, full_matrices)
     with torch.random.fork_rng(devices=[]):

@@ -345,3 +345,20 @@ def test_combine_peft_rejects_bad_arguments() -> None:
     placeholders = modules_of(model, "fc2", {"two": 1.0, "three": 1.0})
     with pytest.raises(ValueError, match="placeholder"):
         combine_peft(placeholders, "svd")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "dare-linear", "magnitude-prune"])
+def test_svd_methods_keep_no_more_components_than_the_update_has(method: str) -> None:
+    """A module whose rank exceeds its update's size (a loralib MergedLinear of 8 slices of rank 8 on
+    a 32x8 weight: rank 64) combined by an SVD method: the new factors agree in rank (at most 8) and
+    give the dense SVD's best approximation; PEFT slices U and Vh to different ranks there and fails
+    (fuzz seed 7 case 4058 was an exit 3)."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(32, 64, generator=g)
+    a = torch.randn(64, 8, generator=g)
+    nb, na = combine_peft([(b, a, 1.0, 1.0), (b, a, 1.0, 0.5)], method, density=1.0, rank=64, generator_seed=0)
+    assert nb.shape == (32, 8) and na.shape == (8, 8)
+    if method == "dare-linear":
+        # density 1 keeps every element: the weighted sum (rank 8 at most) is reproduced
+        want = (b @ a) * 1.5
+        assert torch.allclose(nb @ na, want, rtol=1e-4, atol=1e-3)
