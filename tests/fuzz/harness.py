@@ -206,6 +206,10 @@ def run_case(seed: int, index: int, root: Path, seeds_dir: Path, runner, timeout
         result.mutations = muts
         cmds = plan_commands(rng, case, muts, recipe_doc)
     except Exception as e:  # a bug of the fuzzer: reported, never hidden
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
         result.error = f"planning: {type(e).__name__}: {e}"
         return result
     if verbose:

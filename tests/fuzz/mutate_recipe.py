@@ -88,7 +88,9 @@ def mutate(rng: random.Random, path: Path, doc: dict[str, Any]) -> tuple[str, st
         if rng.random() < 0.2:
             doc["vars"] = v = rng.choice([5, [], "x"])
         else:
-            doc.setdefault("vars", {})["out"] = v
+            if not isinstance(doc.get("vars"), dict):  # an earlier mutation made it 5, [] or "x"
+                doc["vars"] = {}
+            doc["vars"]["out"] = v
         detail = f"out = {short(v)}"
     elif what in ("path", "output"):
         key = "output" if what == "output" else rng.choice(["adapter", "base", "adapters"])
