@@ -1075,6 +1075,8 @@ def combine(
     t0 = time.perf_counter()
     adapters = as_list(adapters)
     _combine_options(method, len(adapters), density, majority_sign, rank)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UsageError(f"--seed {seed} is out of range: 0 to 2^63 - 1 (torch's generator seeds)")
     ws = weights_for(weights, len(adapters))
     loaded = load_adapters(adapters, format, read_options(allow_pickle=allow_pickle, subfolder=subfolder, alpha=alpha))
     for a in loaded:
@@ -1101,6 +1103,12 @@ def combine(
         except ValueError as e:
             hint = "use --method cat, which is exact for any ranks" if "rank" in str(e) and method == "linear" else None
             raise UsageError(f"module {name!r}: {e}", hint=hint) from None
+        except torch.linalg.LinAlgError:  # the SVD of a sum that overflowed (a huge alpha, huge values)
+            paths = ", ".join(str(a.path) for a in loaded if name in a.modules)
+            raise InputError(
+                f"{paths}: module {name!r}: the weighted sum of the updates is not finite (a scale or values "
+                "too large for float32), so it has no SVD"
+            ) from None
     combined = loaded[0].derived(out)
     combined.modules_to_save = {}
     fmt = to or writable(loaded[0].format)
@@ -1199,6 +1207,10 @@ def similarity(
     def one(pair: tuple[torch.Tensor, torch.Tensor, int, int]) -> tuple[float, torch.Tensor | None]:
         x1, x2, ii, jj = pair
         sq = overlap(x1, x2, factor=factor)
+        # a default i/j (the module's rank) beyond the basis the factor spans (rank > its size): all of it
+        ii, jj = (min(ii, sq.shape[0]) if i is None else ii), (min(jj, sq.shape[1]) if j is None else jj)
+        if not (1 <= ii <= sq.shape[0] and 1 <= jj <= sq.shape[1]):
+            raise UsageError(f"i={ii}, j={jj}: the compared subspaces have {sq.shape[0]} and {sq.shape[1]} dimensions")
         return phi_from_overlap(sq, ii, jj), (grid_from_overlap(sq) if grid else None)
 
     # small decompositions: two threads of one torch thread each beat one op on two threads
@@ -1287,6 +1299,9 @@ def amplification(
                 out += _expert_amplification(b, m, fit.pieces[name], g)
                 continue
             w = _base_weight(b, fit.weights[name]).double()
+            if not bool(torch.isfinite(w).all()):
+                key = fit.weights[name]
+                raise InputError(f"{b.file_of(key).path}: tensor {key!r} holds NaN/Inf: it has no singular vectors")
             if m.kind == "embedding" or m.fan_in_fan_out:
                 w = w.T
             b2, a2 = m.matrices()

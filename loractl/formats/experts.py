@@ -167,10 +167,10 @@ PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias
 def model_type_of(config: Mapping[str, Any]) -> str | None:
     """The base's model type as :data:`ARCHS` knows it: ``model_type``, else its ``text_config``'s."""
     mt = config.get("model_type")
-    if mt in ARCHS:
+    if isinstance(mt, str) and mt in ARCHS:
         return mt
     text = config.get("text_config")
-    if isinstance(text, Mapping) and text.get("model_type") in ARCHS:
+    if isinstance(text, Mapping) and isinstance(text.get("model_type"), str) and text["model_type"] in ARCHS:
         return text["model_type"]
     return mt if isinstance(mt, str) else None
 

@@ -483,8 +483,17 @@ def write(adapter: Adapter, out: Path, options: WriteOptions) -> None:
         writer.write_header_to_file(path=out)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    except OSError as e:  # a full disk or a file size limit: a short write has no errno
+        from ..io.safetensors import disk_error
+
+        if e.errno is None:
+            e = OSError(27, "the file cannot grow (file size limit or no space left)")
+        raise disk_error(out, e) from None
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:
+            pass  # the error above is the one to report
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def clash(target: Path, protected: Iterable[str | os.PathLike[str]]) -> tuple[Pa
     inode) along their chains of folders, so that a hard link, a bind mount or another spelling of
     the same folder on a case-insensitive filesystem is caught too.
     """
+    if "\x00" in str(target):
+        raise OutputError(f"{target}: a path cannot hold a NUL character")
     real = Path(os.path.realpath(target))
     t_chain = _chain(real)
     t_ids = [_ident(p) for p in t_chain]

@@ -1087,3 +1087,105 @@ def test_a_base_value_beyond_the_output_dtype_names_the_base_file(cli, inputs, t
     r = cli("merge", inputs.base, inputs.adapter, "-o", out, "--dtype", "fp16")
     bad_input(r, output=out, snapshot=snap, names=[shard])
     assert r.stderr_lines[0].startswith(f"error: {shard}: tensor 'model.embed_tokens.weight'"), r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# found by the final 5,000-case fuzz run (seed 23)
+# --------------------------------------------------------------------------------------------
+def test_combine_seed_beyond_torchs_range(cli, inputs, tools, bad_input):
+    """--seed 2**64 gave torch's "Overflow when unpacking long long" naming no option (case 1572)."""
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "c"
+    r = cli("combine", inputs.adapter, inputs.adapter, "-o", out, "--method", "dare-linear", "--density", "0.5",
+            "--seed", str(2**64))  # fmt: skip
+    bad_input(r, output=out, snapshot=snap, names=["--seed"])
+
+
+def test_combine_of_updates_that_overflow(cli, inputs, tools, bad_input):
+    """alpha_pattern {".*": 1e308} made the weighted sum infinite and torch's SVD raised LinAlgError
+    (exit 3, case 955): exit 2 naming the adapters and the module."""
+    cfg = inputs.adapter / "adapter_config.json"
+    doc = json.loads(cfg.read_text())
+    doc["alpha_pattern"] = {".*": 1e308}
+    cfg.write_text(json.dumps(doc))
+    snap = tools.Snapshot([inputs.root])
+    out = inputs.work / "c"
+    r = cli("combine", inputs.adapter, inputs.adapter, "-o", out, "--method", "ties", "--density", "0.9")
+    bad_input(r, output=out, snapshot=snap, names=[inputs.adapter])
+    assert "module" in r.stderr_lines[0] and "not finite" in r.stderr_lines[0], r.stderr
+
+
+def test_similarity_base_weight_holding_inf(cli, inputs, tools, bad_input):
+    """A base weight holding inf made the amplification's SVD fail to converge (exit 3, case 1525):
+    exit 2 naming the shard and the tensor."""
+    shard = next(p for p in sorted(inputs.base.glob("*.safetensors")) if "q_proj" in " ".join(load_file(p)))
+    tensors = load_file(shard)
+    with safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key][0, :3] = float("inf")
+    save_file(tensors, str(shard), metadata=meta)
+    snap = tools.Snapshot([inputs.root])
+    r = cli("similarity", inputs.adapter, "--base", inputs.base, "--json")
+    bad_input(r, output=inputs.work / "none", snapshot=snap, names=[shard.name])
+    assert key in r.stderr_lines[0], r.stderr
+
+
+def test_recipe_output_holding_a_nul_character(cli, inputs, tools, bad_input, tmp_path):
+    """A recipe output "build/a\\u0000b" reached os.path.realpath (ValueError, exit 3, cases 288,
+    1123, 4915): exit 2 naming the recipe's step and the path."""
+    recipe = inputs.root / "recipe.toml"
+    recipe.write_text(
+        f'[[step]]\nname = "small"\nrun = "truncate"\nadapter = "{inputs.adapter}"\nrank = 4\n'
+        'output = "build/a\\u0000b"\n'
+    )
+    snap = tools.Snapshot([inputs.root])
+    r = cli("run", recipe)
+    bad_input(r, output=inputs.root / "build", snapshot=snap, names=["recipe.toml"])
+    assert "NUL" in r.stderr_lines[0], r.stderr
+
+
+def test_gguf_output_past_the_file_size_limit(inputs, tools, tmp_path):
+    """The gguf package's short write under RLIMIT_FSIZE ("1376 requested and 0 written", an OSError
+    without errno: exit 3, case 466) is the usual disk error: exit 2 naming the output, nothing left."""
+    out = inputs.work / "a.gguf"
+    snap = tools.Snapshot([inputs.root])
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    env = {k: v for k, v in os.environ.items() if k != "LORACTL_DEBUG"}
+    p = subprocess.run(
+        [sys.executable, "-m", "loractl", "convert", str(inputs.adapter), "-o", str(out), "--to", "gguf",
+         "--base", str(inputs.base)],
+        capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300,
+    )  # fmt: skip
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and lines[0].startswith("error: ") and "a.gguf" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and not out.exists()
+    assert tools.leftovers(inputs.work) == []
+    snap.assert_unchanged()
+
+
+def test_base_config_model_type_not_a_string_merges(cli, inputs):
+    """config.json "model_type": [] was looked up in a dict (TypeError, exit 3, case 2040); a model type
+    that is not a string is simply no known mixture of experts."""
+    cfg = inputs.base / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["model_type"] = []
+    cfg.write_text(json.dumps(doc))
+    r = cli("merge", inputs.base, inputs.adapter, "-o", inputs.work / "m")
+    assert r.code == 0, r.stderr
+
+
+def test_similarity_default_j_beyond_the_basis(tmp_path):
+    """A loralib module of 8 slices of rank 8 on an 8-wide weight (rank 64 > 8 dimensions): the default
+    j (its rank) was beyond the overlap matrix (ValueError, exit 3, case 4344); φ is taken over all of it."""
+    from loractl import api
+
+    g = torch.Generator().manual_seed(0)
+    f = tmp_path / "loralib.safetensors"
+    save_file({"m.v_proj.lora_A": torch.randn(64, 8, generator=g), "m.v_proj.lora_B": torch.randn(32, 8, generator=g)}, str(f))
+    r = api.similarity(f, f, i=4, format="loralib")
+    assert [round(m.phi, 6) for m in r.modules] == [1.0]

@@ -82,6 +82,8 @@ def mutate(rng: random.Random, path: Path, doc: dict[str, Any]) -> tuple[str, st
     what = rng.choice(["var", "var", "path", "path", "output", "output", "value", "key", "remove", "ref", "structure",
                        "text"])  # fmt: skip
     step = rng.choice(steps) if steps else {}
+    if not isinstance(step, dict):  # an earlier "structure" mutation made a step a string or number
+        step = {}
     detail = ""
     if what == "var":
         v = rng.choice(PATHS + VALUES[:6] + [["a"], {"a": "b"}, dt.datetime(2024, 1, 1)])
