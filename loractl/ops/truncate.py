@@ -44,9 +44,18 @@ def svd_truncate(m: LoraModule, rank: int | None, **rule: float) -> Truncated:
     between B and A). A parameter LoRA: :func:`_svd_truncate_experts`."""
     if m.experts > 1:
         return _svd_truncate_experts(m, rank, rule)
-    b2, a2 = m.matrices()
-    u, s_vals, vh = factored_svd(b2, a2, m.scale)  # once per module: rank rule and factors
-    k = choose_rank(s_vals, rank=rank, **rule)
+    (svd,) = _svds(m)  # once per module: rank rule and factors
+    return _single_at(m, svd, choose_rank(svd[1], rank=rank, **rule))
+
+
+def _svds(m: LoraModule) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The SVD (U, S, Vh) of the update of ``m`` from its factors, or of each of its experts' updates."""
+    return [factored_svd(*e.matrices(), e.scale) for e in (m.split_experts() if m.experts > 1 else [m])]
+
+
+def _single_at(m: LoraModule, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) -> Truncated:
+    """``m`` truncated to rank k from its SVD (kept as it is at or below k; else alpha = k, scale 1)."""
+    u, s_vals, vh = svd
     if k >= m.rank:
         return Truncated(m, m.rank, energy_kept(s_vals, m.rank))
     nb, na = balanced_factors(u, s_vals, vh, k)
@@ -100,8 +109,13 @@ def _svd_truncate_experts(m: LoraModule, rank: int | None, rule: dict[str, float
     """:func:`svd_truncate` of each expert of a parameter LoRA at one rank k: the largest rank the rule gives any
     expert (``rank`` as a cap), so that every expert meets it; each expert's best rank-k approximation; the
     energy kept is that of all experts together."""
-    svds = [factored_svd(*e.matrices(), e.scale) for e in m.split_experts()]
-    k = max(choose_rank(sv, rank=rank, **rule) for _, sv, _ in svds)
+    svds = _svds(m)
+    return _experts_at(m, svds, max(choose_rank(sv, rank=rank, **rule) for _, sv, _ in svds))
+
+
+def _experts_at(m: LoraModule, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], k: int) -> Truncated:
+    """A parameter LoRA with every expert truncated to rank k from its SVD; the energy kept is all
+    experts' together."""
     total = sum(float(sv.double().square().sum()) for _, sv, _ in svds)
 
     def kept(j: int) -> float:
@@ -116,16 +130,19 @@ def _svd_truncate_experts(m: LoraModule, rank: int | None, rule: dict[str, float
     return Truncated(stack_experts(m, experts), k, kept(k))
 
 
-def _rank_gains(m: LoraModule) -> tuple[torch.Tensor, int]:
-    """What each rank of ``m`` is worth to :func:`budget_truncate`: the squared singular values gained
-    (float64, non-increasing) and the bytes one rank of its factors takes. A parameter LoRA keeps one
-    rank for all its experts: rank i gains Σₑ σₑ,ᵢ² and costs every expert's factor rows."""
+def _rank_gains(
+    m: LoraModule, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, int]:
+    """What each rank of ``m`` is worth to :func:`budget_truncate`, from its SVDs (:func:`_svds`): the
+    squared singular values gained (float64, non-increasing) and the bytes one rank of its factors
+    takes. A parameter LoRA keeps one rank for all its experts: rank i gains Σₑ σₑ,ᵢ² and costs every
+    expert's factor rows."""
     parts = m.split_experts() if m.experts > 1 else [m]
     gains = None
     per_rank = 0
-    for e in parts:
+    for e, (_, sv, _) in zip(parts, svds):
         b2, a2 = e.matrices()
-        sq = factored_svd(b2, a2, e.scale)[1].double().square()
+        sq = sv.double().square()
         gains = sq if gains is None else gains + sq
         per_rank += (b2.shape[0] + a2.shape[1]) * max(e.up.element_size(), e.down.element_size())
     return gains, per_rank
@@ -147,9 +164,11 @@ def budget_truncate(modules: dict[str, LoraModule], budget: int) -> tuple[dict[s
     """
     from .lowrank import Candidate, allocate
 
-    cands = []
-    for name, m in modules.items():
-        gains, per_rank = _rank_gains(m)
-        cands.append(Candidate(name, gains, per_rank, min_rank=1))
+    svds = {name: _svds(m) for name, m in modules.items()}  # once per module: gains and factors
+    cands = [Candidate(name, *_rank_gains(m, svds[name]), min_rank=1) for name, m in modules.items()]
     alloc = allocate(cands, budget)
-    return {name: svd_truncate(m, alloc.ranks[name]) for name, m in modules.items()}, alloc.bytes
+    out = {}
+    for name, m in modules.items():
+        k = alloc.ranks[name]
+        out[name] = _experts_at(m, svds[name], k) if m.experts > 1 else _single_at(m, svds[name][0], k)
+    return out, alloc.bytes
