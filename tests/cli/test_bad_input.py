@@ -1189,3 +1189,20 @@ def test_similarity_default_j_beyond_the_basis(tmp_path):
     save_file({"m.v_proj.lora_A": torch.randn(64, 8, generator=g), "m.v_proj.lora_B": torch.randn(32, 8, generator=g)}, str(f))
     r = api.similarity(f, f, i=4, format="loralib")
     assert [round(m.phi, 6) for m in r.modules] == [1.0]
+
+
+def test_similarity_base_amplification_against_a_zero_weight_in_json(cli, inputs):
+    """A zero base weight makes ‖UᵀWV‖ zero and the amplification infinite; `--json` raised
+    "Out of range float values are not JSON compliant" (exit 3, fuzz seed 31 case 582): it is null."""
+    shard = next(p for p in sorted(inputs.base.glob("*.safetensors")) if "o_proj" in " ".join(load_file(p)))
+    tensors = load_file(shard)
+    with safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.o_proj.weight"))
+    tensors[key].zero_()
+    save_file(tensors, str(shard), metadata=meta)
+    r = cli("similarity", inputs.adapter, "--base", inputs.base, "--json")
+    assert r.code == 0, r.stderr
+    mods = {m["name"]: m for m in json.loads(r.stdout)["modules"]}
+    assert mods[key.removesuffix(".weight")]["amplification"] is None
+    assert all(m["amplification"] is not None for n, m in mods.items() if n != key.removesuffix(".weight"))
