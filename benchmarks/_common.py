@@ -157,8 +157,16 @@ def export_ref(ref: str, work: Path) -> tuple[str, Path]:
     src = work / f"loractl-src-{sha[:12]}"
     remove(src)
     src.mkdir()
+    files = subprocess.run(
+        ["git", "-C", str(repo), "ls-tree", "--name-only", sha, "setup.py", "pyproject.toml", "README.md"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
     archive = subprocess.run(
-        ["git", "-C", str(repo), "archive", sha, "loractl"], capture_output=True, check=True
+        ["git", "-C", str(repo), "archive", sha, "loractl", *files], capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    if "setup.py" in files:  # the commit's native kernels, built as pip builds them
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, check=True, capture_output=True
+        )
     return sha, src

@@ -29,6 +29,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..adapter import LoraModule
 from ..errors import UnsupportedAdapterError
 from . import experts as experts_ops
@@ -37,7 +38,7 @@ from . import residual as residual_ops
 _T = TypeVar("_T")
 
 #: elements per chunk of the element-wise passes: small enough to stay in the CPU's cache
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 16
 
 
 class NonFiniteBlock(ArithmeticError):
@@ -348,6 +349,7 @@ def fused_merge(
     w_int = w0.reshape(-1).view(itype).numpy()  # numpy's compare and flatnonzero are ~7x torch's here
 
     in_place = out.data_ptr() == w0.data_ptr()
+    one_pass = native.merges(w0.dtype) and w0.is_contiguous() and out.is_contiguous()
 
     def rows_from(start: int, stop: int) -> list[residual_ops.Chunk]:
         chunks: list[residual_ops.Chunk] = []
@@ -355,6 +357,14 @@ def fused_merge(
             n = min(step, stop - r0)
             dc = _block_update(a, b, s, r0, n)
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
+            if one_pass:  # the same bits in one sweep (loractl/_kernels.c)
+                found = native.merge_block(wc, dc, oc, diffs=residual)
+                if found is None:
+                    raise NonFiniteBlock(r0)
+                if found:
+                    first, last, *arrays = found
+                    chunks.append(residual_ops.Chunk(r0 * cols + first, r0 * cols + last, *arrays))
+                continue
             if not residual:
                 _rounded(wc, dc, oc)
                 if not all_finite(oc):
@@ -694,6 +704,52 @@ def one_fused_lora(contribs: Sequence[Contribution]) -> bool:
     )
 
 
+def one_expert(w0: torch.Tensor, contribs: Sequence[Contribution]) -> bool:
+    """Is the tensor changed by one expert's update alone (into the whole tensor or one slice ``[index]``),
+    a case for :func:`expert_in_one_pass`?"""
+    if len(contribs) != 1 or contribs[0].kind != "expert" or contribs[0].module is None:
+        return False
+    c = contribs[0]
+    target = w0 if c.index is None else w0[c.index]
+    delta = expert_update(c)  # kept: the merge asks for it again
+    return delta.dtype == torch.float32 and delta.shape == target.shape and target.is_contiguous()
+
+
+def expert_in_one_pass(w0: torch.Tensor, c: Contribution, receipt: bool) -> Parts | None:
+    """``w0`` (bfloat16 or float32, contiguous; :func:`one_expert` true) merged in place with expert contribution ``c`` as
+    :func:`experts_ops.merge_` merges it (the update rounded to w0's dtype, then added), by the native
+    kernel, one row block at a time on two threads; with ``receipt``, the receipt's corrections for the
+    tensor as :func:`merge_tensor`'s general path finds them (None: the whole original is smaller).
+    Raises :class:`NonFiniteBlock` when a merged value is NaN or infinite (w0 is then partly merged)."""
+    target = w0 if c.index is None else w0[c.index]
+    delta = expert_update(c)
+    d = delta.contiguous().reshape(target.shape[0], -1) if target.dim() else delta.reshape(1, 1)
+    t2 = target.reshape(d.shape)
+    offset = (target.data_ptr() - w0.data_ptr()) // w0.element_size()
+    rows, cols = t2.shape
+    step = row_block(cols)
+
+    def rows_from(start: int, stop: int) -> list[residual_ops.Chunk]:
+        chunks: list[residual_ops.Chunk] = []
+        for r0 in range(start, stop, step):
+            blk = t2[r0 : r0 + step]
+            found = native.merge_block(
+                blk, d[r0 : r0 + step], blk, round_d=w0.dtype != torch.float32, diffs=receipt
+            )
+            if found is None:
+                raise NonFiniteBlock(r0)
+            if found:
+                first, last, *arrays = found
+                at = offset + r0 * cols
+                chunks.append(residual_ops.Chunk(at + first, at + last, *arrays))
+        return chunks
+
+    parts = _on_two_threads(rows, step, rows_from)
+    if not receipt:
+        return None
+    return residual_ops.join([c for part in parts for c in part], w0.numel(), w0.dtype)
+
+
 def merge_tensor(
     w0: torch.Tensor,
     contribs: Sequence[Contribution],
@@ -724,6 +780,15 @@ def merge_tensor(
         assert c.module is not None
         try:
             parts = fused_merge(w0, c.module, c.weight, out=w0, residual=receipt)
+        except NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
+            w0 = original()
+        else:
+            if receipt and parts is None:  # most values differ: the whole original is smaller
+                parts = {"full": original()}
+            return w0, parts
+    if native.merges(w0.dtype) and w0.dtype == out_dtype and one_expert(w0, contribs):
+        try:
+            parts = expert_in_one_pass(w0, contribs[0], receipt)
         except NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
             w0 = original()
         else:

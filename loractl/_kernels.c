@@ -1,0 +1,193 @@
+/* loractl's optional native kernels: a merge's element-wise pass and its receipt in one sweep.
+ *
+ * Built by setup.py as an optional extension (the package works without it: loractl/native.py falls
+ * back to the same arithmetic in torch and numpy) and called through ctypes, which lets go of the GIL.
+ * Nothing here decides a result the torch path would not: every function computes, bit for bit, what
+ * the torch operations it replaces compute (tests/ops/test_native.py compares the two on every rounding
+ * case). Compile without -ffast-math and without FMA contraction: the sums must be IEEE's, one rounding
+ * each.
+ *
+ * The merge of one block, for a base block w (bfloat16 or float32) and a float32 update d:
+ *   m = round(w + d)                         what torch's ``W += ΔW`` writes (promoted to float32,
+ *                                            added, rounded once to W's dtype)
+ *   r = round(m - d)                         what an unmerge without the receipt computes
+ * with ``round_d`` the update is first rounded to W's dtype (PEFT's ParamWrapper: Δ.to(W.dtype)).
+ * ``out`` receives m (it may be ``w`` itself: each element is read before it is written). With
+ * ``diffs``, every position where r's bits differ from w's is listed (its index, w's bits and r's), for
+ * the receipt (loractl/ops/residual.py). Returns the number of such positions, or -1 as soon as a merged
+ * value is NaN or infinite (``out`` is then partly written: the caller redoes the tensor another way).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define SUB 512 /* elements per sub-block: the vector pass, then the scan of its flags */
+
+static inline float f_of(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t u_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* float32 -> bfloat16, round to nearest even, as c10::BFloat16 (NaN aside: a NaN result is refused) */
+static inline uint16_t bf16_round(float f) {
+    uint32_t u = u_of(f);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float bf16_widen(uint16_t h) { return f_of((uint32_t)h << 16); }
+
+/* A receipt's corrections for the differences of one call, as loractl/ops/residual.py encodes them
+ * (``encode_block``): for each difference after the first, the gap to the previous one (gap8; 255: the
+ * gap is in gapbig), and for each the integer difference of the bits, original - reconstruction
+ * (d8; -128: the original's bits are in valbig). info[0..3] receive the position of the first and of the
+ * last difference and the sizes of gapbig and valbig; the number of differences is returned. */
+typedef struct {
+    int64_t k, last, nbig, nval;
+    uint8_t *gap8;
+    int8_t *d8;
+    int64_t *gapbig;
+    int64_t *info;
+} enc_t;
+
+static inline void put(enc_t *e, int64_t p, int64_t o, int64_t r, void *valbig, int wide) {
+    if (e->k == 0) {
+        e->info[0] = p;
+    } else {
+        const int64_t g = p - e->last - 1;
+        e->gap8[e->k - 1] = (uint8_t)(g < 255 ? g : 255);
+        if (g >= 255) e->gapbig[e->nbig++] = g;
+    }
+    const int64_t dd = o - r;
+    if (dd < -127 || dd > 127) {
+        e->d8[e->k] = -128;
+        if (wide)
+            ((int32_t *)valbig)[e->nval++] = (int32_t)o;
+        else
+            ((int16_t *)valbig)[e->nval++] = (int16_t)o;
+    } else {
+        e->d8[e->k] = (int8_t)dd;
+    }
+    e->last = p;
+    e->k++;
+}
+
+/* the positions where ne[] is set, eight flags at a time (most words of eight are all clear) */
+#define SCAN(NE, M, S, WL, RL, ITYPE, WIDE)                                             \
+    for (int64_t j = 0; j < (M); j += 8) {                                              \
+        uint64_t word;                                                                  \
+        memcpy(&word, (NE) + j, 8);                                                     \
+        if (!word) continue;                                                            \
+        for (int64_t t = j; t < j + 8 && t < (M); t++)                                  \
+            if ((NE)[t]) put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE); \
+    }
+
+static inline __attribute__((always_inline)) int64_t merge_bf16_impl(const uint16_t *w, const float *d, uint16_t *out, int64_t n,
+                                      const int round_d, const int diffs, enc_t *e, void *valbig) {
+    uint16_t wl[SUB], rl[SUB], ml[SUB];
+    uint8_t ne[SUB + 8];
+    for (int64_t s = 0; s < n; s += SUB) {
+        const int64_t m = n - s < SUB ? n - s : SUB;
+        uint32_t bad = 0;
+        /* through local copies: ``out`` may be ``w``, and the loop below vectorises only without aliasing */
+        memcpy(wl, w + s, (size_t)m * 2);
+        for (int64_t i = 0; i < m; i++) {
+            const uint16_t wi = wl[i];
+            float di = d[s + i];
+            if (round_d) di = bf16_widen(bf16_round(di));
+            const uint16_t mo = bf16_round(bf16_widen(wi) + di);
+            bad |= (uint32_t)((mo & 0x7F80u) == 0x7F80u);
+            const uint16_t r = bf16_round(bf16_widen(mo) - di);
+            rl[i] = r;
+            ne[i] = (uint8_t)(r != wi);
+            ml[i] = mo;
+        }
+        if (bad) return -1;
+        memcpy(out + s, ml, (size_t)m * 2);
+        if (diffs) {
+            memset(ne + m, 0, 8);
+            SCAN(ne, m, s, wl, rl, int16_t, 0)
+        }
+    }
+    return e->k;
+}
+
+static inline __attribute__((always_inline)) int64_t merge_f32_impl(const uint32_t *w, const float *d, uint32_t *out, int64_t n,
+                                     const int diffs, enc_t *e, void *valbig) {
+    uint32_t wl[SUB], rl[SUB], ml[SUB];
+    uint8_t ne[SUB + 8];
+    for (int64_t s = 0; s < n; s += SUB) {
+        const int64_t m = n - s < SUB ? n - s : SUB;
+        uint32_t bad = 0;
+        memcpy(wl, w + s, (size_t)m * 4);
+        for (int64_t i = 0; i < m; i++) {
+            const uint32_t wi = wl[i];
+            const float di = d[s + i];
+            const float mf = f_of(wi) + di;
+            const uint32_t mo = u_of(mf);
+            bad |= (uint32_t)((mo & 0x7F800000u) == 0x7F800000u);
+            const uint32_t r = u_of(mf - di);
+            rl[i] = r;
+            ne[i] = (uint8_t)(r != wi);
+            ml[i] = mo;
+        }
+        if (bad) return -1;
+        memcpy(out + s, ml, (size_t)m * 4);
+        if (diffs) {
+            memset(ne + m, 0, 8);
+            SCAN(ne, m, s, wl, rl, int32_t, 1)
+        }
+    }
+    return e->k;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define ENC enc_t e = {0, -1, 0, 0, gap8, d8, gapbig, info}
+
+CLONES int64_t loractl_merge_bf16(const uint16_t *w, const float *d, uint16_t *out, int64_t n, int32_t round_d,
+                                  int32_t diffs, uint8_t *gap8, int8_t *d8, int64_t *gapbig, int16_t *valbig,
+                                  int64_t *info) {
+    ENC;
+    /* the flags as constants, so each variant's loop is compiled (and vectorised) on its own */
+    int64_t k;
+    if (round_d)
+        k = diffs ? merge_bf16_impl(w, d, out, n, 1, 1, &e, valbig) : merge_bf16_impl(w, d, out, n, 1, 0, &e, valbig);
+    else
+        k = diffs ? merge_bf16_impl(w, d, out, n, 0, 1, &e, valbig) : merge_bf16_impl(w, d, out, n, 0, 0, &e, valbig);
+    info[1] = e.last;
+    info[2] = e.nbig;
+    info[3] = e.nval;
+    return k;
+}
+
+CLONES int64_t loractl_merge_f32(const uint32_t *w, const float *d, uint32_t *out, int64_t n, int32_t diffs,
+                                 uint8_t *gap8, int8_t *d8, int64_t *gapbig, int32_t *valbig, int64_t *info) {
+    ENC;
+    const int64_t k = diffs ? merge_f32_impl(w, d, out, n, 1, &e, valbig) : merge_f32_impl(w, d, out, n, 0, &e, valbig);
+    info[1] = e.last;
+    info[2] = e.nbig;
+    info[3] = e.nval;
+    return k;
+}
+
+/* tensor_sum64 (loractl/io/receipt.py) of n little-endian 64-bit words whose first has index ``first``
+ * (0-based): s[0] += Σ wᵢ, s[1] += Σ (first+i+1)·wᵢ, both mod 2⁶⁴. */
+CLONES void loractl_sum64(const uint64_t *words, int64_t n, uint64_t first, uint64_t *s) {
+    uint64_t s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < n; i++) {
+        s1 += words[i];
+        s2 += (first + (uint64_t)i + 1u) * words[i];
+    }
+    s[0] += s1;
+    s[1] += s2;
+}
