@@ -340,6 +340,35 @@ def warm(base: Path) -> float:
 # --------------------------------------------------------------------------------------------
 # checking loractl's output against PEFT's, tensor by tensor
 # --------------------------------------------------------------------------------------------
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """Each tensor of a merged folder (its dtype, shape and sha256 of its bytes), by name."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                out[k] = f"{t.dtype}{tuple(t.shape)}:{hashlib.sha256(raw).hexdigest()}"
+    return out
+
+
+def compare_digests(a: dict[str, str], b: dict[str, str]) -> dict:
+    """:func:`compare` from two :func:`tensor_digests`."""
+    common = sorted(set(a) & set(b))
+    differ = [k for k in common if a[k] != b[k]]
+    return {
+        "equal": len(common) - len(differ),
+        "differ": differ[:10],
+        "n_differ": len(differ),
+        "missing": sorted(set(a) ^ set(b))[:10],
+    }
+
+
 def compare(a: Path, b: Path) -> dict:
     """Bitwise comparison of every tensor of folder ``a`` with the same-named tensor of folder ``b``."""
     import torch
@@ -608,6 +637,7 @@ def main(argv: list[str]) -> int:
 
         receipt_bytes: int | None = None
         out_bytes: dict[str, int] = {}
+        digests: dict[str, dict[str, str]] = {}
         verification: dict | None = None
         for r in range(args.repeat):
             last = r == args.repeat - 1
@@ -627,22 +657,18 @@ def main(argv: list[str]) -> int:
                 out_bytes[case.key] = folder_bytes(out)
                 if case.key.startswith("loractl_receipt") and (out / "loractl.receipt").exists():
                     receipt_bytes = (out / "loractl.receipt").stat().st_size
-                keep_for_verify = last and (
-                    (verify and case.key in ("loractl", "peft"))
-                    or (len(refs) > 1 and case.key.startswith("loractl"))
-                )
-                if not keep_for_verify:
+                if last and len(refs) > 1 and case.key.startswith("loractl"):
+                    digests[case.key] = tensor_digests(out)  # not the outputs: 7B ones would fill the disk
+                if not (last and verify and case.key in ("loractl", "peft")):
                     remove(out)
         if verify:
             print("comparing loractl's merged tensors with PEFT's, bit for bit ...", flush=True)
             verification = compare(outputs[2], outputs[4])
         if len(refs) > 1:  # the same output bits from every commit timed
-            for c, _, out in cases:
+            for c, _, _out in cases:
                 if c.key.startswith("loractl") and c.key not in ("loractl", "loractl_receipt"):
-                    first = (
-                        outputs[2] if c.key.startswith("loractl_") and "receipt" not in c.key else outputs[3]
-                    )
-                    same = compare(first, out)
+                    first = "loractl_receipt" if "receipt" in c.key else "loractl"
+                    same = compare_digests(digests[first], digests[c.key])
                     print(
                         f"  {c.label}: {same['equal']} tensors bit-identical to the first commit's, {same['n_differ']} differ",
                         flush=True,
