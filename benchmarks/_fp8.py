@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import struct
 import time
@@ -31,7 +32,10 @@ _SIZE = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
 
 
 def quantized(name: str, shape: tuple[int, ...]) -> bool:
-    return name.endswith("_proj.weight") and len(shape) == 2
+    """What block-scaled FP8 checkpoints quantize: the projections, MoE experts' included (Mixtral's
+    ``experts.<e>.w1/w2/w3``); not embeddings, norms, lm_head or the router."""
+    expert = re.search(r"experts\.\d+\.w[123]\.weight$", name) is not None
+    return (name.endswith("_proj.weight") or expert) and len(shape) == 2
 
 
 def fp8_entries(shapes: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -376,3 +376,53 @@ def test_compressed_tensors_fp8_merge_and_unmerge(tmp_path: Path, scheme: str, b
     api.unmerge(tmp_path / "m", [ad], tmp_path / "u")
     _same_files(base, tmp_path / "u")
     assert _digests(base) == before
+
+
+# MoE experts on an FP8 base
+# --------------------------------------------------------------------------------------------
+def _fp8_expert_weight(key: str) -> bool:
+    """What a block-scaled FP8 MoE checkpoint quantizes: every projection, the experts' included (Qwen3-MoE's
+    ``experts.<e>.gate_proj``, Mixtral's ``experts.<e>.w1/w2/w3``); the router stays dense."""
+    import re
+
+    return key.endswith("proj.weight") or re.search(r"experts\.\d+\.w[123]\.weight$", key) is not None
+
+
+@pytest.mark.parametrize(
+    "arch, over", [("mixtral", {"intermediate_size": 32}), ("qwen3_moe", {"moe_intermediate_size": 32})]
+)
+@pytest.mark.parametrize("requantize", [False, True], ids=["bf16", "requantize"])
+def test_expert_adapter_on_an_fp8_moe_base(tmp_path: Path, arch: str, over: dict, requantize: bool) -> None:
+    """An adapter on the experts (and q_proj) of an FP8 MoE base: merged to bf16 it equals PEFT's merge on the
+    model transformers dequantized, saved with save_pretrained (per-expert tensors), bit for bit; merged with
+    --requantize or not, unmerge with the receipt gives back every file byte for byte."""
+    import peft
+    from fp8_factories import _load_dequantized
+    from moe_factories import build_moe, make_moe_adapter
+
+    model = build_moe(arch, torch.bfloat16, **over)
+    base = save_fp8_base(model, tmp_path / "fp8", (16, 16), quantize=_fp8_expert_weight)
+    tensors, _, _ = read_fp8_base(base)
+    experts_fp8 = [k for k, v in tensors.items() if ".experts." in k and v.dtype == torch.float8_e4m3fn]
+    assert len(experts_fp8) == 2 * 4 * 3  # 2 layers, 4 experts, 3 projections each
+    ad = make_moe_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    before = _digests(base)
+    extra = ["--requantize"] if requantize else []
+    code, _, err = _cli("merge", base, ad, "-o", tmp_path / "m", *extra)
+    assert code == 0, err
+    ours = read_st(tmp_path / "m")
+    if not requantize:
+        pm = peft.PeftModel.from_pretrained(_load_dequantized(base, torch.bfloat16), ad).merge_and_unload()
+        pm.save_pretrained(tmp_path / "peft")
+        theirs = read_st(tmp_path / "peft")
+        assert set(ours) == set(theirs)
+        assert [k for k in theirs if not same_bits(ours[k], theirs[k])] == []
+        dense = reference_dequantized(base, torch.bfloat16)
+        changed = [k for k in experts_fp8 if not same_bits(ours[k], dense[k])]
+        assert len(changed) == len(experts_fp8)  # every expert weight took its update
+    else:
+        assert all(ours[k].dtype == torch.float8_e4m3fn for k in experts_fp8)
+    code, _, err = _cli("unmerge", tmp_path / "m", ad, "-o", tmp_path / "u")
+    assert code == 0, err
+    _same_files(base, tmp_path / "u")
+    assert _digests(base) == before
