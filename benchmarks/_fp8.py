@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 import struct
 import time
 from pathlib import Path
