@@ -77,15 +77,24 @@ static inline void put(enc_t *e, int64_t p, int64_t o, int64_t r, void *valbig, 
     e->k++;
 }
 
-/* the positions where ne[] is set, eight flags at a time (most words of eight are all clear) */
-#define SCAN(NE, M, S, WL, RL, ITYPE, WIDE)                                             \
-    for (int64_t j = 0; j < (M); j += 8) {                                              \
-        uint64_t word;                                                                  \
-        memcpy(&word, (NE) + j, 8);                                                     \
-        if (!word) continue;                                                            \
-        for (int64_t t = j; t < j + 8 && t < (M); t++)                                  \
-            if ((NE)[t]) put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE); \
+/* the positions where ne[] is set, eight flags (0 or 1 each) at a time: most words of eight are all clear,
+ * and a word's set flags are visited by their lowest set bit, without a test per flag */
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define SCAN(NE, M, S, WL, RL, ITYPE, WIDE)                                               \
+    for (int64_t j = 0; j < (M); j += 8) {                                                \
+        uint64_t word;                                                                    \
+        memcpy(&word, (NE) + j, 8);                                                       \
+        while (word) {                                                                    \
+            const int64_t t = j + (__builtin_ctzll(word) >> 3);                           \
+            put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE);                \
+            word &= word - 1;                                                             \
+        }                                                                                 \
     }
+#else
+#define SCAN(NE, M, S, WL, RL, ITYPE, WIDE)                                               \
+    for (int64_t t = 0; t < (M); t++)                                                     \
+        if ((NE)[t]) put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE);
+#endif
 
 static inline __attribute__((always_inline)) int64_t merge_bf16_impl(const uint16_t *w, const float *d, uint16_t *out, int64_t n,
                                       const int round_d, const int diffs, enc_t *e, void *valbig) {
