@@ -49,9 +49,10 @@ from .io.receipt import Receipt, receipt_beside, receipt_path, remove_stale
 from .io.safetensors import dtype_name, torch_dtype
 from .io.stream import Progress, Stream
 from .merging import restore_originals, unmerge_jobs, write_merged
+from .merging_quantized import four_bit_note, quantized_notes
 from .ops.combine import COMBINE_METHODS
 from .ops.truncate import DYLORA_CONVENTIONS
-from .plan import MergePlan, match, plan_merge
+from .plan import match, plan_merge
 from .provenance import AdapterRef, metadata, refs
 from .recipe import RunResult, StepReport
 from .verifying import Counts as VerifyCounts
@@ -194,57 +195,6 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _quantized_notes(b: BaseModel, plan: MergePlan, dtype: str, requantize: bool) -> list[str]:
-    """What a merge of a quantized (FP8) base tells its user; refuses ``requantize`` where it cannot be done.
-
-    Raises:
-        UsageError: ``requantize`` for a base with no block-scaled FP8 weight (unquantized, 4-bit or
-            compressed-tensors), or with a ``dtype`` other than ``auto``.
-    """
-    fp8s = [q for q in b.quantized.values() if q.method != "bitsandbytes-4bit"]
-    if requantize:
-        if not fp8s or not all(q.requantizable for q in b.quantized.values()):
-            what = ", ".join(sorted({q.method for q in b.quantized.values()})) or "not quantized"
-            raise UsageError(
-                f"--requantize: {b.path} is {what}; only transformers' block-scaled FP8 "
-                '(quant_method "fp8", weight_scale_inv) is written back quantized',
-                hint="merge without --requantize: the weights are then written dequantized (bf16)",
-            )
-        if dtype != "auto":
-            raise UsageError("--requantize writes the base's own dtypes: leave out --dtype")
-        changed = sum(q.name in plan.changes for q in fp8s)
-        return [
-            f"FP8 base: the {changed} FP8 weights an adapter changes are requantized in the base's blocks "
-            f"(new scales); the other {len(fp8s) - changed} are copied"
-        ]
-    if not fp8s:
-        return []
-    notes = [
-        f"FP8 base ({fp8s[0].method}, {len(fp8s)} weights): written dequantized ({dtype if dtype != 'auto' else fp8s[0].merge_dtype}) "
-        "with a config.json without quantization_config; --requantize keeps FP8"
-    ]
-    partial = [q for q in fp8s if q.block and any(d > bk and d % bk for d, bk in zip(q.shape[-2:], q.block))]
-    if partial:
-        notes.append(
-            f"{len(partial)} FP8 weights have a partial last block (e.g. {partial[0].name!r} {list(partial[0].shape)} "
-            f"in blocks {list(partial[0].block)}): loractl scales them by weight_block_size as DeepSeek and "
-            "compressed-tensors do; transformers 5.x derives the block from the scale grid and dequantizes "
-            "them differently (docs/formats.md)"
-        )
-    return notes
-
-
-def _four_bit_note(b: BaseModel, notes: list[str]) -> bool:
-    """Whether ``b`` holds 4-bit weights (then no receipt: a note says why)."""
-    if not any(q.method == "bitsandbytes-4bit" for q in b.quantized.values()):
-        return False
-    notes.append(
-        f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
-        "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
-    )
-    return True
-
-
 @_keeps_torch_threads
 def merge(
     base: str | Path,
@@ -311,7 +261,7 @@ def merge(
         loaded = load_adapters(adapters, format, opts)
         plan = plan_merge(b, loaded, ws)
         plan.refuse_unmatched(b, loaded, allow_partial)
-        notes: list[str] = _quantized_notes(b, plan, dtype, requantize)
+        notes: list[str] = quantized_notes(b, plan, dtype, requantize)
         files = layout(b, DTYPES[dtype], size, keep_quantized=requantize)
         inputs = protected_paths(base=b, adapters=loaded)
         # a single-file output has its receipt beside it: checked as an output too, before any work,
@@ -320,7 +270,7 @@ def merge(
         beside = None if b.is_dir else receipt_beside(output)
         if beside is not None:
             check_output(beside, inputs, force)
-        receipt = receipt and not _four_bit_note(b, notes)
+        receipt = receipt and not four_bit_note(b, notes)
         sources = refs(loaded, ws)
         written = write_merged(
             b, output, files, plan, loaded, sources, receipt=receipt, force=force, inputs=inputs, progress=progress,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, UsageError
 from .io import fp8
 from .ops import merge as merge_ops
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .io.quantized import QuantizedTensor
     from .io.receipt import Receipt
     from .io.stream import Parts
+    from .plan import MergePlan
 
 #: a merged tensor's check for NaN/Inf (loractl.merging.check_finite with its arguments)
 Check = Callable[[torch.Tensor], None]
@@ -213,3 +214,54 @@ def restore_whole(t: torch.Tensor, *, name: str, receipt: Receipt, path: Any) ->
     loader from the receipt: checked against the checksum the merge recorded."""
     receipt.verify(name, t, path)
     return t, None
+
+
+def quantized_notes(b: BaseModel, plan: MergePlan, dtype: str, requantize: bool) -> list[str]:
+    """What a merge of a quantized (FP8) base tells its user; refuses ``requantize`` where it cannot be done.
+
+    Raises:
+        UsageError: ``requantize`` for a base with no block-scaled FP8 weight (unquantized, 4-bit or
+            compressed-tensors), or with a ``dtype`` other than ``auto``.
+    """
+    fp8s = [q for q in b.quantized.values() if q.method != "bitsandbytes-4bit"]
+    if requantize:
+        if not fp8s or not all(q.requantizable for q in b.quantized.values()):
+            what = ", ".join(sorted({q.method for q in b.quantized.values()})) or "not quantized"
+            raise UsageError(
+                f"--requantize: {b.path} is {what}; only transformers' block-scaled FP8 "
+                '(quant_method "fp8", weight_scale_inv) is written back quantized',
+                hint="merge without --requantize: the weights are then written dequantized (bf16)",
+            )
+        if dtype != "auto":
+            raise UsageError("--requantize writes the base's own dtypes: leave out --dtype")
+        changed = sum(q.name in plan.changes for q in fp8s)
+        return [
+            f"FP8 base: the {changed} FP8 weights an adapter changes are requantized in the base's blocks "
+            f"(new scales); the other {len(fp8s) - changed} are copied"
+        ]
+    if not fp8s:
+        return []
+    notes = [
+        f"FP8 base ({fp8s[0].method}, {len(fp8s)} weights): written dequantized ({dtype if dtype != 'auto' else fp8s[0].merge_dtype}) "
+        "with a config.json without quantization_config; --requantize keeps FP8"
+    ]
+    partial = [q for q in fp8s if q.block and any(d > bk and d % bk for d, bk in zip(q.shape[-2:], q.block))]
+    if partial:
+        notes.append(
+            f"{len(partial)} FP8 weights have a partial last block (e.g. {partial[0].name!r} {list(partial[0].shape)} "
+            f"in blocks {list(partial[0].block)}): loractl scales them by weight_block_size as DeepSeek and "
+            "compressed-tensors do; transformers 5.x derives the block from the scale grid and dequantizes "
+            "them differently (docs/formats.md)"
+        )
+    return notes
+
+
+def four_bit_note(b: BaseModel, notes: list[str]) -> bool:
+    """Whether ``b`` holds 4-bit weights (then no receipt: a note says why)."""
+    if not any(q.method == "bitsandbytes-4bit" for q in b.quantized.values()):
+        return False
+    notes.append(
+        f"the base is 4-bit ({len(b.quantized)} bitsandbytes weights): they are written dequantized; "
+        "no receipt, since an unmerge can only give back the dequantized base, not the 4-bit file"
+    )
+    return True
