@@ -5,13 +5,25 @@ with torch and numpy (loractl/native.py). No -ffast-math and no FMA contraction:
 round as IEEE's (and torch's) do.
 """
 
+import hashlib
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 
+SOURCE = "loractl/_kernels.c"
+# the source's sha256, compiled in: loractl/native.py refuses a library built from another source (a stale
+# build in a working tree whose _kernels.c changed since)
+sha = hashlib.sha256(Path(__file__).with_name("loractl").joinpath("_kernels.c").read_bytes()).hexdigest()
 args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
 setup(
     ext_modules=[
-        Extension("loractl._kernels", ["loractl/_kernels.c"], optional=True, extra_compile_args=args),
+        Extension(
+            "loractl._kernels",
+            [SOURCE],
+            optional=True,
+            extra_compile_args=args,
+            define_macros=[("LORACTL_SOURCE_SHA256", f'"{sha}"')],
+        ),
     ]
 )

@@ -20,6 +20,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef LORACTL_SOURCE_SHA256
+#define LORACTL_SOURCE_SHA256 "unknown"
+#endif
+
+/* the sha256 of this file as setup.py compiled it (loractl/native.py compares it with the file beside it) */
+const char *loractl_source_sha256(void) { return LORACTL_SOURCE_SHA256; }
+
 #define SUB 512 /* elements per sub-block: the vector pass, then the scan of its flags */
 
 static inline float f_of(uint32_t u) {
@@ -156,7 +163,7 @@ static inline __attribute__((always_inline)) int64_t merge_f32_impl(const uint32
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define CLONES __attribute__((target_clones("avx2", "default")))
+#define CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
 #else
 #define CLONES
 #endif

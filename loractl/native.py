@@ -16,6 +16,7 @@ Calls through ctypes let go of the GIL, so the merge's two compute threads run t
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.machinery
 import os
 import threading
@@ -26,10 +27,18 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
+#: the kernels' source, where it lies beside the package (an editable install, a source tree)
+SOURCE = Path(__file__).with_name("_kernels.c")
 _lib: ctypes.CDLL | None = None
 _loaded = False
 _lock = threading.Lock()
 _local = threading.local()
+
+
+def stale() -> bool:
+    """Is there a compiled library that is not used because it was built from another ``_kernels.c``
+    (a working tree changed since ``pip install -e .``: run it again)?"""
+    return library_path() is not None and _load() is None
 
 
 def library_path() -> Path | None:
@@ -53,8 +62,12 @@ def _load() -> ctypes.CDLL | None:
             return None
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError:
+            lib.loractl_source_sha256.restype = ctypes.c_char_p
+            built_from = lib.loractl_source_sha256().decode()
+        except (OSError, AttributeError):
             return None
+        if SOURCE.is_file() and hashlib.sha256(SOURCE.read_bytes()).hexdigest() != built_from:
+            return None  # built from another version of the source: its functions may not be these
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         lib.loractl_merge_bf16.argtypes = [p, p, p, i64, i32, i32, p, p, p, p, p]
         lib.loractl_merge_bf16.restype = i64

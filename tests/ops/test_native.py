@@ -37,6 +37,21 @@ def test_the_kernels_are_built_where_a_compiler_is() -> None:
     assert native.enabled()
 
 
+@pytest.mark.skipif(native.library_path() is None, reason="kernels not built (see the test above)")
+def test_a_library_built_from_another_source_is_not_used(tmp_path, monkeypatch) -> None:
+    """A working tree whose _kernels.c changed after ``pip install -e .`` must not call the old library's
+    functions (their arguments may have changed): the torch path is used until it is rebuilt."""
+    assert native.enabled() and not native.stale()
+    edited = tmp_path / "_kernels.c"
+    edited.write_bytes(native.SOURCE.read_bytes() + b"/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.stale() and not native.enabled() and not native.merges(torch.bfloat16)
+    monkeypatch.undo()
+    assert native.enabled()
+
+
 needs_kernels = pytest.mark.skipif(native.library_path() is None, reason="kernels not built (see the test above)")
 
 
