@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 from .adapter import LoraModule
 from .errors import InputError, UsageError
 from .formats.names import OUTPUT_HEADS
-from .io.safetensors import FLOAT_DTYPES, TensorInfo
+from .io.buffers import BufferPool
+from .io.safetensors import FLOAT_DTYPES, TensorInfo, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -210,21 +211,37 @@ def select(pairs: Sequence[Pair], globs: Sequence[str] | None, where: object) ->
 # --- reading --------------------------------------------------------------------------------------
 
 
-def _read_pair(base: BaseModel, tuned: BaseModel, p: Pair) -> tuple[torch.Tensor, torch.Tensor]:
-    return base.read(p.name), tuned.read(p.name)
+def _read_pair(base: BaseModel, tuned: BaseModel, p: Pair, buffers: BufferPool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if buffers is None:
+        return base.read(p.name), tuned.read(p.name)
+    out_b = buffers.empty(p.base.shape, torch_dtype(p.base.dtype))
+    out_t = buffers.empty(p.tuned.shape, torch_dtype(p.tuned.dtype))
+    return base.read(p.name, out=out_b), tuned.read(p.name, out=out_t)
 
 
 def read_pairs(base: BaseModel, tuned: BaseModel, pairs: Sequence[Pair]) -> Iterator[tuple[Pair, torch.Tensor, torch.Tensor]]:
     """``(pair, base tensor, tuned tensor)`` in order; the next pair is read on a thread while the
-    caller computes this one (two pairs in memory at most)."""
+    caller computes this one (two pairs in memory at most).
+
+    The tensors of a pair that is not ``full`` are read into reused buffers (fresh memory costs a
+    page fault every 4 KiB: most of the system time of a whole-model extraction), valid until the
+    caller asks for the next pair; a ``full`` pair's tensors are the caller's to keep."""
     if not pairs:
         return
+    buffers = BufferPool(max_free=2)  # the pair being read takes the two the previous pair gave back
+
+    def read(p: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+        plain = p.kind != "full" and p.base.dtype in FLOAT_DTYPES and p.tuned.dtype in FLOAT_DTYPES
+        return _read_pair(base, tuned, p, buffers if plain else None)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-read") as pool:
-        nxt = pool.submit(_read_pair, base, tuned, pairs[0])
+        nxt = pool.submit(read, pairs[0])
         for i, p in enumerate(pairs):
             b, t = nxt.result()
-            nxt = pool.submit(_read_pair, base, tuned, pairs[i + 1]) if i + 1 < len(pairs) else None
+            nxt = pool.submit(read, pairs[i + 1]) if i + 1 < len(pairs) else None
             yield p, b, t
+            buffers.release(b)
+            buffers.release(t)
             del b, t
 
 
@@ -237,23 +254,35 @@ def _same(b: torch.Tensor, t: torch.Tensor) -> bool:
     return bool(torch.equal(b.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)))
 
 
-def update_of(p: Pair, b: torch.Tensor, t: torch.Tensor, models: tuple[object, object]) -> torch.Tensor | None:
+def update_of(
+    p: Pair, b: torch.Tensor, t: torch.Tensor, models: tuple[object, object], scratch: BufferPool | None = None
+) -> torch.Tensor | None:
     """``tuned − base`` as the float32 matrix that is factored ([out, in·kh·kw] for a conv), or None
-    when the two hold the same values.
+    when the two hold the same values. With ``scratch``, the matrix is one of its buffers (the caller
+    releases it).
 
     Raises:
         InputError: a NaN or Inf in either tensor.
     """
     import torch
 
+    from .ops.merge import all_finite
+
     if _same(b, t):
         return None
-    delta = t.to(torch.float32).reshape(p.matrix)
+    if scratch is None:  # a copy even of a float32 t: the caller reads t again (noise_floor)
+        delta = t.to(torch.float32, copy=True).reshape(p.matrix)
+    else:
+        delta = scratch.empty(p.matrix, torch.float32).copy_(t.reshape(p.matrix))
     delta.sub_(b.reshape(p.matrix))
-    if not bool(torch.isfinite(delta).all()):
+    if not all_finite(delta) and not bool(torch.isfinite(delta).all()):  # a cheap screen first
+        if scratch is not None:
+            scratch.release(delta)
         bad = models[1] if not bool(torch.isfinite(t).all()) else models[0]
         raise InputError(f"{bad}: tensor {p.name!r} holds NaN or Inf values", hint="a diverged checkpoint cannot be extracted from")
     if not bool(delta.any()):
+        if scratch is not None:
+            scratch.release(delta)
         return None
     return delta
 
@@ -392,6 +421,7 @@ def extract(
     """
     out = Extraction()
     models = (base.path, tuned.path)
+    scratch = BufferPool(max_free=1)
     for p, b, t in read_pairs(base, tuned, pairs):
         if p.kind == "full":
             if _same(b, t):
@@ -399,13 +429,14 @@ def extract(
             else:
                 out.full[p.name], out.why[p.name] = t, p.why
         else:
-            delta = update_of(p, b, t, models)
+            delta = update_of(p, b, t, models, scratch)
             if delta is None:
                 out.unchanged += 1
             else:
                 floor = noise_floor(p, t)
                 del b, t
                 module, report = _low_rank(p, delta, floor, rule, dtype)
+                scratch.release(delta)
                 del delta
                 out.report.append(report)
                 if module is not None:
@@ -443,6 +474,7 @@ def survey(
 
     out = Survey()
     models = (base.path, tuned.path)
+    scratch = BufferPool(max_free=1)
     for p, b, t in read_pairs(base, tuned, pairs):
         if p.kind == "full":
             if _same(b, t):
@@ -450,13 +482,14 @@ def survey(
             else:
                 out.full[p.name] = p.tuned.nbytes
         else:
-            delta = update_of(p, b, t, models)
+            delta = update_of(p, b, t, models, scratch)
             if delta is None:
                 out.unchanged += 1
             else:
                 floor = noise_floor(p, t)
                 del b, t
                 out.spectra[p.module] = spectrum_topk(delta, caps[p.module], noise_floor=floor)
+                scratch.release(delta)
                 del delta
         if progress is not None:
             progress(p.nbytes)
