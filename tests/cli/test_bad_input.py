@@ -562,16 +562,16 @@ def test_ctrl_c_midway_through_big_merge(tmp_path, tools):
 
         env = dict(os.environ)
         env.pop("LORACTL_DEBUG", None)
-        # the merge at the lowest priority: on 2 busy cores this poller would otherwise be starved while
-        # the merge (2.2 GB in 2.4 s with the native kernel) runs to its end, and the Ctrl-C come too late
-        # (a CI run saw exit 0 that way)
+        # SIGINT back to its default in the child: a test runner started in the background by a shell
+        # without job control (`cmd &` in a script, CI) inherits SIGINT ignored, so does the merge, and
+        # Python then installs no KeyboardInterrupt handler: the Ctrl-C would be ignored (exit 0)
         proc = subprocess.Popen(
             [sys.executable, "-m", "loractl", "merge", str(base), str(adapter), "-o", str(out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-            preexec_fn=lambda: os.nice(19),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 60
