@@ -19,6 +19,7 @@ few are kept, so gate and up of one expert share one product).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -358,12 +359,7 @@ def fused_merge(
             dc = _block_update(a, b, s, r0, n)
             wc, oc = w0[r0 : r0 + n], out[r0 : r0 + n]
             if one_pass:  # the same bits in one sweep (loractl/_kernels.c)
-                found = native.merge_block(wc, dc, oc, diffs=residual)
-                if found is None:
-                    raise NonFiniteBlock(r0)
-                if found:
-                    first, last, *arrays = found
-                    chunks.append(residual_ops.Chunk(r0 * cols + first, r0 * cols + last, *arrays))
+                _kernel_block(chunks, wc, dc, oc, r0, r0 * cols, round_d=False, diffs=residual)
                 continue
             if not residual:
                 _rounded(wc, dc, oc)
@@ -389,6 +385,31 @@ def fused_merge(
     if not residual:
         return None
     return residual_ops.join([c for part in parts for c in part], w0.numel(), w0.dtype)
+
+
+def _kernel_block(
+    chunks: list[residual_ops.Chunk],
+    w: torch.Tensor,
+    d: torch.Tensor,
+    out: torch.Tensor,
+    row: int,
+    at: int,
+    *,
+    round_d: bool,
+    diffs: bool,
+) -> None:
+    """One row block (first row ``row``, first flat position ``at`` in its tensor) merged by the native
+    kernel (:func:`native.merge_block`); its receipt corrections, if any, appended to ``chunks``.
+
+    Raises:
+        NonFiniteBlock: a merged value is NaN or infinite.
+    """
+    found = native.merge_block(w, d, out, round_d=round_d, diffs=diffs)
+    if found is None:
+        raise NonFiniteBlock(row)
+    if found:
+        first, last, *arrays = found
+        chunks.append(residual_ops.Chunk(at + first, at + last, *arrays))
 
 
 _helper: ThreadPoolExecutor | None = None
@@ -733,15 +754,8 @@ def expert_in_one_pass(w0: torch.Tensor, c: Contribution, receipt: bool) -> Part
         chunks: list[residual_ops.Chunk] = []
         for r0 in range(start, stop, step):
             blk = t2[r0 : r0 + step]
-            found = native.merge_block(
-                blk, d[r0 : r0 + step], blk, round_d=w0.dtype != torch.float32, diffs=receipt
-            )
-            if found is None:
-                raise NonFiniteBlock(r0)
-            if found:
-                first, last, *arrays = found
-                at = offset + r0 * cols
-                chunks.append(residual_ops.Chunk(at + first, at + last, *arrays))
+            rounded = w0.dtype != torch.float32
+            _kernel_block(chunks, blk, d[r0 : r0 + step], blk, r0, offset + r0 * cols, round_d=rounded, diffs=receipt)
         return chunks
 
     parts = _on_two_threads(rows, step, rows_from)
@@ -775,20 +789,17 @@ def merge_tensor(
         check: called with the merged tensor on the general path (the row-block path checks each
             block itself and raises :class:`NonFiniteBlock`), to refuse NaN/Inf the base did not hold.
     """
-    if fused and one_fused_lora(contribs) and w0.dtype == out_dtype:
-        c = contribs[0]
-        assert c.module is not None
+    in_place: Callable[[], Parts | None] | None = None  # a merge by row blocks, into w0
+    if w0.dtype == out_dtype:
+        if fused and one_fused_lora(contribs):
+            c = contribs[0]
+            assert c.module is not None
+            in_place = functools.partial(fused_merge, w0, c.module, c.weight, out=w0, residual=receipt)
+        elif native.merges(w0.dtype) and one_expert(w0, contribs):
+            in_place = functools.partial(expert_in_one_pass, w0, contribs[0], receipt)
+    if in_place is not None:
         try:
-            parts = fused_merge(w0, c.module, c.weight, out=w0, residual=receipt)
-        except NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
-            w0 = original()
-        else:
-            if receipt and parts is None:  # most values differ: the whole original is smaller
-                parts = {"full": original()}
-            return w0, parts
-    if native.merges(w0.dtype) and w0.dtype == out_dtype and one_expert(w0, contribs):
-        try:
-            parts = expert_in_one_pass(w0, contribs[0], receipt)
+            parts = in_place()
         except NonFiniteBlock:  # w0 is partly merged: redo it whole, and check it
             w0 = original()
         else:
