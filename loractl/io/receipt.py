@@ -78,28 +78,32 @@ def tensor_sum64(t: torch.Tensor) -> str:
     flat = t.detach().contiguous().view(-1)
     raw = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
     whole = raw.size // 8 * 8
-    words = raw[:whole].view(np.uint64)
-    tail = raw[whole:]
-    if native.enabled():  # the same sums in one pass (loractl/_kernels.c), 2x numpy's
-        sums = [0, 0]
-        native.sum64(words, 0, sums)
-        if tail.size:
-            native.sum64(np.frombuffer(tail.tobytes() + b"\0" * (8 - tail.size), np.uint64), words.size, sums)
-        return f"{sums[0] & (1 << 64) - 1:016x}{sums[1] & (1 << 64) - 1:016x}"
-    if tail.size:
-        words = np.concatenate([words, np.frombuffer(tail.tobytes() + b"\0" * (8 - tail.size), np.uint64)])
+    pieces = [(raw[:whole].view(np.uint64), 0)]  # (words, number of the first)
+    if whole < raw.size:  # the last word zero-padded, summed on its own (no copy of the rest)
+        pieces.append((np.frombuffer(raw[whole:].tobytes() + b"\0" * (8 - raw.size + whole), np.uint64), whole // 8))
+    sums = [0, 0]
+    for words, first in pieces:
+        if native.enabled():  # the same sums in one pass (loractl/_kernels.c), 2x numpy's
+            native.sum64(words, first, sums)
+        else:
+            _sum64_numpy(words, first, sums)
+    mask = (1 << 64) - 1
+    return f"{sums[0] & mask:016x}{sums[1] & mask:016x}"
+
+
+def _sum64_numpy(words: Any, first: int, sums: list[int]) -> None:
+    """:func:`loractl.native.sum64` in numpy: one ``sum`` and one ``dot`` per cache-sized chunk."""
+    import numpy as np
+
     if not _weights_cache:
         _weights_cache.append(np.arange(1, _SUM_WORDS + 1, dtype=np.uint64))
     weights = _weights_cache[0]
-    s1 = s2 = 0
     with np.errstate(over="ignore"):
         for off in range(0, words.size, _SUM_WORDS):
             c = words[off : off + _SUM_WORDS]
             a = int(c.sum(dtype=np.uint64))
-            s1 += a
-            s2 += int(np.dot(c, weights[: c.size])) + off * a  # type: ignore[index]
-    mask = (1 << 64) - 1
-    return f"{s1 & mask:016x}{s2 & mask:016x}"
+            sums[0] += a
+            sums[1] += int(np.dot(c, weights[: c.size])) + (first + off) * a  # type: ignore[index]
 
 
 def tensor_crc32(t: torch.Tensor) -> int:
