@@ -58,7 +58,8 @@ def check_finite(
     mods = sorted({f"{c.module.name!r} of {adapters[c.adapter].path}" for c in contributions if c.module is not None})
     by = f" by module {', '.join(mods)}" if mods else ""
     raise InputError(
-        f"{source}: " * (source is not None) + f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
+        ("" if source is None else f"{source}: ")
+        + f"tensor {key!r}: {op} it{by} gives {bad} NaN/Inf values where the original is finite "
         f"({str(result.dtype).replace('torch.', '')})",
         hint="the update overflows this dtype (a huge scale, --weight or factor?); nothing was written",
     )
