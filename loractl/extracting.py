@@ -405,6 +405,40 @@ def _low_rank(p: Pair, delta: torch.Tensor, floor: float, rule: Rule, dtype: tor
     return (factors_module(p, b, a) if lr.rank else None), report
 
 
+def changes(
+    base: BaseModel,
+    tuned: BaseModel,
+    pairs: Sequence[Pair],
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Pair, torch.Tensor | None, float | None]]:
+    """Each pair read once (:func:`read_pairs`), as what :func:`extract` and :func:`survey` work on:
+    ``(pair, None, None)`` when the two models hold the same values; ``(pair, tuned tensor, None)`` for a
+    changed ``full`` pair (the caller's to keep); ``(pair, ΔW, noise floor)`` for a changed weight a LoRA
+    can hold, ΔW float32 in a reused buffer valid until the next pair. ``progress`` gets each pair's
+    bytes once the caller is done with it.
+
+    Raises:
+        InputError: a NaN or Inf in a tensor.
+    """
+    models = (base.path, tuned.path)
+    scratch = BufferPool(max_free=1)
+    for p, b, t in read_pairs(base, tuned, pairs):
+        if p.kind == "full":
+            yield (p, None, None) if _same(b, t) else (p, t, None)
+        else:
+            delta = update_of(p, b, t, models, scratch)
+            if delta is None:
+                yield p, None, None
+            else:
+                floor = noise_floor(p, t)
+                del b, t
+                yield p, delta, floor
+                scratch.release(delta)
+                del delta
+        if progress is not None:
+            progress(p.nbytes)
+
+
 def extract(
     base: BaseModel,
     tuned: BaseModel,
@@ -420,29 +454,16 @@ def extract(
         InputError: a NaN or Inf in a tensor.
     """
     out = Extraction()
-    models = (base.path, tuned.path)
-    scratch = BufferPool(max_free=1)
-    for p, b, t in read_pairs(base, tuned, pairs):
-        if p.kind == "full":
-            if _same(b, t):
-                out.unchanged += 1
-            else:
-                out.full[p.name], out.why[p.name] = t, p.why
+    for p, x, floor in changes(base, tuned, pairs, progress):
+        if x is None:
+            out.unchanged += 1
+        elif floor is None:
+            out.full[p.name], out.why[p.name] = x, p.why
         else:
-            delta = update_of(p, b, t, models, scratch)
-            if delta is None:
-                out.unchanged += 1
-            else:
-                floor = noise_floor(p, t)
-                del b, t
-                module, report = _low_rank(p, delta, floor, rule, dtype)
-                scratch.release(delta)
-                del delta
-                out.report.append(report)
-                if module is not None:
-                    out.modules[p.module] = module
-        if progress is not None:
-            progress(p.nbytes)
+            module, report = _low_rank(p, x, floor, rule, dtype)
+            out.report.append(report)
+            if module is not None:
+                out.modules[p.module] = module
     return out
 
 
@@ -473,26 +494,13 @@ def survey(
     from .ops.lowrank import spectrum_topk
 
     out = Survey()
-    models = (base.path, tuned.path)
-    scratch = BufferPool(max_free=1)
-    for p, b, t in read_pairs(base, tuned, pairs):
-        if p.kind == "full":
-            if _same(b, t):
-                out.unchanged += 1
-            else:
-                out.full[p.name] = p.tuned.nbytes
+    for p, x, floor in changes(base, tuned, pairs, progress):
+        if x is None:
+            out.unchanged += 1
+        elif floor is None:
+            out.full[p.name] = p.tuned.nbytes
         else:
-            delta = update_of(p, b, t, models, scratch)
-            if delta is None:
-                out.unchanged += 1
-            else:
-                floor = noise_floor(p, t)
-                del b, t
-                out.spectra[p.module] = spectrum_topk(delta, caps[p.module], noise_floor=floor)
-                scratch.release(delta)
-                del delta
-        if progress is not None:
-            progress(p.nbytes)
+            out.spectra[p.module] = spectrum_topk(x, caps[p.module], noise_floor=floor)
     return out
 
 
