@@ -196,6 +196,16 @@ def _merge_both_ways(base: Path, adapters: list[Path], tmp: Path, monkeypatch) -
     return got
 
 
+def _is_peft_and_comes_back(base: Path, ad: Path, want: dict[str, torch.Tensor], tmp: Path) -> None:
+    """The kernel path's merge (``tmp/native``) has PEFT's bits (``want``), and unmerge with its receipt
+    gives back the base bit for bit."""
+    got = read_st(tmp / "native")
+    assert [k for k in want if not same_bits(got[k], want[k])] == []
+    assert api.unmerge(tmp / "native", [ad], tmp / "back").exact
+    back, orig = read_st(tmp / "back"), read_st(base)
+    assert [k for k in orig if not same_bits(back[k], orig[k])] == []
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_dense_merge_is_the_same_bytes_with_and_without_kernels(dtype, tmp_path, monkeypatch) -> None:
@@ -206,12 +216,7 @@ def test_dense_merge_is_the_same_bytes_with_and_without_kernels(dtype, tmp_path,
     model.save_pretrained(base)
     ad = make_adapter(model, tmp_path / "ad", r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], std=0.05)
     _merge_both_ways(base, [ad], tmp_path, monkeypatch)
-    want = read_st(save_peft_merged(base, [ad], dtype, "llama", tmp_path / "peft"))
-    got = read_st(tmp_path / "native")
-    assert [k for k in want if not same_bits(got[k], want[k])] == []
-    assert api.unmerge(tmp_path / "native", [ad], tmp_path / "back").exact
-    back, orig = read_st(tmp_path / "back"), read_st(base)
-    assert [k for k in orig if not same_bits(back[k], orig[k])] == []
+    _is_peft_and_comes_back(base, ad, read_st(save_peft_merged(base, [ad], dtype, "llama", tmp_path / "peft")), tmp_path)
 
 
 @needs_kernels
@@ -225,9 +230,4 @@ def test_expert_merge_is_the_same_bytes_with_and_without_kernels(dtype, tmp_path
     base = save_moe_base(model, tmp_path / "base")
     ad = make_moe_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
     _merge_both_ways(base, [ad], tmp_path, monkeypatch)
-    want = read_st(peft_moe_merged(base, [ad], dtype, "mixtral", tmp_path / "peft"))
-    got = read_st(tmp_path / "native")
-    assert [k for k in want if not same_bits(got[k], want[k])] == []
-    assert api.unmerge(tmp_path / "native", [ad], tmp_path / "back").exact
-    back, orig = read_st(tmp_path / "back"), read_st(base)
-    assert [k for k in orig if not same_bits(back[k], orig[k])] == []
+    _is_peft_and_comes_back(base, ad, read_st(peft_moe_merged(base, [ad], dtype, "mixtral", tmp_path / "peft")), tmp_path)
