@@ -103,64 +103,46 @@ static inline void put(enc_t *e, int64_t p, int64_t o, int64_t r, void *valbig, 
         if ((NE)[t]) put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE);
 #endif
 
-static inline __attribute__((always_inline)) int64_t merge_bf16_impl(const uint16_t *w, const float *d, uint16_t *out, int64_t n,
-                                      const int round_d, const int diffs, enc_t *e, void *valbig) {
-    uint16_t wl[SUB], rl[SUB], ml[SUB];
-    uint8_t ne[SUB + 8];
-    for (int64_t s = 0; s < n; s += SUB) {
-        const int64_t m = n - s < SUB ? n - s : SUB;
-        uint32_t bad = 0;
-        /* through local copies: ``out`` may be ``w``, and the loop below vectorises only without aliasing */
-        memcpy(wl, w + s, (size_t)m * 2);
-        for (int64_t i = 0; i < m; i++) {
-            const uint16_t wi = wl[i];
-            float di = d[s + i];
-            if (round_d) di = bf16_widen(bf16_round(di));
-            const uint16_t mo = bf16_round(bf16_widen(wi) + di);
-            bad |= (uint32_t)((mo & 0x7F80u) == 0x7F80u);
-            const uint16_t r = bf16_round(bf16_widen(mo) - di);
-            rl[i] = r;
-            ne[i] = (uint8_t)(r != wi);
-            ml[i] = mo;
-        }
-        if (bad) return -1;
-        memcpy(out + s, ml, (size_t)m * 2);
-        if (diffs) {
-            memset(ne + m, 0, 8);
-            SCAN(ne, m, s, wl, rl, int16_t, 0)
-        }
-    }
-    return e->k;
-}
+static inline float f32_widen(uint32_t u) { return f_of(u); }
+static inline uint32_t f32_round(float f) { return u_of(f); }
 
-static inline __attribute__((always_inline)) int64_t merge_f32_impl(const uint32_t *w, const float *d, uint32_t *out, int64_t n,
-                                     const int diffs, enc_t *e, void *valbig) {
-    uint32_t wl[SUB], rl[SUB], ml[SUB];
-    uint8_t ne[SUB + 8];
-    for (int64_t s = 0; s < n; s += SUB) {
-        const int64_t m = n - s < SUB ? n - s : SUB;
-        uint32_t bad = 0;
-        memcpy(wl, w + s, (size_t)m * 4);
-        for (int64_t i = 0; i < m; i++) {
-            const uint32_t wi = wl[i];
-            const float di = d[s + i];
-            const float mf = f_of(wi) + di;
-            const uint32_t mo = u_of(mf);
-            bad |= (uint32_t)((mo & 0x7F800000u) == 0x7F800000u);
-            const uint32_t r = u_of(mf - di);
-            rl[i] = r;
-            ne[i] = (uint8_t)(r != wi);
-            ml[i] = mo;
-        }
-        if (bad) return -1;
-        memcpy(out + s, ml, (size_t)m * 4);
-        if (diffs) {
-            memset(ne + m, 0, 8);
-            SCAN(ne, m, s, wl, rl, int32_t, 1)
-        }
+/* One merge loop per weight dtype, from its bits type T (ITYPE signed, WIDE for 32 bits), its widening to
+ * float32 and rounding back (WIDEN, ROUND), and its exponent mask (all ones: NaN or infinity). Per
+ * sub-block: the vectorised pass, then the scan of its flags. The weights go through local copies: ``out``
+ * may be ``w``, and the loop vectorises only without aliasing. */
+#define MERGE_IMPL(NAME, T, ITYPE, WIDE, WIDEN, ROUND, EXP)                                             \
+    static inline __attribute__((always_inline)) int64_t NAME(const T *w, const float *d, T *out, int64_t n, \
+                                                              const int round_d, const int diffs, enc_t *e,  \
+                                                              void *valbig) {                                \
+        T wl[SUB], rl[SUB], ml[SUB];                                                                         \
+        uint8_t ne[SUB + 8];                                                                                 \
+        for (int64_t s = 0; s < n; s += SUB) {                                                               \
+            const int64_t m = n - s < SUB ? n - s : SUB;                                                     \
+            uint32_t bad = 0;                                                                                \
+            memcpy(wl, w + s, (size_t)m * sizeof(T));                                                        \
+            for (int64_t i = 0; i < m; i++) {                                                                \
+                const T wi = wl[i];                                                                          \
+                float di = d[s + i];                                                                         \
+                if (round_d) di = WIDEN(ROUND(di));                                                          \
+                const T mo = ROUND(WIDEN(wi) + di);                                                          \
+                bad |= (uint32_t)((mo & EXP) == EXP);                                                        \
+                const T r = ROUND(WIDEN(mo) - di);                                                           \
+                rl[i] = r;                                                                                   \
+                ne[i] = (uint8_t)(r != wi);                                                                  \
+                ml[i] = mo;                                                                                  \
+            }                                                                                                \
+            if (bad) return -1;                                                                              \
+            memcpy(out + s, ml, (size_t)m * sizeof(T));                                                      \
+            if (diffs) {                                                                                     \
+                memset(ne + m, 0, 8);                                                                        \
+                SCAN(ne, m, s, wl, rl, ITYPE, WIDE)                                                          \
+            }                                                                                                \
+        }                                                                                                    \
+        return e->k;                                                                                         \
     }
-    return e->k;
-}
+
+MERGE_IMPL(merge_bf16_impl, uint16_t, int16_t, 0, bf16_widen, bf16_round, 0x7F80u)
+MERGE_IMPL(merge_f32_impl, uint32_t, int32_t, 1, f32_widen, f32_round, 0x7F800000u)
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
@@ -189,7 +171,7 @@ CLONES int64_t loractl_merge_bf16(const uint16_t *w, const float *d, uint16_t *o
 CLONES int64_t loractl_merge_f32(const uint32_t *w, const float *d, uint32_t *out, int64_t n, int32_t diffs,
                                  uint8_t *gap8, int8_t *d8, int64_t *gapbig, int32_t *valbig, int64_t *info) {
     ENC;
-    const int64_t k = diffs ? merge_f32_impl(w, d, out, n, 1, &e, valbig) : merge_f32_impl(w, d, out, n, 0, &e, valbig);
+    const int64_t k = diffs ? merge_f32_impl(w, d, out, n, 0, 1, &e, valbig) : merge_f32_impl(w, d, out, n, 0, 0, &e, valbig);
     info[1] = e.last;
     info[2] = e.nbig;
     info[3] = e.nval;
