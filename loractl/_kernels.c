@@ -53,129 +53,121 @@ static inline float bf16_widen(uint16_t h) { return f_of((uint32_t)h << 16); }
  * (``encode_block``): for each difference after the first, the gap to the previous one (gap8; 255: the
  * gap is in gapbig), and for each the integer difference of the bits, original - reconstruction
  * (d8; -128: the original's bits are in valbig). info[0..3] receive the position of the first and of the
- * last difference and the sizes of gapbig and valbig; the number of differences is returned. */
-typedef struct {
-    int64_t k, last, nbig, nval;
-    uint8_t *gap8;
-    int8_t *d8;
-    int64_t *gapbig;
-    int64_t *info;
-} enc_t;
+ * last difference and the sizes of gapbig and valbig; the number of differences is returned. gap8 has a
+ * spare byte before it (gap8[-1] is written and ignored), gapbig and valbig room for one entry per
+ * element. */
 
-static inline void put(enc_t *e, int64_t p, int64_t o, int64_t r, void *valbig, int wide) {
-    if (e->k == 0) {
-        e->info[0] = p;
-    } else {
-        const int64_t g = p - e->last - 1;
-        e->gap8[e->k - 1] = (uint8_t)(g < 255 ? g : 255);
-        if (g >= 255) e->gapbig[e->nbig++] = g;
-    }
-    const int64_t dd = o - r;
-    if (dd < -127 || dd > 127) {
-        e->d8[e->k] = -128;
-        if (wide)
-            ((int32_t *)valbig)[e->nval++] = (int32_t)o;
-        else
-            ((int16_t *)valbig)[e->nval++] = (int16_t)o;
-    } else {
-        e->d8[e->k] = (int8_t)dd;
-    }
-    e->last = p;
-    e->k++;
-}
-
-/* the positions where ne[] is set, eight flags (0 or 1 each) at a time: most words of eight are all clear,
- * and a word's set flags are visited by their lowest set bit, without a test per flag */
-#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define SCAN(NE, M, S, WL, RL, ITYPE, WIDE)                                               \
-    for (int64_t j = 0; j < (M); j += 8) {                                                \
-        uint64_t word;                                                                    \
-        memcpy(&word, (NE) + j, 8);                                                       \
-        while (word) {                                                                    \
-            const int64_t t = j + (__builtin_ctzll(word) >> 3);                           \
-            put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE);                \
-            word &= word - 1;                                                             \
-        }                                                                                 \
+/* The flags ne[j .. j+63] (0 or 1 each) as the bits of one word: eight at a time by a multiplication that
+ * moves byte b's low bit to bit 56+b, on little-endian machines; one at a time elsewhere. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define MASK64(NE, J, MASK)                                                                          \
+    for (int b = 0; b < 64; b += 8) {                                                                \
+        uint64_t word;                                                                               \
+        memcpy(&word, (NE) + (J) + b, 8);                                                            \
+        (MASK) |= ((word * 0x0102040810204080ull) >> 56) << b;                                       \
     }
 #else
-#define SCAN(NE, M, S, WL, RL, ITYPE, WIDE)                                               \
-    for (int64_t t = 0; t < (M); t++)                                                     \
-        if ((NE)[t]) put(e, (S) + t, (ITYPE)(WL)[t], (ITYPE)(RL)[t], valbig, WIDE);
+#define MASK64(NE, J, MASK)                                                                          \
+    for (int b = 0; b < 64; b++) (MASK) |= (uint64_t)(NE)[(J) + b] << b;
 #endif
+
+/* The corrections of one sub-block, appended to the encoder's state (k, first, last, nbig, nval, kept in
+ * locals). Its flags are visited 64 at a time, each set one by its lowest set bit, and encoded without a
+ * branch that depends on the data (each value is stored unconditionally and its count raised by its
+ * condition): at a few percent of positions differing, spread at random, a branch per flag or per
+ * difference costs a misprediction each time and was most of the receipt's time. */
+#define SCAN(NE, M, S, WL, RL, ITYPE)                                                                \
+    for (int64_t j = 0; j < (M); j += 64) {                                                          \
+        uint64_t mask = 0;                                                                           \
+        MASK64(NE, j, mask)                                                                          \
+        while (mask) {                                                                               \
+            const int64_t t = j + __builtin_ctzll(mask), p = (S) + t;                                \
+            mask &= mask - 1;                                                                        \
+            const int64_t o = (ITYPE)(WL)[t], dd = o - (ITYPE)(RL)[t], g = p - last - 1;             \
+            if (k == 0) first = p;                                                                   \
+            gap8[k - 1] = (uint8_t)(g < 255 ? g : 255); /* k == 0: the spare byte gap8[-1] */         \
+            gapbig[nbig] = g;                                                                        \
+            nbig += (k > 0) & (g >= 255);                                                            \
+            const int big = (dd < -127) | (dd > 127);                                                \
+            d8[k] = (int8_t)(big ? -128 : dd);                                                       \
+            valbig[nval] = (ITYPE)o;                                                                 \
+            nval += big;                                                                             \
+            last = p;                                                                                \
+            k++;                                                                                     \
+        }                                                                                            \
+    }
 
 static inline float f32_widen(uint32_t u) { return f_of(u); }
 static inline uint32_t f32_round(float f) { return u_of(f); }
 
-/* One merge loop per weight dtype, from its bits type T (ITYPE signed, WIDE for 32 bits), its widening to
+/* One merge loop per weight dtype, from its bits type T (ITYPE: signed, also valbig's type), its widening to
  * float32 and rounding back (WIDEN, ROUND), and its exponent mask (all ones: NaN or infinity). Per
  * sub-block: the vectorised pass, then the scan of its flags. The weights go through local copies: ``out``
  * may be ``w``, and the loop vectorises only without aliasing. */
-#define MERGE_IMPL(NAME, T, ITYPE, WIDE, WIDEN, ROUND, EXP)                                             \
-    static inline __attribute__((always_inline)) int64_t NAME(const T *w, const float *d, T *out, int64_t n, \
-                                                              const int round_d, const int diffs, enc_t *e,  \
-                                                              void *valbig) {                                \
-        T wl[SUB], rl[SUB], ml[SUB];                                                                         \
-        uint8_t ne[SUB + 8];                                                                                 \
-        for (int64_t s = 0; s < n; s += SUB) {                                                               \
-            const int64_t m = n - s < SUB ? n - s : SUB;                                                     \
-            uint32_t bad = 0;                                                                                \
-            memcpy(wl, w + s, (size_t)m * sizeof(T));                                                        \
-            for (int64_t i = 0; i < m; i++) {                                                                \
-                const T wi = wl[i];                                                                          \
-                float di = d[s + i];                                                                         \
-                if (round_d) di = WIDEN(ROUND(di));                                                          \
-                const T mo = ROUND(WIDEN(wi) + di);                                                          \
-                bad |= (uint32_t)((mo & EXP) == EXP);                                                        \
-                const T r = ROUND(WIDEN(mo) - di);                                                           \
-                rl[i] = r;                                                                                   \
-                ne[i] = (uint8_t)(r != wi);                                                                  \
-                ml[i] = mo;                                                                                  \
-            }                                                                                                \
-            if (bad) return -1;                                                                              \
-            memcpy(out + s, ml, (size_t)m * sizeof(T));                                                      \
-            if (diffs) {                                                                                     \
-                memset(ne + m, 0, 8);                                                                        \
-                SCAN(ne, m, s, wl, rl, ITYPE, WIDE)                                                          \
-            }                                                                                                \
-        }                                                                                                    \
-        return e->k;                                                                                         \
+#define MERGE_IMPL(NAME, T, ITYPE, WIDEN, ROUND, EXP)                                                \
+    static inline __attribute__((always_inline)) int64_t NAME(                                        \
+        const T *w, const float *d, T *out, int64_t n, const int round_d, const int diffs,            \
+        uint8_t *gap8, int8_t *d8, int64_t *gapbig, ITYPE *valbig, int64_t *info) {                   \
+        T wl[SUB], rl[SUB], ml[SUB];                                                                  \
+        uint8_t ne[SUB + 64];                                                                         \
+        int64_t k = 0, first = -1, last = -1, nbig = 0, nval = 0;                                     \
+        for (int64_t s = 0; s < n; s += SUB) {                                                        \
+            const int64_t m = n - s < SUB ? n - s : SUB;                                              \
+            uint32_t bad = 0;                                                                         \
+            memcpy(wl, w + s, (size_t)m * sizeof(T));                                                 \
+            for (int64_t i = 0; i < m; i++) {                                                         \
+                const T wi = wl[i];                                                                   \
+                float di = d[s + i];                                                                  \
+                if (round_d) di = WIDEN(ROUND(di));                                                   \
+                const T mo = ROUND(WIDEN(wi) + di);                                                   \
+                bad |= (uint32_t)((mo & EXP) == EXP);                                                 \
+                const T r = ROUND(WIDEN(mo) - di);                                                    \
+                rl[i] = r;                                                                            \
+                ne[i] = (uint8_t)(r != wi);                                                           \
+                ml[i] = mo;                                                                           \
+            }                                                                                         \
+            if (bad) return -1;                                                                       \
+            memcpy(out + s, ml, (size_t)m * sizeof(T));                                               \
+            if (diffs) {                                                                              \
+                memset(ne + m, 0, 64); /* the last word of flags, past the sub-block */               \
+                SCAN(ne, m, s, wl, rl, ITYPE)                                                         \
+            }                                                                                         \
+        }                                                                                             \
+        info[0] = first;                                                                              \
+        info[1] = last;                                                                               \
+        info[2] = nbig;                                                                               \
+        info[3] = nval;                                                                               \
+        return k;                                                                                     \
     }
 
-MERGE_IMPL(merge_bf16_impl, uint16_t, int16_t, 0, bf16_widen, bf16_round, 0x7F80u)
-MERGE_IMPL(merge_f32_impl, uint32_t, int32_t, 1, f32_widen, f32_round, 0x7F800000u)
+MERGE_IMPL(merge_bf16_impl, uint16_t, int16_t, bf16_widen, bf16_round, 0x7F80u)
+MERGE_IMPL(merge_f32_impl, uint32_t, int32_t, f32_widen, f32_round, 0x7F800000u)
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+/* AVX-512 (x86-64-v4: F, BW, DQ, VL, CD; Skylake-SP and every later Xeon) needs GCC 12 to be named by its
+ * level; "arch=skylake-avx512" would ask for that very model and not run on later ones */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && (defined(__x86_64__) || defined(__i386__))
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES
 #endif
 
-#define ENC enc_t e = {0, -1, 0, 0, gap8, d8, gapbig, info}
-
 CLONES int64_t loractl_merge_bf16(const uint16_t *w, const float *d, uint16_t *out, int64_t n, int32_t round_d,
                                   int32_t diffs, uint8_t *gap8, int8_t *d8, int64_t *gapbig, int16_t *valbig,
                                   int64_t *info) {
-    ENC;
     /* the flags as constants, so each variant's loop is compiled (and vectorised) on its own */
-    int64_t k;
     if (round_d)
-        k = diffs ? merge_bf16_impl(w, d, out, n, 1, 1, &e, valbig) : merge_bf16_impl(w, d, out, n, 1, 0, &e, valbig);
-    else
-        k = diffs ? merge_bf16_impl(w, d, out, n, 0, 1, &e, valbig) : merge_bf16_impl(w, d, out, n, 0, 0, &e, valbig);
-    info[1] = e.last;
-    info[2] = e.nbig;
-    info[3] = e.nval;
-    return k;
+        return diffs ? merge_bf16_impl(w, d, out, n, 1, 1, gap8, d8, gapbig, valbig, info)
+                     : merge_bf16_impl(w, d, out, n, 1, 0, gap8, d8, gapbig, valbig, info);
+    return diffs ? merge_bf16_impl(w, d, out, n, 0, 1, gap8, d8, gapbig, valbig, info)
+                 : merge_bf16_impl(w, d, out, n, 0, 0, gap8, d8, gapbig, valbig, info);
 }
 
 CLONES int64_t loractl_merge_f32(const uint32_t *w, const float *d, uint32_t *out, int64_t n, int32_t diffs,
                                  uint8_t *gap8, int8_t *d8, int64_t *gapbig, int32_t *valbig, int64_t *info) {
-    ENC;
-    const int64_t k = diffs ? merge_f32_impl(w, d, out, n, 0, 1, &e, valbig) : merge_f32_impl(w, d, out, n, 0, 0, &e, valbig);
-    info[1] = e.last;
-    info[2] = e.nbig;
-    info[3] = e.nval;
-    return k;
+    return diffs ? merge_f32_impl(w, d, out, n, 0, 1, gap8, d8, gapbig, valbig, info)
+                 : merge_f32_impl(w, d, out, n, 0, 0, gap8, d8, gapbig, valbig, info);
 }
 
 /* tensor_sum64 (loractl/io/receipt.py) of n little-endian 64-bit words whose first has index ``first``

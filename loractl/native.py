@@ -96,10 +96,10 @@ def _scratch(n: int, itemsize: int) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     bufs = _local.__dict__.get("bufs")
-    if bufs is None or bufs[0].size < n or bufs[3].itemsize != itemsize:
+    if bufs is None or bufs[1].size < n or bufs[3].itemsize != itemsize:
         ints = {2: np.int16, 4: np.int32}[itemsize]
         bufs = _local.bufs = (
-            np.empty(n, np.uint8),
+            np.empty(n + 1, np.uint8),  # a spare byte first: the kernel writes gap8[-1] (loractl/_kernels.c)
             np.empty(n, np.int8),
             np.empty(n, np.int64),
             np.empty(n, ints),
@@ -126,7 +126,7 @@ def merge_block(
     if not (w.is_contiguous() and out.is_contiguous() and d.is_contiguous()) or out.numel() != n or d.numel() != n:
         raise ValueError("merge_block takes contiguous blocks of one size")
     gap8, d8, gapbig, valbig, info = _scratch(max(n, 1) if diffs else 1, w.element_size())
-    bufs = (gap8.ctypes.data, d8.ctypes.data, gapbig.ctypes.data, valbig.ctypes.data, info.ctypes.data)
+    bufs = (gap8.ctypes.data + 1, d8.ctypes.data, gapbig.ctypes.data, valbig.ctypes.data, info.ctypes.data)
     args = (w.data_ptr(), d.data_ptr(), out.data_ptr(), n)
     if w.element_size() == 2:
         k = lib.loractl_merge_bf16(*args, int(round_d), int(diffs), *bufs)
@@ -137,7 +137,7 @@ def merge_block(
     if k == 0:
         return ()
     first, last, nbig, nval = (int(x) for x in info)
-    return first, last, gap8[: k - 1].copy(), gapbig[:nbig].copy(), d8[:k].copy(), valbig[:nval].copy()
+    return first, last, gap8[1:k].copy(), gapbig[:nbig].copy(), d8[:k].copy(), valbig[:nval].copy()
 
 
 def sum64(words: np.ndarray, first: int, sums: list[int]) -> None:

@@ -105,6 +105,31 @@ def _same_chunk(got: tuple, want: residual.Chunk | None) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "where",
+    [
+        [300, 554, 810, 1065],  # the first difference past the first gap byte's reach; gaps of 253, 255, 254
+        [0, 255, 511, 512, 575, 576, 639, 640],  # first at 0; the edges of the sub-blocks and of their words
+        [1000, 3000],  # the first in the second sub-block, the next in a later one
+        [4095],  # the last element alone
+    ],
+    ids=["first-far", "edges", "sparse", "last"],
+)
+def test_merge_block_encodes_differences_wherever_they_are(dtype, where) -> None:
+    n = 4096
+    w = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 0.02).to(dtype)
+    d = torch.zeros(n)  # no difference anywhere (w + 0 - 0 is w) ...
+    d[where] = 1.37  # ... but where an update swamps its weight
+    want_m, want_chunk = _reference(w, d, False)
+    assert want_chunk is not None and want_chunk.first == where[0] and want_chunk.last == where[-1]
+    out = torch.empty_like(w)
+    got = native.merge_block(w, d, out, diffs=True)
+    assert got is not None and same_bits(out, want_m)
+    _same_chunk(got, want_chunk)
+
+
+@needs_kernels
 @pytest.mark.parametrize("n", [1, 7, 513, 4099, 70001])
 @pytest.mark.parametrize(
     "dtype,round_d",
