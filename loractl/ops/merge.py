@@ -298,12 +298,7 @@ def fused_product_equals(m: LoraModule, weight: float, ref: torch.Tensor) -> boo
     """Does the update of :func:`fused_merge` (B·A in row blocks, then scaled, on this thread) have the
     bits of ``ref`` (PEFT's :func:`delta_weight`)? Compared block by block, so the update is never
     held whole a second time."""
-    return _blocks_equal(*_fused_factors(m, weight), ref)
-
-
-def _blocks_equal(a: torch.Tensor, b: torch.Tensor, s: float | None, ref: torch.Tensor) -> bool:
-    """Do the row-block products of ``(B @ A) * s`` (:func:`_block_update`, blocks of :func:`row_block`
-    rows from the first) have the bits of ``ref``? Compared block by block."""
+    a, b, s = _fused_factors(m, weight)
     rows, cols = b.shape[0], a.shape[1]
     if tuple(ref.shape) != (rows, cols) or ref.dtype != a.dtype:
         return False
@@ -552,10 +547,12 @@ def expert_update(c: Contribution) -> torch.Tensor:
     ``is_transposed`` parameter; ``lora.Linear``'s product for a 2-D one), rows ``c.rows`` of it."""
     m = c.module
     assert m is not None
+    n = max(1, m.experts)
     s = m.scale * c.weight if c.weight != 1.0 else m.scale
 
     def compute() -> torch.Tensor:
-        a_e, b_e, _ = _expert_factors(c)
+        factors = _FACTORS.get(m, ("factors", id(m.down), id(m.up)), lambda: experts_ops.expert_factors(m.down, m.up, n))
+        a_e, b_e = factors[c.expert]
         return experts_ops.expert_delta(a_e, b_e, s, c.transposed, single=c.single)
 
     delta = _UPDATES.get(m, (id(m.down), id(m.up), c.expert, s, c.transposed, c.single), compute)
@@ -674,14 +671,12 @@ def fused_ok(changes: Iterable[Sequence[Contribution]]) -> bool:
     reductions, keep the default threads."""
     threads = torch.get_num_threads()
     samples: dict[tuple, Contribution] = {}
-    spans: dict[tuple, set[tuple | None]] = {}
-    _BLOCKWISE.clear()
     for contribs in changes:
         for c in contribs:
             if c.kind == "expert" and c.module is not None:  # computed on one thread too, once fused_ok holds
-                key = _expert_key(c)
+                m = c.module
+                key = ("expert", tuple(m.up.shape), tuple(m.down.shape), m.up.dtype, m.down.dtype, c.transposed, c.single)
                 samples.setdefault(key, replace(c, rows=None))
-                spans.setdefault(key, set()).add(_span(c))
                 continue
             if c.kind != "lora" or c.module is None:
                 continue
@@ -690,22 +685,17 @@ def fused_ok(changes: Iterable[Sequence[Contribution]]) -> bool:
             m = c.module
             key = (m.kind, tuple(m.up.shape), tuple(m.down.shape), m.fan_in_fan_out, m.up.dtype, m.down.dtype)
             samples.setdefault(key, c)
-    for key, c in samples.items():  # one shape at a time: a 7B MLP update is 180 MB in float32
-        if not _same_bits_on_one_thread(c, threads, spans.get(key, set())):
+    for c in samples.values():  # one shape at a time: a 7B MLP update is 180 MB in float32
+        if not _same_bits_on_one_thread(c, threads):
             torch.set_num_threads(threads)
-            _BLOCKWISE.clear()
             return False
     torch.set_num_threads(1)
     return True
 
 
-def _same_bits_on_one_thread(c: Contribution, threads: int, spans: Iterable[tuple | None] = ()) -> bool:
+def _same_bits_on_one_thread(c: Contribution, threads: int) -> bool:
     """Does one thread compute ``c``'s update (by row blocks where :func:`fused_eligible`, whole
-    otherwise) with the bits of PEFT's whole product on ``threads`` threads?
-
-    For an expert's update (computed whole): yes or no; and the row ranges of it in ``spans`` (those the
-    merge's tensors take, :func:`_span`) that row blocks on one thread also give are added to
-    :data:`_BLOCKWISE`."""
+    otherwise) with the bits of PEFT's whole product on ``threads`` threads?"""
     m = c.module
     assert m is not None
     if c.kind == "expert":
@@ -713,14 +703,7 @@ def _same_bits_on_one_thread(c: Contribution, threads: int, spans: Iterable[tupl
         ref = expert_update(c)
         torch.set_num_threads(1)
         forget()
-        if not torch.equal(residual_ops.bits(expert_update(c).contiguous()), residual_ops.bits(ref.contiguous())):
-            return False
-        for span in spans:
-            part = replace(c, rows=None if span is None else slice(*span))
-            f = _row_factors(part)
-            if f is not None and native.enabled() and _blocks_equal(*f, ref if span is None else ref[slice(*span)]):
-                _BLOCKWISE.add((_expert_key(c), span))
-        return True
+        return torch.equal(residual_ops.bits(expert_update(c).contiguous()), residual_ops.bits(ref.contiguous()))
     torch.set_num_threads(threads)
     ref = delta_weight(m, c.weight)
     torch.set_num_threads(1)
@@ -749,58 +732,8 @@ def one_expert(w0: torch.Tensor, contribs: Sequence[Contribution]) -> bool:
         return False
     c = contribs[0]
     target = w0 if c.index is None else w0[c.index]
-    if not target.is_contiguous():
-        return False
-    blocks = _expert_blocks(c)
-    if blocks is not None:  # its shape from the factors: the update is never formed whole
-        a, b, _ = blocks
-        return tuple(target.shape) == (b.shape[0], a.shape[1])
     delta = expert_update(c)  # kept: the merge asks for it again
-    return delta.dtype == torch.float32 and delta.shape == target.shape
-
-
-#: the expert updates (:func:`_expert_key`, :func:`_span`) that :func:`expert_in_one_pass` forms by row blocks:
-#: those :func:`fused_ok` found to give, that way on one thread, the bits of PEFT's whole einsum
-_BLOCKWISE: set[tuple] = set()
-
-
-def _expert_key(c: Contribution) -> tuple:
-    m = c.module
-    assert m is not None
-    return ("expert", tuple(m.up.shape), tuple(m.down.shape), m.up.dtype, m.down.dtype, c.transposed, c.single)
-
-
-def _span(c: Contribution) -> tuple | None:
-    return None if c.rows is None else (c.rows.start, c.rows.stop, c.rows.step)
-
-
-def _expert_factors(c: Contribution) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A_e, B_e, s)`` of expert contribution ``c`` (PEFT's float32 views, kept for the next tensor)."""
-    m = c.module
-    assert m is not None
-    n = max(1, m.experts)
-    factors = _FACTORS.get(m, ("factors", id(m.down), id(m.up)), lambda: experts_ops.expert_factors(m.down, m.up, n))
-    a_e, b_e = factors[c.expert]
-    return a_e, b_e, m.scale * c.weight if c.weight != 1.0 else m.scale
-
-
-def _row_factors(c: Contribution) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """``(A_e, the rows of B_e that c's tensor takes, s)``, with ``c``'s update ``(B_rows @ A_e) * s``: PEFT's
-    einsum (scaled in place) and its ``lora.Linear`` product (a 2-D parameter) are that product; None for
-    a transposed parameter (its update is ``(B_e @ A_e)ᵀ``) and float64 factors."""
-    if c.module is None or c.transposed:
-        return None
-    a, b, s = _expert_factors(c)
-    if a.dtype != torch.float32 or b.dtype != torch.float32:
-        return None
-    return a, (b if c.rows is None else b[c.rows]), s
-
-
-def _expert_blocks(c: Contribution) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """:func:`_row_factors` of ``c`` when its update may be formed by row blocks (checked: :data:`_BLOCKWISE`)."""
-    if c.module is None or (_expert_key(c), _span(c)) not in _BLOCKWISE:
-        return None
-    return _row_factors(c)
+    return delta.dtype == torch.float32 and delta.shape == target.shape and target.is_contiguous()
 
 
 def expert_in_one_pass(w0: torch.Tensor, c: Contribution, receipt: bool) -> Parts | None:
@@ -808,39 +741,21 @@ def expert_in_one_pass(w0: torch.Tensor, c: Contribution, receipt: bool) -> Part
     :func:`experts_ops.merge_` merges it (the update rounded to w0's dtype, then added), by the native
     kernel, one row block at a time on two threads; with ``receipt``, the receipt's corrections for the
     tensor as :func:`merge_tensor`'s general path finds them (None: the whole original is smaller).
-
-    Where :func:`fused_ok` found it gives PEFT's bits (:data:`_BLOCKWISE`), each block's rows of the update
-    are formed just before the block is merged, in the cache, on the thread that merges it; else the
-    update is formed whole first (PEFT's einsum, on one thread).
     Raises :class:`NonFiniteBlock` when a merged value is NaN or infinite (w0 is then partly merged)."""
     target = w0 if c.index is None else w0[c.index]
+    delta = expert_update(c)
+    d = delta.contiguous().reshape(target.shape[0], -1) if target.dim() else delta.reshape(1, 1)
+    t2 = target.reshape(d.shape)
     offset = (target.data_ptr() - w0.data_ptr()) // w0.element_size()
-    blocks = _expert_blocks(c)
-    if blocks is not None:
-        a, b, s = blocks
-        t2 = target.view(b.shape[0], a.shape[1])
-
-        def update(r0: int, n: int) -> torch.Tensor:
-            return _block_update(a, b, s, r0, n)
-
-    else:
-        delta = expert_update(c)
-        d = delta.contiguous().reshape(target.shape[0], -1) if target.dim() else delta.reshape(1, 1)
-        t2 = target.reshape(d.shape)
-
-        def update(r0: int, n: int) -> torch.Tensor:
-            return d[r0 : r0 + n]
-
     rows, cols = t2.shape
     step = row_block(cols)
-    rounded = w0.dtype != torch.float32
 
     def rows_from(start: int, stop: int) -> list[residual_ops.Chunk]:
         chunks: list[residual_ops.Chunk] = []
         for r0 in range(start, stop, step):
-            n = min(step, stop - r0)
-            blk = t2[r0 : r0 + n]
-            _kernel_block(chunks, blk, update(r0, n), blk, r0, offset + r0 * cols, round_d=rounded, diffs=receipt)
+            blk = t2[r0 : r0 + step]
+            rounded = w0.dtype != torch.float32
+            _kernel_block(chunks, blk, d[r0 : r0 + step], blk, r0, offset + r0 * cols, round_d=rounded, diffs=receipt)
         return chunks
 
     parts = _on_two_threads(rows, step, rows_from)
