@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 SOURCE = "loractl/_kernels.c"
 # the source's sha256, compiled in: loractl/native.py refuses a library built from another source (a stale
 # build in a working tree whose _kernels.c changed since)
-sha = hashlib.sha256(Path(__file__).with_name("loractl").joinpath("_kernels.c").read_bytes()).hexdigest()
+sha = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()
 args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
 setup(
     ext_modules=[

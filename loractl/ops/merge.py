@@ -749,12 +749,12 @@ def expert_in_one_pass(w0: torch.Tensor, c: Contribution, receipt: bool) -> Part
     offset = (target.data_ptr() - w0.data_ptr()) // w0.element_size()
     rows, cols = t2.shape
     step = row_block(cols)
+    rounded = w0.dtype != torch.float32  # PEFT's ParamWrapper rounds the update to a half-precision W's dtype
 
     def rows_from(start: int, stop: int) -> list[residual_ops.Chunk]:
         chunks: list[residual_ops.Chunk] = []
         for r0 in range(start, stop, step):
             blk = t2[r0 : r0 + step]
-            rounded = w0.dtype != torch.float32
             _kernel_block(chunks, blk, d[r0 : r0 + step], blk, r0, offset + r0 * cols, round_d=rounded, diffs=receipt)
         return chunks
 
